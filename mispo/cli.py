@@ -1,0 +1,32 @@
+"""The `mispo` command line: one sub-command per job, each in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mispo", description="RL post-training of LLMs with MIS-PO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="sample from a checkpoint (default: the built-in tiny Step3p5)")
+    gen.add_argument("model", nargs="?", help="checkpoint directory (default: built-in tiny Step3p5)")
+    gen.add_argument("--prompt", action="append", help="a prompt; repeat for several")
+    gen.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(run="mispo.generate:run")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func = args.run.split(":")
+    module = __import__(module_name, fromlist=[func])
+    return getattr(module, func)(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

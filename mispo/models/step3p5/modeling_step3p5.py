@@ -1,0 +1,414 @@
+"""Step 3.5 Flash in PyTorch, readable top to bottom.
+
+    h   = x + Attn(input_layernorm(x))
+    out = h + FFN(post_attention_layernorm(h))        FFN = dense SwiGLU, or MoE + shared expert
+
+Module and parameter names are the release checkpoint's key names (`model.layers.N.moe.gate_proj.weight`
+is a stacked [E, I, H] tensor, ...), so `save_pretrained` / `from_pretrained` read and write the
+release format with no renaming. MTP layers live at `model.layers.{num_hidden_layers + k}`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .backends import SequenceLayout, get_attention_backend, get_experts_backend, swiglu
+from .configuration_step3p5 import AttentionSpec, Step3p5Config
+
+
+# --------------------------------------------------------------------------- building blocks
+class ZeroCenteredRMSNorm(nn.Module):
+    """y = x * rsqrt(mean(x^2) + eps) * (1 + w), in fp32; the stored weight is (gamma - 1)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())
+        return y.to(x.dtype)
+
+
+def rope_inv_freq(spec: AttentionSpec) -> torch.Tensor:
+    """inv_freq_i = theta^(-2i/rotary_dim), with llama3 frequency scaling when the layer has it."""
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, spec.rotary_dim, 2, dtype=torch.float64) / spec.rotary_dim))
+    s = spec.rope_scaling
+    if not s or s.get("rope_type", s.get("type")) != "llama3":
+        return inv_freq.float()
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    orig = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (orig / wavelen - low) / (high - low) if low != high else torch.zeros_like(inv_freq)
+    scaled = torch.where(
+        wavelen < orig / high, inv_freq,
+        torch.where(wavelen > orig / low, inv_freq / factor, (1 - smooth) * inv_freq / factor + smooth * inv_freq))
+    return scaled.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """NeoX rotate-half on the first rotary_dim dims of each head. x [B, T, H, D]; cos/sin [B, T, rotary_dim/2]."""
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    x1, x2 = rot.float().chunk(2, dim=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    rotated = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+    return torch.cat([rotated, rest], dim=-1)
+
+
+class SwiGLUMLP(nn.Module):
+    """down(SwiGLU(gate(x), up(x))), clamped when limit > 0. Dense layers and the shared expert."""
+
+    def __init__(self, hidden: int, intermediate: int, limit: float):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.limit))
+
+
+# --------------------------------------------------------------------------- attention
+class Step3p5Attention(nn.Module):
+    """GQA with per-head q/k RMSNorm before partial NeoX RoPE, optional sliding window, head-wise gate.
+
+    out = o_proj( attn_h * sigmoid(g_proj(x))_h ), where g_proj reads the same normed input as q/k/v.
+    """
+
+    def __init__(self, config: Step3p5Config, layer_idx: int):
+        super().__init__()
+        self.spec = spec = config.attention_spec(layer_idx)
+        self.layer_idx = layer_idx
+        self.config = config
+        hidden, hq, hkv, d = config.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.q_proj = nn.Linear(hidden, hq * d, bias=False)
+        self.k_proj = nn.Linear(hidden, hkv * d, bias=False)
+        self.v_proj = nn.Linear(hidden, hkv * d, bias=False)
+        self.o_proj = nn.Linear(hq * d, hidden, bias=False)
+        self.g_proj = nn.Linear(hidden, hq, bias=False) if config.use_head_wise_attn_gate else None
+        self.q_norm = ZeroCenteredRMSNorm(d, config.rms_norm_eps) if config.use_qk_norm else None
+        self.k_norm = ZeroCenteredRMSNorm(d, config.rms_norm_eps) if config.use_qk_norm else None
+        self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)
+
+    def forward(self, x: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
+        b, t, _ = x.shape
+        spec = self.spec
+        q = self.q_proj(x).view(b, t, spec.num_heads, spec.head_dim)
+        k = self.k_proj(x).view(b, t, spec.num_kv_heads, spec.head_dim)
+        v = self.v_proj(x).view(b, t, spec.num_kv_heads, spec.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if spec.use_rope:
+            angles = layout.position_ids[..., None].float() * self.inv_freq.float()
+            cos, sin = angles.cos(), angles.sin()
+            q, k = apply_rope(q, cos, sin, spec.rotary_dim), apply_rope(k, cos, sin, spec.rotary_dim)
+        attn = get_attention_backend(self.config.attn_backend, x.device)
+        out = attn(q, k, v, layout, spec.window, spec.head_dim ** -0.5)  # [B, T, Hq, D]
+        if self.g_proj is not None:
+            out = out * torch.sigmoid(self.g_proj(x))[..., None].to(out.dtype)
+        return self.o_proj(out.reshape(b, t, spec.num_heads * spec.head_dim))
+
+
+# --------------------------------------------------------------------------- MoE
+class StackedExpertWeight(nn.Module):
+    """One [E, out, in] tensor holding a projection of every expert (the release's stacked format)."""
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+
+
+@dataclass
+class Routing:
+    """What the router decided for N tokens; kept on the module for losses and statistics."""
+
+    scores: torch.Tensor  # [N, E] fp32 unbiased sigmoid (or softmax) scores
+    topk_ids: torch.Tensor  # [N, K]
+    topk_weights: torch.Tensor  # [N, K] renormalised, scaled
+
+
+class Step3p5MoE(nn.Module):
+    """Routed experts with an fp32 router; selection by score + router_bias, weights from unbiased scores.
+
+    s = sigmoid(x.float() @ gate.weight.float().T); ids = topk(s + router_bias, K);
+    w = s[ids] / sum(s[ids]) * moe_router_scaling_factor; out = sum_k w_k * Expert_{ids_k}(x).
+    router_bias is an fp32 buffer: loss-free balancing moves it, gradients never do.
+    """
+
+    def __init__(self, config: Step3p5Config, layer_idx: int):
+        super().__init__()
+        e, h, i = config.moe_num_experts, config.hidden_size, config.moe_intermediate_size
+        self.config = config
+        self.top_k = config.moe_top_k
+        self.limit = config.swiglu_limit(layer_idx, shared=False)
+        self.gate = nn.Linear(h, e, bias=False)
+        self.register_buffer("router_bias", torch.zeros(e, dtype=torch.float32))
+        self.gate_proj = StackedExpertWeight(e, i, h)
+        self.up_proj = StackedExpertWeight(e, i, h)
+        self.down_proj = StackedExpertWeight(e, h, i)
+        self.last_routing: Routing | None = None
+
+    def route(self, x: torch.Tensor) -> Routing:
+        logits = x.float() @ self.gate.weight.float().T
+        if self.config.moe_router_activation == "sigmoid":
+            scores = torch.sigmoid(logits)
+        else:
+            scores = torch.softmax(logits, dim=-1)
+        choice = scores + self.router_bias.float() if self.config.use_moe_router_bias else scores
+        topk_ids = torch.topk(choice.detach(), self.top_k, dim=-1).indices
+        weights = scores.gather(-1, topk_ids)
+        if self.config.norm_expert_weight:
+            weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-20)
+        return Routing(scores, topk_ids, weights * self.config.moe_router_scaling_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        routing = self.route(flat)
+        self.last_routing = routing
+        experts = get_experts_backend(self.config.moe_backend, x.device)
+        out = experts(flat, routing.topk_ids, routing.topk_weights, self.gate_proj.weight,
+                      self.up_proj.weight, self.down_proj.weight, self.limit)
+        return out.reshape(shape)
+
+
+# --------------------------------------------------------------------------- layers
+class Step3p5DecoderLayer(nn.Module):
+    """h = x + Attn(norm(x)); out = h + FFN(norm(h)). FFN: MoE + shared expert, or a dense SwiGLU."""
+
+    def __init__(self, config: Step3p5Config, layer_idx: int):
+        super().__init__()
+        h = config.hidden_size
+        self.input_layernorm = ZeroCenteredRMSNorm(h, config.rms_norm_eps)
+        self.post_attention_layernorm = ZeroCenteredRMSNorm(h, config.rms_norm_eps)
+        self.self_attn = Step3p5Attention(config, layer_idx)
+        shared_limit = config.swiglu_limit(layer_idx, shared=True)
+        if config.is_moe_layer(layer_idx):
+            self.moe = Step3p5MoE(config, layer_idx)
+            self.share_expert = SwiGLUMLP(h, config.share_expert_dim, shared_limit)
+        else:
+            self.mlp = SwiGLUMLP(h, config.intermediate_size, shared_limit)
+
+    def forward(self, x: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), layout)
+        y = self.post_attention_layernorm(h)
+        ffn = self.moe(y) + self.share_expert(y) if hasattr(self, "moe") else self.mlp(y)
+        return h + ffn
+
+
+class SharedHead(nn.Module):
+    def __init__(self, config: Step3p5Config):
+        super().__init__()
+        self.norm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+
+class MTPHeadWrapper(nn.Module):
+    """Holds `transformer.shared_head` so the keys read `model.layers.N.transformer.shared_head.*`."""
+
+    def __init__(self, config: Step3p5Config):
+        super().__init__()
+        self.shared_head = SharedHead(config)
+
+
+class Step3p5MTPLayer(Step3p5DecoderLayer):
+    """Multi-token prediction head k: x = eh_proj([enorm(embed(tok_{t+1+k})), hnorm(h_prev_t)]),
+    one decoder layer (dense MLP), logits = shared_head.output(shared_head.norm(.)); predicts tok_{t+2+k}.
+    """
+
+    def __init__(self, config: Step3p5Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        h = config.hidden_size
+        self.eh_proj = nn.Linear(2 * h, h, bias=False)
+        self.enorm = ZeroCenteredRMSNorm(h, config.rms_norm_eps)
+        self.hnorm = ZeroCenteredRMSNorm(h, config.rms_norm_eps)
+        self.transformer = MTPHeadWrapper(config)
+
+    def predict(self, next_embeds: torch.Tensor, h_prev: torch.Tensor, layout: SequenceLayout):
+        """Returns (hidden state for the next head, logits)."""
+        x = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(h_prev)], dim=-1))
+        h = self(x, layout)
+        head = self.transformer.shared_head
+        return h, head.output(head.norm(h))
+
+
+# --------------------------------------------------------------------------- models
+class Step3p5PreTrainedModel(PreTrainedModel):
+    config_class = Step3p5Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Step3p5DecoderLayer", "Step3p5MTPLayer"]
+    _supports_sdpa = True
+    _keys_to_ignore_on_load_unexpected = [r"\.inv_freq$"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, (nn.Linear, StackedExpertWeight)):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, ZeroCenteredRMSNorm):
+            module.weight.zero_()
+        elif isinstance(module, Step3p5MoE):
+            module.router_bias.zero_()
+        elif isinstance(module, Step3p5Attention):
+            module.inv_freq.copy_(rope_inv_freq(module.spec))
+
+
+class Step3p5Model(Step3p5PreTrainedModel):
+    """Embeddings, decoder layers (then MTP layers in the same list), final norm."""
+
+    def __init__(self, config: Step3p5Config):
+        super().__init__(config)
+        n_mtp = config.num_nextn_predict_layers if config.load_mtp_layers else 0
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        layers = [Step3p5DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        layers += [Step3p5MTPLayer(config, config.num_hidden_layers + k) for k in range(n_mtp)]
+        self.layers = nn.ModuleList(layers)
+        self.norm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @property
+    def decoder_layers(self) -> list[Step3p5DecoderLayer]:
+        return list(self.layers[: self.config.num_hidden_layers])
+
+    @property
+    def mtp_layers(self) -> list[Step3p5MTPLayer]:
+        return list(self.layers[self.config.num_hidden_layers:])
+
+    def forward(self, input_ids: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
+        """Returns the last decoder layer's output, before the final norm."""
+        h = self.embed_tokens(input_ids)
+        for layer in self.decoder_layers:
+            if self.gradient_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, layout, use_reentrant=False)
+            else:
+                h = layer(h, layout)
+        return h
+
+
+@dataclass
+class Step3p5Output(CausalLMOutputWithPast):
+    mtp_loss: torch.Tensor | None = None
+    hidden_states_pre_norm: torch.Tensor | None = None
+
+
+class Step3p5ForCausalLM(Step3p5PreTrainedModel, GenerationMixin):
+    """Causal LM with an untied lm_head; `mtp_losses` trains the multi-token prediction heads.
+
+    forward(input_ids, attention_mask=None, position_ids=None, labels=None, mtp_weight=0.0)
+    Packed (padding-free) batches: pass position_ids restarting at 0 for each sequence.
+    No KV cache: generation recomputes the prefix (serve with vLLM for speed).
+    """
+
+    _tied_weights_keys: dict = {}
+
+    def __init__(self, config: Step3p5Config):
+        super().__init__(config)
+        self.model = Step3p5Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a release-format directory. MTP layers load when the checkpoint has them; a checkpoint
+        without them loads with `load_mtp_layers=False` instead of random MTP weights."""
+        path = Path(pretrained_model_name_or_path)
+        if kwargs.get("config") is None and path.is_dir() and (path / "config.json").exists():
+            config = Step3p5Config.from_pretrained(path)
+            n = config.num_hidden_layers
+            if config.num_nextn_predict_layers and not any(
+                    k.startswith(f"model.layers.{n}.") for k in checkpoint_keys(path)):
+                config.load_mtp_layers = False
+            kwargs["config"] = config
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                mtp_weight: float = 0.0, logits_to_keep: int = 0, **kwargs) -> Step3p5Output:
+        layout = SequenceLayout.build(tuple(input_ids.shape), input_ids.device, attention_mask, position_ids)
+        h = self.model(input_ids, layout)
+        hidden = self.model.norm(h)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = mtp_loss = None
+        if labels is not None:
+            loss = next_token_loss(logits, labels, layout)
+            if mtp_weight > 0 and self.model.mtp_layers:
+                mtp_loss = torch.stack(self.mtp_losses(input_ids, h, labels, layout)).mean()
+                loss = loss + mtp_weight * mtp_loss
+        return Step3p5Output(loss=loss, logits=logits, mtp_loss=mtp_loss, hidden_states_pre_norm=h)
+
+    def mtp_losses(self, input_ids: torch.Tensor, hidden_pre_norm: torch.Tensor, labels: torch.Tensor,
+                   layout: SequenceLayout) -> list[torch.Tensor]:
+        """Cross-entropy of MTP head k predicting labels shifted by 2 + k (positions that cross a
+        sequence boundary or padding are ignored). One loss per head."""
+        embeds = self.model.embed_tokens(input_ids)
+        losses, h_prev = [], hidden_pre_norm
+        for k, layer in enumerate(self.model.mtp_layers):
+            shift = k + 1
+            next_embeds = torch.cat([embeds[:, shift:], torch.zeros_like(embeds[:, :shift])], dim=1)
+            h_prev, logits = layer.predict(next_embeds, h_prev, layout)
+            losses.append(next_token_loss(logits, labels, layout, offset=k + 2))
+        return losses
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def shifted_targets(labels: torch.Tensor, layout: SequenceLayout, offset: int) -> torch.Tensor:
+    """targets[t] = labels[t + offset], or -100 when t + offset leaves the row or t's sequence."""
+    b, t = labels.shape
+    targets = torch.full_like(labels, -100)
+    if offset >= t:
+        return targets
+    targets[:, : t - offset] = labels[:, offset:]
+    if layout.segment_ids is not None:
+        seg = layout.segment_ids
+        same = torch.zeros_like(labels, dtype=torch.bool)
+        same[:, : t - offset] = seg[:, offset:] == seg[:, : t - offset]
+        targets = targets.masked_fill(~same, -100)
+    return targets
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, layout: SequenceLayout, offset: int = 1) -> torch.Tensor:
+    """Mean cross-entropy of logits[t] against labels[t + offset] over valid targets (-100 ignored)."""
+    targets = shifted_targets(labels, layout, offset)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def checkpoint_keys(path: Path) -> list[str]:
+    """Tensor names of a safetensors checkpoint directory (sharded or single file)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return list(json.loads(index.read_text())["weight_map"])
+    from safetensors import safe_open
+
+    keys: list[str] = []
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            keys.extend(f.keys())
+    return keys

