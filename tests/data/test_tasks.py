@@ -1,0 +1,91 @@
+"""Built-in task generators: determinism, disjoint splits, correct answers, SFT targets the rewards accept."""
+
+import re
+
+import pytest
+
+import rewards.math
+import rewards.tool
+from mispo.tasks import get_task
+from mispo.tasks.arithmetic import split_of
+
+EXPR = re.compile(r"(\d+)([-+*/])(\d+)")
+ALL_OPS = {"operations": "+-*/", "digits": [1, 3]}
+
+
+def _value(prompt: str) -> int:
+    a, op, b = EXPR.search(prompt).groups()
+    a, b = int(a), int(b)
+    if op == "/":
+        assert a % b == 0, prompt
+        return a // b
+    return {"+": a + b, "-": a - b, "*": a * b}[op]
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "calculator"])
+def test_deterministic_and_seeded(name):
+    task = get_task(name)
+    for fn in (task.train_rows, task.eval_rows, task.sft_rows):
+        assert fn(50, 3) == fn(50, 3)
+        assert fn(50, 3) != fn(50, 4)
+    assert task.train_rows(20, 0) == task.train_rows(40, 0)[:20]  # a prefix: n only truncates
+
+
+@pytest.mark.parametrize("name,opts", [("arithmetic", {}), ("arithmetic", ALL_OPS), ("calculator", {})])
+def test_train_eval_disjoint(name, opts):
+    task = get_task(name)
+    o = task.options(opts)
+    train = {r["prompt"] for seed in range(3) for r in task.train_rows(2000, seed, **opts)}
+    sft = {r["prompt"] for r in task.sft_rows(2000, 7, **opts)}
+    evals = [r["prompt"] for r in task.eval_rows(100, 0, **opts)]
+    assert len(set(evals)) == len(evals) == 100  # distinct eval problems
+    assert not (train | sft) & set(evals)
+    assert all(split_of(EXPR.search(p).group(0), o["eval_fraction"]) == "eval" for p in evals)
+
+
+@pytest.mark.parametrize("name,opts", [("arithmetic", {}), ("arithmetic", ALL_OPS),
+                                       ("arithmetic", {"negative": True}), ("calculator", {})])
+def test_answers_correct(name, opts):
+    rows = get_task(name).train_rows(500, 1, **opts) + get_task(name).eval_rows(50, 1, **opts)
+    for r in rows:
+        assert r["answer"] == str(_value(r["prompt"]))
+    if not opts.get("negative"):
+        assert all(int(r["answer"]) >= 0 for r in rows)
+    else:
+        assert any(int(r["answer"]) < 0 for r in rows)
+
+
+def test_arithmetic_defaults_are_short():
+    rows = get_task("arithmetic").train_rows(1000, 0)
+    assert {EXPR.search(r["prompt"]).group(2) for r in rows} == {"+", "-"}
+    assert max(len(r["prompt"]) for r in rows) <= 8  # "99+99=": fits the tiny model's context
+    assert all(r["prompt"].endswith("=") for r in rows)
+
+
+def test_sft_completion_scores_one_with_math_reward():
+    for r in get_task("arithmetic").sft_rows(40, 0, **ALL_OPS):
+        assert r["completion"] == "\\boxed{" + r["answer"] + "}"
+        result = rewards.math.score(prompt=r["prompt"], completion=r["completion"], answer=r["answer"])
+        assert result["score"] == 1.0
+
+
+def test_calculator_sft_rows():
+    for r in get_task("calculator").sft_rows(20, 0):
+        expr = EXPR.search(r["prompt"]).group(0)
+        assert f"<expression>{expr}</expression>" in r["tool_call"]
+        result = rewards.tool.score(prompt=r["prompt"], completion=r["completion"], answer=r["answer"])
+        assert result["score"] == 1.0
+
+
+def test_bad_options_and_names():
+    task = get_task("arithmetic")
+    with pytest.raises(ValueError, match="data.builtin.colour"):
+        task.train_rows(5, 0, colour="red")
+    with pytest.raises(ValueError, match="data.builtin.operations"):
+        task.train_rows(5, 0, operations="+^")
+    with pytest.raises(ValueError, match="data.builtin.digits"):
+        task.train_rows(5, 0, digits=[3, 1])
+    with pytest.raises(ValueError, match="eval_size"):  # 1-digit sums: too few eval problems
+        task.eval_rows(100, 0, operations="+", digits=1)
+    with pytest.raises(ValueError, match="builtin:arithmetic"):
+        get_task("arithmetics")
