@@ -40,8 +40,8 @@ def to_step3p7(state: dict, num_layers: int) -> dict:
 def test_matches_transformers_step3p7_text_model(tmp_path):
     # weights large enough that routing, gates and the clamps on the last layer all matter.
     # Step3p7 takes the KV-head count of every layer from num_attention_groups (the release has 8 on
-    # both layer kinds), so the test uses one KV count for both.
-    path = write_tiny_checkpoint(tmp_path, seed=3, init_scale=0.2, num_attention_groups=2)
+    # both layer kinds, and so does the tiny config: 2).
+    path = write_tiny_checkpoint(tmp_path, seed=3, init_scale=0.2)
     ours = Step3p5ForCausalLM.from_pretrained(path).eval()
     with torch.no_grad():
         for m in ours.modules():

@@ -289,10 +289,14 @@ class Step3p5Model(Step3p5PreTrainedModel):
     def mtp_layers(self) -> list[Step3p5MTPLayer]:
         return list(self.layers[self.config.num_hidden_layers:])
 
-    def forward(self, input_ids: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
-        """Returns the last decoder layer's output, before the final norm."""
+    def forward(self, input_ids: torch.Tensor, layout: SequenceLayout,
+                all_hidden: list | None = None) -> torch.Tensor:
+        """Returns the last decoder layer's output, before the final norm; appends each layer's
+        input to `all_hidden` when given."""
         h = self.embed_tokens(input_ids)
         for layer in self.decoder_layers:
+            if all_hidden is not None:
+                all_hidden.append(h)
             if self.gradient_checkpointing and self.training:
                 h = torch.utils.checkpoint.checkpoint(layer, h, layout, use_reentrant=False)
             else:
@@ -347,10 +351,14 @@ class Step3p5ForCausalLM(Step3p5PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                mtp_weight: float = 0.0, logits_to_keep: int = 0, **kwargs) -> Step3p5Output:
+                mtp_weight: float = 0.0, logits_to_keep: int = 0, output_hidden_states: bool = False,
+                **kwargs) -> Step3p5Output:
         layout = SequenceLayout.build(tuple(input_ids.shape), input_ids.device, attention_mask, position_ids)
-        h = self.model(input_ids, layout)
+        all_hidden = [] if output_hidden_states else None
+        h = self.model(input_ids, layout, all_hidden)
         hidden = self.model.norm(h)
+        if all_hidden is not None:
+            all_hidden.append(hidden)  # as in Hugging Face models: the last entry is after the final norm
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -360,7 +368,8 @@ class Step3p5ForCausalLM(Step3p5PreTrainedModel, GenerationMixin):
             if mtp_weight > 0 and self.model.mtp_layers:
                 mtp_loss = torch.stack(self.mtp_losses(input_ids, h, labels, layout)).mean()
                 loss = loss + mtp_weight * mtp_loss
-        return Step3p5Output(loss=loss, logits=logits, mtp_loss=mtp_loss, hidden_states_pre_norm=h)
+        return Step3p5Output(loss=loss, logits=logits, mtp_loss=mtp_loss, hidden_states_pre_norm=h,
+                             hidden_states=tuple(all_hidden) if all_hidden is not None else None)
 
     def mtp_losses(self, input_ids: torch.Tensor, hidden_pre_norm: torch.Tensor, labels: torch.Tensor,
                    layout: SequenceLayout) -> list[torch.Tensor]:

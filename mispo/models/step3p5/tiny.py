@@ -38,7 +38,7 @@ def tiny_config(num_hidden_layers: int = 4, hidden_size: int = 64, num_nextn_pre
     last = num_hidden_layers - 1
     fields = dict(
         vocab_size=len(tiny_vocab()), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_hidden_layers, num_attention_heads=2, num_attention_groups=1, head_dim=head_dim,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_attention_groups=2, head_dim=head_dim,
         attention_other_setting={"attention_type": "sliding_attention", "num_attention_heads": 4,
                                  "num_attention_groups": 2, "head_dim": head_dim},
         max_position_embeddings=4096, sliding_window=sliding_window, layer_types=layer_types,
