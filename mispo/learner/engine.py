@@ -1,0 +1,63 @@
+"""DeepSpeed engines for the learners: process-group set-up and engine construction.
+
+Gradients are accumulated by hand: `backward` on each packed micro-batch (the loss already divided
+by the mini-batch's token count), then one `step` per mini-batch, so DeepSpeed's own
+gradient_accumulation_steps stays 1.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from mispo.config import OptimConfig
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+    """Join the learner group's process group (gloo on CPU, nccl on GPU)."""
+    import deepspeed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(0 if not torch.cuda.is_available()
+                      else int(os.environ.get("LOCAL_RANK", 0))), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on norms, biases or 1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: nn.Module, optim: OptimConfig, zero_stage: int, dtype: str):
+    """A DeepSpeed engine with AdamW and linear warm-up to a constant learning rate."""
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
+                                  fused=torch.cuda.is_available())
+    warmup = max(optim.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine
+
+
+def accumulate(engine, loss: torch.Tensor, last: bool) -> None:
+    """Backward one micro-batch; DeepSpeed reduces and steps only at the mini-batch boundary."""
+    engine.set_gradient_accumulation_boundary(last)
+    engine.backward(loss)

@@ -1,0 +1,63 @@
+"""The learners' models: the policy (any Hugging Face causal LM, Step3p5 included) and a critic
+made of a causal-LM backbone with a scalar value head.
+
+Value head: V(prefix) = w . h_last + b, where h_last is the backbone's final (normed) hidden state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import mispo.models.step3p5  # noqa: F401  (registers model_type step3p5 with the Auto classes)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_policy(path: str | Path, dtype: str = "float32", gradient_checkpointing: bool = False,
+                attn_backend: str | None = None, moe_backend: str | None = None) -> nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    if attn_backend and hasattr(model.config, "attn_backend"):
+        model.config.attn_backend = attn_backend
+    if moe_backend and hasattr(model.config, "moe_backend"):
+        model.config.moe_backend = moe_backend
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+class ValueModel(nn.Module):
+    """Critic: backbone(input) -> final hidden state -> Linear(hidden, 1). Outputs [1, L] values."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = nn.Linear(backbone.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(input_ids=input_ids, position_ids=position_ids, output_hidden_states=True,
+                            logits_to_keep=1)
+        h = out.hidden_states[-1]
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        self.backbone.save_pretrained(path)
+        torch.save(self.value_head.state_dict(), path / "value_head.pt")
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: str = "float32", gradient_checkpointing: bool = False) -> "ValueModel":
+        model = cls(load_policy(path, dtype, gradient_checkpointing))
+        head = Path(path) / "value_head.pt"
+        if head.exists():
+            model.value_head.load_state_dict(torch.load(head, map_location="cpu"))
+        return model

@@ -1,0 +1,85 @@
+"""Padding-free packing: several prompt+response sequences in one row, position ids restarting at 0.
+
+Logits at packed position p predict the token at p + 1, so response token t of a sequence that
+starts at offset s with a prompt of P tokens is predicted at s + P + t - 1, and the state before it,
+s_t, is read there too (values). V(s_T) after the last token is read at s + P + T - 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mispo.batch import Sample
+
+
+@dataclass
+class PackedMicroBatch:
+    input_ids: torch.Tensor  # [1, L]
+    position_ids: torch.Tensor  # [1, L]
+    rows: list[int]  # batch row of each packed sequence
+    starts: list[int]  # offset of each sequence in the packed row
+    prompt_lens: list[int]
+    response_lens: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def pack_samples(samples: list[Sample], rows: list[int], max_tokens: int) -> list[PackedMicroBatch]:
+    """Greedy packing of the given rows, in order, into micro-batches of at most max_tokens tokens
+    (a sequence longer than max_tokens gets a micro-batch of its own)."""
+    batches, current = [], []
+    used = 0
+    for r in rows:
+        n = len(samples[r].prompt_ids) + len(samples[r].response_ids)
+        if current and used + n > max_tokens:
+            batches.append(current)
+            current, used = [], 0
+        current.append(r)
+        used += n
+    if current:
+        batches.append(current)
+    return [_pack(samples, group) for group in batches]
+
+
+def _pack(samples: list[Sample], rows: list[int]) -> PackedMicroBatch:
+    ids, pos, starts, plens, rlens = [], [], [], [], []
+    for r in rows:
+        s = samples[r]
+        seq = list(s.prompt_ids) + list(s.response_ids)
+        starts.append(len(ids))
+        plens.append(len(s.prompt_ids))
+        rlens.append(len(s.response_ids))
+        ids.extend(seq)
+        pos.extend(range(len(seq)))
+    return PackedMicroBatch(torch.tensor([ids]), torch.tensor([pos]), rows, starts, plens, rlens)
+
+
+def response_positions(mb: PackedMicroBatch) -> list[torch.Tensor]:
+    """Per packed sequence, the packed positions whose outputs predict its response tokens."""
+    return [torch.arange(s + p - 1, s + p - 1 + n) for s, p, n in zip(mb.starts, mb.prompt_lens, mb.response_lens)]
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """[1, L] log p(input_ids[p + 1] | prefix) at every p (the last position gets 0), in fp32."""
+    logp = torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)
+    lse = torch.logsumexp(logits[0, :-1].float(), dim=-1)
+    target = logits[0, :-1].float().gather(-1, input_ids[0, 1:, None]).squeeze(-1)
+    logp[0, :-1] = target - lse
+    return logp
+
+
+def gather_response(per_position: torch.Tensor, mb: PackedMicroBatch, length: int) -> torch.Tensor:
+    """[len(mb.rows), length] response-aligned values of this micro-batch (zeros past each response)."""
+    out = per_position.new_zeros(len(mb.rows), length)
+    for i, positions in enumerate(response_positions(mb)):
+        out[i, : positions.numel()] = per_position[0, positions]
+    return out
+
+
+def last_positions(mb: PackedMicroBatch) -> torch.Tensor:
+    """Packed position of each sequence's last token (where V(s_T) is read)."""
+    return torch.tensor([s + p + n - 1 for s, p, n in zip(mb.starts, mb.prompt_lens, mb.response_lens)])

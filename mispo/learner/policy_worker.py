@@ -1,0 +1,201 @@
+"""The policy learner: a DeepSpeed engine over the policy model (run as a Ray actor by the trainer).
+
+    logp_old = worker.compute_logprobs(batch)      # pi_old at the rollout's weights, no grad
+    metrics  = worker.train(batch)                 # one epoch over `actor_mini_batches` mini-batches
+    buckets  = worker.weight_buckets(bytes)        # release-named tensors for the rollout engines
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from mispo.algorithms import PolicyLossConfig, PolicyLossInputs, compute_policy_loss, entropy_from_logits
+from mispo.batch import RolloutBatch
+from mispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from mispo.learner.engine import accumulate, build_engine, init_distributed
+from mispo.learner.models import load_policy
+from mispo.learner.packing import PackedMicroBatch, gather_response, pack_samples, token_logprobs
+
+
+def policy_loss_config(algo: AlgorithmConfig, max_new_tokens: int) -> PolicyLossConfig:
+    options = dict(loss_agg=algo.loss_agg, token_bounds=tuple(algo.token_bounds), traj_bounds=tuple(algo.traj_bounds),
+                   kl_coef=algo.kl_coef, entropy_coef=algo.entropy_coef, clip_eps_low=algo.clip_eps,
+                   clip_eps_high=algo.clip_eps, norm_length=float(max_new_tokens))
+    options.update(algo.loss_options)
+    return PolicyLossConfig(**options)
+
+
+def mini_batches(n: int, count: int, generator: torch.Generator) -> list[list[int]]:
+    """A random split of n rows into `count` near-equal mini-batches (fewer when n < count)."""
+    order = torch.randperm(n, generator=generator).tolist()
+    count = max(1, min(count, n))
+    size = math.ceil(n / count)
+    return [order[i:i + size] for i in range(0, n, size)]
+
+
+def mean_metrics(parts: list[dict]) -> dict:
+    keys = {k for p in parts for k in p}
+    return {k: sum(float(p[k]) for p in parts if k in p) / sum(1 for p in parts if k in p) for k in keys}
+
+
+class PolicyWorker:
+    """Owns the policy's DeepSpeed engine (and an optional frozen reference model for KL)."""
+
+    def __init__(self, model_path: str, model: dict, learner: dict, algorithm: dict, max_new_tokens: int,
+                 rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int = 29500,
+                 seed: int = 0):
+        self.model_cfg, self.learner_cfg = ModelConfig(**model), LearnerConfig(**learner)
+        self.algo = AlgorithmConfig(**algorithm)
+        if self.learner_cfg.num_threads:
+            torch.set_num_threads(self.learner_cfg.num_threads)
+        init_distributed(rank, world_size, master_addr, master_port)
+        self.rank, self.world_size = rank, world_size
+        torch.manual_seed(seed)
+        module = load_policy(model_path, self.model_cfg.dtype, self.model_cfg.gradient_checkpointing,
+                             self.model_cfg.attn_backend, self.model_cfg.moe_backend)
+        if self.model_cfg.freeze_router:
+            from mispo.models.step3p5.moe_utils import freeze_router
+            freeze_router(module)
+        self.engine = build_engine(module, self.learner_cfg.actor, self.learner_cfg.zero_stage, self.model_cfg.dtype)
+        self.reference = None
+        if self.learner_cfg.reference:
+            self.reference = load_policy(model_path, self.model_cfg.dtype).eval().requires_grad_(False)
+        self.loss_config = policy_loss_config(self.algo, max_new_tokens)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = self.engine.device
+
+    # ------------------------------------------------------------------ forward passes
+    def _forward_logits(self, model, mb: PackedMicroBatch) -> torch.Tensor:
+        return model(input_ids=mb.input_ids.to(self.device), position_ids=mb.position_ids.to(self.device)).logits
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+        """{"old_logprobs": [B, T]} (and "ref_logprobs" with a reference model), fp32, on CPU."""
+        self.engine.eval()
+        length = batch.response_mask.shape[1]
+        out = {"old_logprobs": torch.zeros(len(batch), length)}
+        models = [("old_logprobs", self.engine)]
+        if self.reference is not None:
+            out["ref_logprobs"] = torch.zeros(len(batch), length)
+            models.append(("ref_logprobs", self.reference))
+        for mb in pack_samples(batch.samples, list(range(len(batch))), self.learner_cfg.micro_batch_tokens):
+            for key, model in models:
+                logp = token_logprobs(self._forward_logits(model, mb), mb.input_ids.to(self.device))
+                out[key][mb.rows] = gather_response(logp, mb, length).cpu()
+        return out
+
+    # ------------------------------------------------------------------ update
+    def train(self, batch: RolloutBatch) -> dict[str, float]:
+        """One pass over the batch in `actor_mini_batches` optimizer steps; returns averaged metrics."""
+        self.engine.train()
+        start = time.time()
+        parts, grad_norms = [], []
+        for rows in mini_batches(len(batch), self.learner_cfg.actor_mini_batches, self.generator):
+            mini = batch.select(rows)
+            num_tokens = float(mini.response_mask.sum())
+            micro = pack_samples(mini.samples, list(range(len(mini))), self.learner_cfg.micro_batch_tokens)
+            for i, mb in enumerate(micro):
+                loss, metrics = self._micro_loss(mini, mb, num_tokens)
+                accumulate(self.engine, loss * self.world_size, last=i == len(micro) - 1)
+                parts.append(metrics)
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            if norm is not None:
+                grad_norms.append(float(norm))
+        out = mean_metrics(parts)
+        if grad_norms:
+            out["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
+            out["actor/grad_norm_max"] = max(grad_norms)
+        out["actor/lr"] = self.engine.get_lr()[0]
+        out["time/actor_train_s"] = time.time() - start
+        return out
+
+    def _micro_loss(self, mini: RolloutBatch, mb: PackedMicroBatch, num_tokens: float):
+        sub = mini.select(mb.rows)
+        length = sub.response_mask.shape[1]
+        ids = mb.input_ids.to(self.device)
+        logits = self._forward_logits(self.engine, mb)
+        logp = gather_response(token_logprobs(logits, ids), mb, length)
+        with torch.no_grad():
+            ent = gather_response(entropy_from_logits(logits[0].float())[None], mb, length)
+        d = self.device
+        inputs = PolicyLossInputs(
+            logp=logp, logp_old=sub.old_logprobs.to(d), advantages=sub.advantages.to(d),
+            mask=sub.response_mask.to(d), logp_rollout=sub.rollout_logprobs.to(d),
+            logp_ref=sub.ref_logprobs.to(d) if sub.ref_logprobs is not None else None, entropy=ent,
+            token_keep=sub.token_keep.to(d) if sub.token_keep is not None else None,
+            traj_keep=sub.traj_keep.to(d) if sub.traj_keep is not None else None,
+            num_tokens=num_tokens, num_seqs=float(len(mini)),
+        )
+        loss, metrics = compute_policy_loss(self.algo.policy_loss, inputs, self.loss_config)
+        return loss, {k: float(v) for k, v in metrics.items()}
+
+    def sft_step(self, samples: list) -> dict[str, float]:
+        """One optimizer step of supervised fine-tuning: token-mean cross-entropy of the response
+        tokens whose loss_mask is 1 (prompts are context only)."""
+        self.engine.train()
+        batch = RolloutBatch.from_samples(samples)
+        num_tokens = float(batch.response_mask.sum())
+        micro = pack_samples(samples, list(range(len(samples))), self.learner_cfg.micro_batch_tokens)
+        total = 0.0
+        for i, mb in enumerate(micro):
+            sub = batch.select(mb.rows)
+            ids = mb.input_ids.to(self.device)
+            logp = gather_response(token_logprobs(self._forward_logits(self.engine, mb), ids), mb,
+                                   sub.response_mask.shape[1])
+            loss = -(logp * sub.response_mask.to(self.device)).sum() / max(num_tokens, 1.0)
+            accumulate(self.engine, loss * self.world_size, last=i == len(micro) - 1)
+            total += float(loss)
+        self.engine.step()
+        return {"sft/loss": total, "sft/lr": self.engine.get_lr()[0]}
+
+    # ------------------------------------------------------------------ weights and checkpoints
+    @torch.no_grad()
+    def weight_buckets(self, bucket_bytes: int = 256 << 20) -> list[list[tuple[str, torch.Tensor]]]:
+        """Every tensor of the model's state dict (release key names, router biases included), in
+        buckets of about `bucket_bytes`, on CPU. Under ZeRO-3 the shards are gathered first."""
+        module = self.engine.module
+        if self.learner_cfg.zero_stage == 3:
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(list(module.parameters())):
+                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        else:
+            state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        buckets, current, size = [], [], 0
+        for name, tensor in state.items():
+            current.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= bucket_bytes:
+                buckets.append(current)
+                current, size = [], 0
+        if current:
+            buckets.append(current)
+        return buckets
+
+    def update_router_bias(self, rate: float) -> None:
+        """Loss-free balancing step on the routing of the last forward (no-op on non-MoE models)."""
+        from mispo.models.step3p5.moe_utils import update_router_bias
+        update_router_bias(self.engine.module, rate)
+
+    def routing_stats(self) -> dict[str, float]:
+        from mispo.models.step3p5.moe_utils import routing_stats
+        return routing_stats(self.engine.module)
+
+    def save(self, directory: str, tag: str) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, scheduler) plus the generator state."""
+        self.engine.save_checkpoint(directory, tag=tag, client_state={"generator": self.generator.get_state()})
+
+    def load(self, directory: str, tag: str) -> None:
+        _, client = self.engine.load_checkpoint(directory, tag=tag)
+        if client and "generator" in client:
+            self.generator.set_state(client["generator"])
+
+    def export(self, directory: str) -> str:
+        """Write the policy as a Hugging Face / release-format checkpoint."""
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self.engine.module.save_pretrained(directory)
+        return directory

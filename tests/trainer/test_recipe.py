@@ -1,0 +1,58 @@
+"""Recipe schema: the shipped recipes validate; bad input names the key, the file, the line and the fix."""
+
+from pathlib import Path
+
+import pytest
+
+from mispo.config import RecipeError, load_recipe
+
+RECIPES = sorted(Path(__file__).resolve().parents[2].joinpath("recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    load_recipe(path)
+
+
+def test_unknown_key_names_key_file_and_line(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("name: x\nrollout:\n  n_samples: 4\n  temprature: 0.7\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(f)
+    msg = str(err.value)
+    assert "rollout.temprature" in msg and f"{f}:4" in msg and "fix:" in msg
+
+
+def test_wrong_type_is_named(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("trainer:\n  max_steps: many\n")
+    with pytest.raises(RecipeError, match=r"trainer\.max_steps .*r\.yaml:2"):
+        load_recipe(f)
+
+
+def test_dotted_overrides_apply_and_validate():
+    recipe = load_recipe(None, ["trainer.max_steps=7", "rollout.temperature=0.5", "algorithm.policy_loss=ppo"])
+    assert recipe.trainer.max_steps == 7 and recipe.rollout.temperature == 0.5
+    assert recipe.algorithm.policy_loss == "ppo"
+    with pytest.raises(RecipeError, match="trainer.max_steps"):
+        load_recipe(None, ["trainer.max_steps=[1]"])
+    with pytest.raises(RecipeError, match="key.sub=value"):
+        load_recipe(None, ["trainer.max_steps"])
+
+
+def test_missing_data_file_is_named(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("data:\n  train: nowhere.jsonl\n")
+    with pytest.raises(RecipeError, match="data.train = 'nowhere.jsonl'.*no such file"):
+        load_recipe(f)
+
+
+def test_gae_without_critic_is_rejected():
+    with pytest.raises(RecipeError, match="learner.critic"):
+        load_recipe(None, ["learner.critic=null"])
+    assert load_recipe(None, ["learner.critic=null", "algorithm.advantage=grpo"]).learner.critic is None
+
+
+def test_missing_recipe_file():
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe("no/such/recipe.yaml")
