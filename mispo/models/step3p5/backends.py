@@ -118,7 +118,7 @@ def _load_fused_kernels() -> None:
 def visibility_mask(layout: SequenceLayout, length: int, window: int | None, device: torch.device) -> torch.Tensor:
     """Boolean [B, 1, T, T]: query i may attend key j (see module docstring).
 
-    Padding queries see themselves only, so no row is empty (their outputs are ignored).
+    Every query also sees itself, so no row is empty (padding queries' outputs are ignored).
     """
     i = torch.arange(length, device=device)
     allowed = i[None, :] <= i[:, None]  # [T, T] causal
