@@ -10,6 +10,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mispo", description="RL post-training of LLMs with MIS-PO")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    train = sub.add_parser("train", help="RL-train a policy with MIS-PO from a recipe")
+    train.add_argument("recipe", help="recipe YAML (recipes/math_expert.yaml, ...)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=20")
+    train.add_argument("--output", "-o", help="run folder (default: runs/<recipe name>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    train.set_defaults(run="mispo.train_cli:run")
+
     gen = sub.add_parser("generate", help="sample from a checkpoint (default: the built-in tiny Step3p5)")
     gen.add_argument("model", nargs="?", help="checkpoint directory (default: built-in tiny Step3p5)")
     gen.add_argument("--prompt", action="append", help="a prompt; repeat for several")

@@ -149,7 +149,7 @@ class PolicyWorker:
                                    sub.response_mask.shape[1])
             loss = -(logp * sub.response_mask.to(self.device)).sum() / max(num_tokens, 1.0)
             accumulate(self.engine, loss * self.world_size, last=i == len(micro) - 1)
-            total += float(loss)
+            total += loss.item()
         self.engine.step()
         return {"sft/loss": total, "sft/lr": self.engine.get_lr()[0]}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from .arithmetic import ArithmeticTask
 from .base import Task
 from .calculator import CalculatorTask
+from .humaneval import HumanEvalTask
 
 TASKS: dict[str, Task] = {}
 
@@ -33,5 +34,6 @@ def get_task(name: str) -> Task:
 
 register_task(ArithmeticTask())
 register_task(CalculatorTask())
+register_task(HumanEvalTask())
 
-__all__ = ["Task", "TASKS", "get_task", "register_task", "ArithmeticTask", "CalculatorTask"]
+__all__ = ["Task", "TASKS", "get_task", "register_task", "ArithmeticTask", "CalculatorTask", "HumanEvalTask"]
