@@ -88,6 +88,7 @@ class AlgorithmConfig(Section):
     advantage: Literal["gae", "grpo", "grpo_no_std", "rloo"] = "gae"
     gamma: float = 1.0
     lam: float = 1.0
+    bootstrap_truncated: bool = True  # a response cut by the length limit takes V(s_T) in place of its reward
     whiten_advantages: bool = False
     token_bounds: tuple[float, float] = (0.5, 2.0)
     traj_bounds: tuple[float, float] = (0.996, 1.001)
@@ -133,6 +134,48 @@ class TrainerConfig(Section):
     time_limit_minutes: float | None = None
 
 
+class ResourcesConfig(Section):
+    """Where the run's roles live on a GPU cluster (read by `mispo plan`). The default, gpus_per_node = 0,
+    is a CPU run on this machine. Each role gets its own GPUs: the actor learner (with the frozen reference,
+    when there is one), the critic learner, and the rollout engines, each engine spanning
+    rollout_tensor_parallel x rollout_data_parallel GPUs."""
+
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0, description="0 = CPU run")
+    gpu_memory_gb: float = Field(80.0, gt=0, description="memory of one GPU (80 for an H100 / A100-80GB)")
+    cpu_memory_gb: float = Field(0.0, ge=0, description="host memory per node for offloaded states; 0 = unchecked")
+    actor_gpus: int = Field(0, ge=0, description="data-parallel (ZeRO) GPUs of the policy learner")
+    critic_gpus: int = Field(0, ge=0, description="data-parallel (ZeRO) GPUs of the critic learner")
+    rollout_gpus: int = Field(0, ge=0, description="GPUs of all rollout engines together")
+    rollout_tensor_parallel: int = Field(1, ge=1, description="vLLM tensor_parallel_size of one engine")
+    rollout_data_parallel: int = Field(1, ge=1, description="vLLM data_parallel_size of one engine")
+    rollout_expert_parallel: bool = Field(False, description="vLLM enable_expert_parallel: experts sharded "
+                                                             "over tensor x data parallel ranks")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer states (and fp32 grads) in host memory")
+
+    @model_validator(mode="after")
+    def _placement(self) -> "ResourcesConfig":
+        roles = {"actor_gpus": self.actor_gpus, "critic_gpus": self.critic_gpus, "rollout_gpus": self.rollout_gpus}
+        if self.gpus_per_node == 0:
+            for key, n in roles.items():
+                if n:
+                    raise ValueError(f"resources.{key} = {n} needs resources.gpus_per_node > 0 "
+                                     "(gpus_per_node = 0 is a CPU run)")
+            return self
+        for key in ("actor_gpus", "rollout_gpus"):
+            if roles[key] < 1:
+                raise ValueError(f"resources.{key} must be >= 1 on a GPU cluster (gpus_per_node > 0)")
+        total = self.nodes * self.gpus_per_node
+        if sum(roles.values()) > total:
+            raise ValueError(f"resources.actor_gpus + critic_gpus + rollout_gpus = {sum(roles.values())} exceeds "
+                             f"nodes x gpus_per_node = {total}; fix: add nodes or give roles fewer GPUs")
+        engine = self.rollout_tensor_parallel * self.rollout_data_parallel
+        if self.rollout_gpus % engine:
+            raise ValueError(f"resources.rollout_gpus = {self.rollout_gpus} is not a multiple of one engine's GPUs, "
+                             f"rollout_tensor_parallel x rollout_data_parallel = {engine}")
+        return self
+
+
 class Recipe(Section):
     name: str = "run"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -143,6 +186,7 @@ class Recipe(Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     source: str | None = Field(None, exclude=True, description="the recipe file (set by load_recipe)")
 
     @field_validator("name")

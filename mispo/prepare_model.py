@@ -18,6 +18,16 @@ CACHE = Path(os.environ.get("MISPO_CACHE", Path.home() / ".cache" / "mispo"))
 console = Console(stderr=True)
 
 
+def _publish(tmp: Path, path: Path) -> None:
+    """Move a finished cache entry into place; if a concurrent run got there first, keep theirs."""
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if not (path / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -35,7 +45,7 @@ def base_model_path(recipe: Recipe) -> Path:
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         write_tiny_checkpoint(tmp, seed=recipe.trainer.seed, config=tiny_config(**recipe.model.tiny))
-        os.replace(tmp, path)
+        _publish(tmp, path)
     return path
 
 
@@ -52,5 +62,5 @@ def starting_policy(recipe: Recipe, run_ray_actor) -> Path:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     run_ray_actor(base, tmp)
-    os.replace(tmp, path)
+    _publish(tmp, path)
     return path

@@ -170,9 +170,9 @@ class Trainer:
 
         mask = batch.response_mask
         if a.advantage == "gae":
+            truncated = batch.truncated if a.bootstrap_truncated else None
             batch.advantages, batch.returns = compute_gae(batch.rewards, batch.values, mask, a.gamma, a.lam,
-                                                          truncated=batch.truncated,
-                                                          bootstrap_value=batch.bootstrap_values)
+                                                          truncated=truncated, bootstrap_value=batch.bootstrap_values)
         else:
             seq_adv = group_advantages(batch.rewards, group_ids=batch.group_ids, method=a.advantage)
             batch.advantages = seq_adv[:, None] * mask

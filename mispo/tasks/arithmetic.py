@@ -38,7 +38,7 @@ class ArithmeticTask(Task):
 
     name = "arithmetic"
     defaults: dict[str, Any] = {"operations": "+-", "digits": [1, 2], "negative": False,
-                                "template": "{expr}=", "eval_fraction": 0.1}
+                                "template": "{expr}=", "eval_fraction": 0.1, "sft_boxed_fraction": 1.0}
 
     # ------------------------------------------------------------------ options
     def options(self, opts: dict[str, Any]) -> dict[str, Any]:
@@ -114,6 +114,16 @@ class ArithmeticTask(Task):
         return [self.row(e, v, o) for e, v in self._draw("eval", n, seed, o, distinct=True)]
 
     def sft_rows(self, n: int, seed: int = 0, **opts: Any) -> list[dict]:
+        """Worked examples. ``sft_boxed_fraction`` < 1 makes a mixed-quality SFT set, as real ones are:
+        that share of completions uses the checkable ``\\boxed{}`` format, the rest the bare number
+        (which rewards.math scores 0), so RL with the verifiable reward has a behaviour to fix."""
         o = self.options(opts)
-        return [{**self.row(e, v, o), **self.completion(e, v)}
-                for e, v in self._draw("sft", n, seed, o, distinct=False)]
+        fraction = float(o.get("sft_boxed_fraction", 1.0))
+        rng = random.Random(f"mispo.tasks.{self.name}:sft_format:{seed}")
+        rows = []
+        for e, v in self._draw("sft", n, seed, o, distinct=False):
+            row = {**self.row(e, v, o), **self.completion(e, v)}
+            if rng.random() >= fraction:
+                row["completion"] = str(v)
+            rows.append(row)
+        return rows
