@@ -25,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(run="mispo.generate:run")
+
+    plan = sub.add_parser("plan", help="per-GPU memory plan of a recipe's roles (no model is allocated)")
+    plan.add_argument("recipe", help="recipe YAML (recipes/step3p5_flash/math_expert.yaml, ...)")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. resources.actor_gpus=64")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    plan.set_defaults(run="mispo.plan:run")
     return parser
 
 

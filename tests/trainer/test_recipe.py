@@ -6,7 +6,10 @@ import pytest
 
 from mispo.config import RecipeError, load_recipe
 
-RECIPES = sorted(Path(__file__).resolve().parents[2].joinpath("recipes").rglob("*.yaml"))
+# recipes/step3p5_flash/ name a cluster checkpoint and data that do not exist here; tests/plan validates them
+# with model.path and data.* pointed at files the test writes.
+RECIPES = sorted(p for p in Path(__file__).resolve().parents[2].joinpath("recipes").rglob("*.yaml")
+                 if "step3p5_flash" not in p.parts)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

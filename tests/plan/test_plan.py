@@ -1,0 +1,242 @@
+"""`mispo plan`: parameter counts from a config on the meta device, ZeRO memory against DeepSpeed's own
+estimators, KV-cache math with sliding windows, verdicts and fixes, the step3p5_flash recipes, the CLI."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mispo.config import RecipeError, load_recipe
+from mispo.plan import (GiB, LayerShape, activation_bytes, kv_bytes_per_sequence, kv_bytes_per_token,
+                        model_state_bytes, plan_recipe)
+
+ROOT = Path(__file__).resolve().parents[2]
+FLASH_JSON = ROOT / "mispo/models/step3p5/configs/step3p5_flash.json"
+FLASH_RECIPES = sorted((ROOT / "recipes/step3p5_flash").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def flash_dir(tmp_path_factory):
+    """The released config.json alone (no weights: the plan reads only the config) and one data row."""
+    d = tmp_path_factory.mktemp("step3p5_flash")
+    (d / "config.json").write_text(FLASH_JSON.read_text())
+    (d / "rows.jsonl").write_text(json.dumps({"prompt": "1+1?", "answer": "2", "domain": "math"}) + "\n")
+    return d
+
+
+def flash_overrides(d: Path, model_dir: Path | None = None) -> list[str]:
+    rows = d / "rows.jsonl"
+    return [f"model.path={model_dir or d}", f"data.train={rows}", f"data.eval={rows}"]
+
+
+def flash_plan(d: Path, *extra: str):
+    return plan_recipe(load_recipe(ROOT / "recipes/step3p5_flash/math_expert.yaml", flash_overrides(d) + list(extra)))
+
+
+# --------------------------------------------------------------------------- tiny recipe
+def test_tiny_recipe_fits_and_counts_match_the_real_model():
+    from mispo.models.step3p5 import Step3p5ForCausalLM
+    from mispo.models.step3p5.tiny import tiny_config
+
+    recipe = load_recipe(ROOT / "recipes/math_expert.yaml")
+    plan = plan_recipe(recipe)
+    assert plan.fits and [r.role for r in plan.roles] == ["actor", "critic", "rollout"]
+    assert plan.resources["cpu_run"]
+    real = Step3p5ForCausalLM(tiny_config(**recipe.model.tiny))
+    assert plan.model["learner_params"] == sum(p.numel() for p in real.parameters())
+    # float32 on CPU: 4 + 4 + 8 bytes per parameter, nothing partitioned on one process
+    actor = plan.role("actor").parts
+    P = plan.model["learner_params"]
+    assert (actor["weights"], actor["grads"], actor["optimizer"]) == (4 * P, 4 * P, 8 * P)
+
+
+def test_counts_match_a_written_checkpoint(tiny_checkpoint):
+    """Against the tensors a real checkpoint stores (its safetensors headers), MTP layers included."""
+    from safetensors import safe_open
+
+    stored = 0
+    for file in Path(tiny_checkpoint).glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:  # router_bias is a buffer, not a parameter
+            stored += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if "router_bias" not in k)
+    plan = plan_recipe(load_recipe(None, [f"model.path={tiny_checkpoint}"]))
+    assert plan.model["learner_params"] == stored and plan.model["mtp_params"] > 0
+
+
+def test_any_hugging_face_config(tmp_path):
+    """A dense Llama-style config (no MoE, no sliding window) plans too."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(tmp_path)
+    plan = plan_recipe(load_recipe(None, [f"model.path={tmp_path}"]))
+    m = plan.model
+    assert m["active_params"] == m["total_params"] and m["routed_params"] == 0 and m["mtp_params"] == 0
+    emb = 2 * 1000 * 64
+    layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64  # q, o; k, v (2 KV heads x 16); MLP; norms
+    assert m["total_params"] == emb + 2 * layer + 64
+    assert plan.role("rollout").extra["kv_bytes_per_token"]["full"] == 2 * (2 * 2 * 16 * 4)  # fp32, 2 layers
+
+
+def test_grpo_recipe_plans_no_critic():
+    plan = plan_recipe(load_recipe(ROOT / "recipes/code_expert.yaml"))
+    assert [r.role for r in plan.roles] == ["actor", "rollout"]
+
+
+# --------------------------------------------------------------------------- the released model
+def test_released_config_parameter_counts(flash_dir):
+    m = flash_plan(flash_dir).model
+    assert round(m["total_params"] / 1e9, 2) == 196.96
+    assert round(m["active_params_no_embeddings"] / 1e9, 2) == 10.93
+    assert 10.5e9 < m["active_params"] < 12.5e9  # ~11B active (embedding table and lm_head included: 11.99B)
+    assert round(m["mtp_params"] / 1e9, 2) == 2.43  # 0.84B layers + 3 x 0.53B output heads
+    assert m["largest_layer_params"] == 288 * 1280 * 4096  # one stacked expert tensor
+
+
+def test_zero0_on_8_gpus_does_not_fit_and_zero3_across_enough_gpus_does(flash_dir):
+    plan = flash_plan(flash_dir, "learner.zero_stage=0", "resources.actor_gpus=8", "resources.offload_optimizer=false")
+    actor = plan.role("actor")
+    assert not actor.fits and actor.total > 3000 * GiB  # 20 bytes x 199B parameters on every GPU
+    assert any("learner.zero_stage=3" in fix for fix in actor.fixes)
+    # ZeRO-3 without offload: the fix names how many GPUs; taking it fits
+    plan = flash_plan(flash_dir, "resources.offload_optimizer=false")
+    assert not plan.role("actor").fits
+    fix = next(f for f in plan.role("actor").fixes if f.startswith("resources.actor_gpus="))
+    n = int(fix.split("resources.actor_gpus=")[1].split(":")[0])
+    assert 128 < n <= 512
+    plan = flash_plan(flash_dir, "resources.offload_optimizer=false", "resources.nodes=64", f"resources.actor_gpus={n}")
+    assert plan.role("actor").fits
+    # the shipped layout (ZeRO-3 + optimizer offload over 64 GPUs) fits as it is
+    assert flash_plan(flash_dir).fits
+
+
+def test_model_states_match_deepspeed_estimators():
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    P, L, N = 10**9, 10**7, 16
+    s2 = model_state_bytes(P, L, N, 2, bf16=True, gpus_per_node=8)
+    assert sum(v for k, v in s2.items() if k != "host") == estimate_zero2_model_states_mem_needs(
+        P, 8, 2, cpu_offload=False)[1] == 2 * P + 18 * P / N
+    s3 = model_state_bytes(P, L, N, 3, bf16=True, gpus_per_node=8)
+    assert sum(v for k, v in s3.items() if k != "host") == pytest.approx(estimate_zero3_model_states_mem_needs(
+        P, L, 8, 2, cpu_offload=False, cpu_offload_params=False)[1], abs=1)
+    assert s3["weights"] == 2 * P / N + 4 * L and s3["optimizer"] == 12 * P / N
+    s0 = model_state_bytes(P, L, N, 0, bf16=True)
+    assert s0["weights"] + s0["grads"] + s0["optimizer"] == 20 * P  # nothing partitioned
+    off = model_state_bytes(P, L, N, 3, bf16=True, offload=True, gpus_per_node=8)
+    assert off["optimizer"] == off["grads"] == 0 and off["host"] > 0
+
+
+# --------------------------------------------------------------------------- KV cache and activations
+def test_sliding_window_kv_is_capped_at_the_window():
+    swa = LayerShape(num_heads=96, num_kv_heads=8, head_dim=128, window=512)
+    full = LayerShape(num_heads=64, num_kv_heads=8, head_dim=128, window=None)
+    per_token = 2 * 8 * 128 * 2  # K and V, 8 KV heads, head_dim 128, bf16 = 4096 bytes
+    assert kv_bytes_per_token(swa) == per_token
+    assert kv_bytes_per_sequence([swa], 16384) == 512 * per_token  # capped: 2 MiB, not 64 MiB
+    assert kv_bytes_per_sequence([swa], 100) == 100 * per_token  # shorter than the window
+    assert kv_bytes_per_sequence([full], 16384) == 16384 * per_token
+    layers = [full if i % 4 == 0 else swa for i in range(45)]  # the release: 12 full, 33 sliding
+    assert kv_bytes_per_sequence(layers, 16384) == (12 * 16384 + 33 * 512) * per_token
+    # tensor parallel: heads split over ranks, replicated once tp exceeds the KV heads
+    assert kv_bytes_per_token(swa, tensor_parallel=8) == per_token / 8
+    assert kv_bytes_per_token(swa, tensor_parallel=16) == per_token / 8
+
+
+def test_rollout_kv_capacity_in_the_plan(flash_dir):
+    plan = flash_plan(flash_dir)
+    rollout = plan.role("rollout")
+    per_seq = (12 * 16384 + 33 * 512) * 2 * 1 * 128 * 2  # TP8: one KV head per GPU
+    assert rollout.extra["per_seq"] == per_seq
+    assert rollout.extra["sequences"] == int(rollout.parts["kv_cache"] // per_seq) > 0
+    assert rollout.extra["tokens"] == rollout.extra["sequences"] * 16384
+    assert rollout.budget == pytest.approx(0.85 * 80 * GiB)
+
+
+def test_activations_formula(flash_dir):
+    from mispo.plan import model_shape
+
+    shape = model_shape(load_recipe(None, flash_overrides(flash_dir)))
+    T, V = 4096, 128896
+    logits = activation_bytes(shape, T, 2, True, logits=True) - activation_bytes(shape, T, 2, True, logits=False)
+    assert logits == T * V * (2 + 16)
+    assert activation_bytes(shape, T, 2, True, False) < activation_bytes(shape, T, 2, False, False) / 5
+
+
+# --------------------------------------------------------------------------- recipes and schema
+@pytest.mark.parametrize("path", FLASH_RECIPES, ids=lambda p: p.name)
+def test_step3p5_flash_recipes_validate(path, flash_dir, tiny_checkpoint):
+    """Against a tiny checkpoint written by the test (the recipes name a cluster path)."""
+    recipe = load_recipe(path, flash_overrides(flash_dir, tiny_checkpoint))
+    assert recipe.model.dtype == "bfloat16" and recipe.model.gradient_checkpointing
+    r, lr = recipe.rollout, recipe.learner
+    assert (r.temperature, r.top_p) == (1.0, 1.0)
+    expected = (128, 8) if r.environment else (256, 16)  # report: tool use 128 x 8, reasoning 256 x 16
+    assert (r.prompts_per_step, r.n_samples) == expected
+    assert (lr.actor_mini_batches, lr.critic_mini_batches) == (4, 12)
+    assert (lr.actor.lr, lr.actor.warmup_steps, lr.actor.weight_decay) == (2e-6, 20, 0.1)
+    assert (lr.critic.lr, lr.critic.warmup_steps, lr.critic.weight_decay) == (5e-6, 50, 0.1)
+    a = recipe.algorithm
+    assert (a.policy_loss, a.advantage) == ("mispo", "gae")
+    assert tuple(a.token_bounds) == (0.5, 2.0) and tuple(a.traj_bounds) == (0.996, 1.001)
+    final = path.stem == "generalist_rl"
+    assert a.kl_coef == (0.001 if final else 0.0) and lr.reference == final
+    assert recipe.rollout.num_workers == recipe.resources.rollout_gpus // recipe.resources.rollout_tensor_parallel
+    # the shipped layout fits the released model
+    plan = plan_recipe(load_recipe(path, flash_overrides(flash_dir)))
+    assert plan.fits, [(x.role, x.fixes) for x in plan.roles]
+
+
+def test_generalist_reward_routes_by_domain(flash_dir):
+    from mispo.plugins import load_reward
+
+    recipe = load_recipe(ROOT / "recipes/step3p5_flash/generalist_rl.yaml", flash_overrides(flash_dir))
+    fn = load_reward(recipe.reward.plugins[0].fn, source=recipe.source)
+    assert fn(prompt="1+1?", completion="\\boxed{2}", domain="math", answer="2")["score"] == 1.0
+    with pytest.raises(ValueError, match="domain"):
+        fn(prompt="", completion="", domain="poetry")
+
+
+def test_resources_errors_name_the_field():
+    cases = {
+        "resources.actor_gpus": ["resources.actor_gpus=8"],  # CPU run (gpus_per_node = 0)
+        "resources.gpu_memory_gb": ["resources.gpu_memory_gb=0"],
+        "exceeds nodes x gpus_per_node": ["resources.gpus_per_node=8", "resources.actor_gpus=8",
+                                          "resources.rollout_gpus=8"],
+        "resources.rollout_gpus = 12": ["resources.gpus_per_node=8", "resources.nodes=4", "resources.actor_gpus=8",
+                                        "resources.rollout_gpus=12", "resources.rollout_tensor_parallel=8"],
+    }
+    for needle, overrides in cases.items():
+        with pytest.raises(RecipeError, match=needle.replace(".", r"\.")):
+            load_recipe(None, overrides)
+    assert load_recipe(None).resources.gpus_per_node == 0  # the default: a CPU run
+
+
+# --------------------------------------------------------------------------- the command line
+def test_cli_prints_the_table(flash_dir):
+    out = subprocess.run([sys.executable, "-m", "mispo.cli", "plan", "recipes/step3p5_flash/math_expert.yaml",
+                          f"model.path={flash_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    for text in ("196.96B", "actor", "critic", "rollout", "ZeRO-3 over 64 GPUs", "fits", "KV"):
+        assert text in out.stdout
+
+
+def test_cli_json_and_errors(flash_dir, capsys):
+    from mispo.cli import main
+
+    assert main(["plan", "recipes/step3p5_flash/math_expert.yaml", *flash_overrides(flash_dir),
+                 "learner.zero_stage=0", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] is False and data["model"]["total_params"] == 196_956_118_272
+    actor = next(r for r in data["roles"] if r["role"] == "actor")
+    assert actor["fits"] is False and actor["fixes"] and actor["total_gib"] > actor["budget_gib"]
+    assert main(["plan", "recipes/step3p5_flash/math_expert.yaml"]) == 2  # model.path does not exist here
+    assert "model.path" in capsys.readouterr().err
+    # the plan reads no data: the recipe's data paths need not exist, only the checkpoint's config.json
+    assert main(["plan", "recipes/step3p5_flash/math_expert.yaml", f"model.path={flash_dir}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fits"] is True
