@@ -219,8 +219,7 @@ class Trainer:
         return dict(result.metrics)
 
     def sync_weights(self, version: int) -> None:
-        buckets = ray.get(self.policy.weight_buckets.remote())
-        self.rollout.sync([ray.put(b) for b in buckets], version)
+        self.rollout.sync(ray.get(self.policy.weight_bucket_refs.remote()), version)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:

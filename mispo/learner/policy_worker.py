@@ -176,6 +176,12 @@ class PolicyWorker:
             buckets.append(current)
         return buckets
 
+    def weight_bucket_refs(self, bucket_bytes: int = 256 << 20) -> list:
+        """`weight_buckets` put into the Ray object store from here (one copy, read zero-copy by the
+        rollout workers); returns the ObjectRefs."""
+        from mispo.rollout.weight_loader import put_bucket
+        return [put_bucket(b) for b in self.weight_buckets(bucket_bytes)]
+
     def update_router_bias(self, rate: float) -> None:
         """Loss-free balancing step on the routing of the last forward (no-op on non-MoE models)."""
         from mispo.models.step3p5.moe_utils import update_router_bias

@@ -1,0 +1,147 @@
+"""Rollout workers as Ray actors: split requests over them, broadcast weights, survive crashes.
+
+    group = RolloutGroup(model_dir, recipe.rollout, dtype="float32", seed=0, max_model_len=1024)
+    samples = group.generate(requests, n=8, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=step)
+    group.sync([put_bucket(b) for b in policy.weight_buckets(bytes)], version=step)  # weight_loader
+    group.shutdown()
+
+Requests are split into contiguous chunks, one per worker, and the Samples come back in request
+order. Fault tolerance: actors are created with `max_restarts` (Ray restarts a dead actor, which
+reloads the checkpoint at `model_path`) and `max_task_retries=0` (Ray must not retry on a fresh
+actor that still has the initial weights). When a call fails because its actor died, the group
+waits for the restart, re-syncs it with the latest bucket refs and version it keeps (holding the
+refs keeps the buckets in the object store), logs a warning, and retries that chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mispo.batch import Sample
+from mispo.config import RolloutConfig
+from mispo.rollout.vllm_engine import RolloutWorker
+
+log = logging.getLogger("mispo.rollout")
+
+
+def split(n: int, k: int) -> list[tuple[int, int]]:
+    """Contiguous near-equal [start, end) chunks of range(n) for k workers (empty ones dropped)."""
+    size, rest = divmod(n, k)
+    bounds, start = [], 0
+    for i in range(k):
+        end = start + size + (i < rest)
+        if end > start:
+            bounds.append((start, end))
+        start = end
+    return bounds
+
+
+class RolloutGroup:
+    """`rollout_cfg.num_workers` RolloutWorker actors (num_cpus=0; one GPU each on a GPU cluster)."""
+
+    def __init__(self, model_path: str, rollout_cfg: RolloutConfig, dtype: str = "float32", seed: int = 0,
+                 max_model_len: int = 1024, max_retries: int = 3, restart_timeout_s: float = 300.0):
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        actor = ray.remote(num_cpus=0, num_gpus=gpus, max_restarts=-1, max_task_retries=0)(RolloutWorker)
+        config = rollout_cfg.model_dump()
+        self.workers = [actor.remote(str(model_path), config, dtype, seed + rank, max_model_len)
+                        for rank in range(rollout_cfg.num_workers)]
+        self.max_retries, self.restart_timeout_s = max_retries, restart_timeout_s
+        self.buckets: list = []  # latest weights (ObjectRefs); [] = the checkpoint at model_path
+        self.version = 0
+        ray.get([w.ping.remote() for w in self.workers])  # engines up (or their errors) before returning
+
+    # ------------------------------------------------------------------ rollouts
+    def generate(self, requests: list[dict], n: int, temperature: float, top_p: float, max_new_tokens: int,
+                 seed: int | None = None) -> list[Sample]:
+        """RolloutWorker.generate over all workers; Samples in request order (n per request)."""
+        return self._map("generate", requests, n=n, temperature=temperature, top_p=top_p,
+                         max_new_tokens=max_new_tokens, seed=seed)
+
+    def generate_episodes(self, requests: list[dict], env_spec: str, n: int, temperature: float, top_p: float,
+                          max_new_tokens: int, max_turns: int, seed: int | None = None) -> list[Sample]:
+        """RolloutWorker.generate_episodes over all workers (env_spec: an absolute path or a module)."""
+        return self._map("generate_episodes", requests, env_spec=env_spec, n=n, temperature=temperature,
+                         top_p=top_p, max_new_tokens=max_new_tokens, max_turns=max_turns, seed=seed)
+
+    def _map(self, method: str, requests: list[dict], **kwargs) -> list[Sample]:
+        import ray
+
+        chunks = split(len(requests), len(self.workers))
+        calls = {i: getattr(self.workers[i], method).remote(requests[a:b], **kwargs)
+                 for i, (a, b) in enumerate(chunks)}
+        results: dict[int, list[Sample]] = {}
+        attempts = dict.fromkeys(calls, 0)
+        while calls:
+            for i, ref in list(calls.items()):
+                try:
+                    results[i] = ray.get(ref)
+                    del calls[i]
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                    attempts[i] += 1
+                    if attempts[i] > self.max_retries:
+                        raise RuntimeError(f"rollout worker {i} died {attempts[i]} times; giving up") from exc
+                    log.warning("rollout worker %d died during %s (%s); restarting it, re-syncing weights "
+                                "version %d and retrying its %d requests", i, method, type(exc).__name__,
+                                self.version, chunks[i][1] - chunks[i][0])
+                    self._recover(i)
+                    a, b = chunks[i]
+                    calls[i] = getattr(self.workers[i], method).remote(requests[a:b], **kwargs)
+        return [s for i in sorted(results) for s in results[i]]
+
+    # ------------------------------------------------------------------ weights
+    def sync(self, buckets: list, version: int) -> float:
+        """Load `buckets` into every worker; returns the slowest worker's seconds. Items are ObjectRefs
+        (best made by `weight_loader.put_bucket`) or lists of (name, tensor), which are put here; the
+        refs are kept for crash recovery until the next sync."""
+        import ray
+
+        from mispo.rollout.weight_loader import put_bucket
+
+        self.buckets = [b if isinstance(b, ray.ObjectRef) else put_bucket(b) for b in buckets]
+        self.version = int(version)
+        calls = {i: w.update_weights.remote(self.buckets, self.version) for i, w in enumerate(self.workers)}
+        seconds = 0.0
+        for i, ref in calls.items():
+            try:
+                seconds = max(seconds, ray.get(ref))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                log.warning("rollout worker %d died during weight sync; restarting and re-syncing", i)
+                self._recover(i)
+        return seconds
+
+    def _recover(self, i: int) -> None:
+        """Wait until Ray has restarted worker i, then give it the latest weights."""
+        import ray
+
+        worker, deadline = self.workers[i], time.monotonic() + self.restart_timeout_s
+        while True:
+            try:
+                ray.get(worker.ping.remote())
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+        if self.buckets:
+            ray.get(worker.update_weights.remote(self.buckets, self.version))
+
+    def versions(self) -> list[int]:
+        import ray
+
+        return ray.get([w.version.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        self.workers = []
+
+    def __len__(self) -> int:
+        return len(self.workers)
