@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mispo.models.step3p5 import SequenceLayout, Step3p5ForCausalLM
-from mispo.models.step3p5.backends import torch_attention, torch_experts
+from mispo.models.step3p5.backends import masked_attention, segment_attention, torch_attention, torch_experts
 from mispo.models.step3p5.modeling_step3p5 import (Step3p5Attention, Step3p5MoE, ZeroCenteredRMSNorm,
                                                    apply_rope, rope_inv_freq)
 from mispo.models.step3p5.tiny import tiny_config
@@ -56,6 +56,38 @@ def test_packed_attention_stays_inside_each_sequence():
     seg = [[0, 0, 0, 0, 1, 1, 1, 2, 2]]
     got = torch_attention(q, k, v, layout, 2, 0.5)
     torch.testing.assert_close(got, naive_attention(q, k, v, 2, 0.5, seg), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 1, 2, 4])
+def test_segment_attention_matches_the_mask_and_its_gradients(window):
+    torch.manual_seed(0)
+    lens = [5, 1, 3, 7, 2]
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    seg = [sum(([i] * n for i, n in enumerate(lens)), [])]
+    q, k, v = (torch.randn(1, sum(lens), h, 4, requires_grad=True) for h in (4, 2, 2))
+    layout = SequenceLayout.build((1, sum(lens)), q.device, position_ids=pos)
+    got = segment_attention(q, k, v, layout.cu_seqlens, window, 0.5)
+    torch.testing.assert_close(got, naive_attention(q, k, v, window, 0.5, seg), atol=1e-5, rtol=1e-5)
+    ref = masked_attention(q, k, v, layout, window, 0.5)
+    weights = torch.randn_like(ref)
+    grads = torch.autograd.grad((got * weights).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_many_short_packed_sequences_take_the_segment_path(monkeypatch):
+    import mispo.models.step3p5.backends as backends
+
+    calls, real = [], backends.segment_attention
+    monkeypatch.setattr(backends, "segment_attention", lambda *a: calls.append(1) or real(*a))
+    q = torch.randn(1, 32, 2, 4)
+    short = SequenceLayout.build((1, 32), q.device, position_ids=torch.arange(4).repeat(8)[None])
+    backends.torch_attention(q, q, q, short, None, 0.5)
+    assert calls == [1]
+    one_long = SequenceLayout.build((1, 32), q.device, position_ids=torch.tensor([[0] + list(range(31))]))
+    backends.torch_attention(q, q, q, one_long, None, 0.5)
+    assert calls == [1]  # lengths [1, 31]: 2 * 31^2 > 32^2, so the full mask is cheaper
 
 
 def test_zero_centered_rmsnorm():

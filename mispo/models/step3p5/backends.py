@@ -136,7 +136,43 @@ def visibility_mask(layout: SequenceLayout, length: int, window: int | None, dev
 
 def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout,
                     window: int | None, scale: float) -> torch.Tensor:
-    """Reference attention: SDPA with an explicit [B, 1, T, T] visibility mask (GQA via enable_gqa)."""
+    """Reference attention. Packed B == 1 batches whose sequences are short go through
+    `segment_attention` (S * Lmax^2 work instead of T^2); everything else through `masked_attention`."""
+    if layout.cu_seqlens is not None and q.shape[0] == 1:
+        lens = layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]
+        if lens.numel() * int(lens.max()) ** 2 < q.shape[1] ** 2:
+            return segment_attention(q, k, v, layout.cu_seqlens, window, scale)
+    return masked_attention(q, k, v, layout, window, scale)
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                      window: int | None, scale: float) -> torch.Tensor:
+    """Packed [1, T] attention computed per sequence: the S sequences (bounds `cu_seqlens`) are
+    scattered into a padded [S, Lmax] batch, attended with one causal (+ window) [Lmax, Lmax] mask,
+    and gathered back. Padding keys sit after every real query, so the causal mask hides them."""
+    cu = cu_seqlens.to(q.device, torch.long)
+    lens = cu[1:] - cu[:-1]
+    length, longest = q.shape[1], int(lens.max())
+    seg = torch.repeat_interleave(torch.arange(lens.numel(), device=q.device), lens)
+    offset = torch.arange(length, device=q.device) - cu[:-1][seg]
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(lens.numel(), longest, *x.shape[2:])
+        out[seg, offset] = x[0]
+        return out.transpose(1, 2)  # [S, H, Lmax, D]
+
+    i = torch.arange(longest, device=q.device)
+    allowed = i[None, :] <= i[:, None]
+    if window is not None:
+        allowed = allowed & (i[:, None] - i[None, :] < window)
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=allowed, scale=scale,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)[seg, offset][None]
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout,
+                     window: int | None, scale: float) -> torch.Tensor:
+    """SDPA with an explicit [B, 1, T, T] visibility mask (GQA via enable_gqa): any layout."""
     length = q.shape[1]
     mask = visibility_mask(layout, length, window, q.device)
     out = F.scaled_dot_product_attention(
