@@ -17,6 +17,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     train.set_defaults(run="mispo.train_cli:run")
 
+    sft = sub.add_parser("sft", help="supervised fine-tuning of model.path on the recipe's sft: data")
+    sft.add_argument("recipe", help="recipe YAML with an sft: section")
+    sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.steps=200")
+    sft.add_argument("--output", "-o", help="run folder (default: runs/<recipe name>-sft)")
+    sft.set_defaults(run="mispo.sft_cli:run")
+
+    merge = sub.add_parser("merge", help="distil domain experts into one generalist (the recipe's merge: section)")
+    merge.add_argument("recipe", help="recipe YAML with a merge: section (recipes/merge.yaml, ...)")
+    merge.add_argument("overrides", nargs="*", help="dotted overrides, e.g. merge.method=on_policy")
+    merge.add_argument("--output", "-o", help="output folder (default: runs/<recipe name>)")
+    merge.set_defaults(run="mispo.merge_cli:run")
+
     gen = sub.add_parser("generate", help="sample from a checkpoint (default: the built-in tiny Step3p5)")
     gen.add_argument("model", nargs="?", help="checkpoint directory (default: built-in tiny Step3p5)")
     gen.add_argument("--prompt", action="append", help="a prompt; repeat for several")
@@ -32,6 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     plan.set_defaults(run="mispo.plan:run")
     return parser
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors caused by the user's input (recipe, data, plugins, filters): printed, exit code 2."""
+    from mispo.config import RecipeError
+    from mispo.data import DataError
+    from mispo.distill.filters import FilterError
+    from mispo.plugins import PluginError
+
+    return RecipeError, DataError, PluginError, FilterError
+
+
+def __getattr__(name: str):
+    if name == "USER_ERRORS":  # imported lazily: `mispo --help` stays fast
+        return _user_errors()
+    raise AttributeError(name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class LoraConfig(Section):
+    """LoRA adapters on the policy (peft); rollout engines get the merged weights."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # None: attention q/k/v/o/g_proj and dense/shared MLP gate/up/down_proj
+
+
 class ModelConfig(Section):
     path: str = Field("builtin:tiny", description="checkpoint directory, or builtin:tiny (the tiny Step3p5)")
     tiny: dict[str, Any] = Field(default_factory=dict, description="builtin:tiny only: tiny_config() overrides")
@@ -32,10 +41,13 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = False
     freeze_router: bool = True  # the report freezes the router after pre-training
     router_bias_update_rate: float = 0.0  # loss-free balancing during RL (0 = off)
+    lora: LoraConfig | None = None  # None: full fine-tuning of the policy
 
 
 class WarmupConfig(Section):
-    """Supervised warm-up run once before RL and cached (gives a tiny random model a policy that can learn)."""
+    """Supervised fine-tuning: the warm-up run once before RL and cached (`warmup:`, gives a tiny random
+    model a policy that can learn), `mispo sft` (`sft:`) and the student's update in `mispo merge`.
+    Rows of `data` need `prompt` and `completion`; the loss covers the completion tokens only."""
 
     steps: int = 0
     lr: float = 3e-3
@@ -176,6 +188,72 @@ class ResourcesConfig(Section):
         return self
 
 
+class DomainRef(Section):
+    """One domain of a multi-domain recipe, defined by a single-domain recipe file: its `data`,
+    `reward`, `rollout.environment` / `max_turns` / `max_new_tokens` and `warmup` data."""
+
+    recipe: str = Field(description="single-domain recipe file (relative to this recipe's folder)")
+    weight: float = Field(1.0, gt=0, description="share of each step's prompts and of merge's SFT set")
+    overrides: list[str] = Field(default_factory=list, description="dotted overrides for that recipe")
+
+
+class ExpertRef(DomainRef):
+    """A domain expert for `mispo merge`: its checkpoint and the domain it was trained on."""
+
+    checkpoint: str = Field(description="the expert's checkpoint directory (release format)")
+
+
+class FiltersConfig(Section):
+    """Rejection sampling of the experts' answers (mispo.distill.filters; applied in this order)."""
+
+    drop_truncated: bool = True
+    min_reward: float = 1.0
+    allowed_scripts: list[str] | None = Field(None, description="None = the scripts of each prompt")
+    max_foreign_frac: float = 0.0
+    max_tokens: int | None = None
+    repeat_ngram: int = 8
+    max_repeat_frac: float = 0.5
+    max_per_prompt: int | None = None
+
+
+class MergeConfig(Section):
+    """`mispo merge`: distil domain experts into the student (`model.path`)."""
+
+    method: Literal["sft", "on_policy"] = "sft"
+    experts: dict[str, ExpertRef] = Field(default_factory=dict, description="domain name -> expert")
+    prompts_per_domain: int = Field(256, ge=1, description="sft: prompts each expert answers")
+    samples_per_prompt: int = Field(4, ge=1)
+    temperature: float = 1.0
+    filters: FiltersConfig = Field(default_factory=FiltersConfig)
+    balance: Literal["weights", "natural"] = Field(
+        "weights", description="weights: each domain's share of the SFT set is its expert's weight (resampled); "
+                               "natural: every kept answer once")
+    sft: WarmupConfig = Field(default_factory=lambda: WarmupConfig(steps=200, lr=1e-3, batch_size=32),
+                                description="sft: the student's fine-tuning (data is the kept answers)")
+    steps: int = Field(20, ge=1, description="on_policy: student updates")
+    prompts_per_step: int = Field(16, ge=1, description="on_policy: prompts per update (split over domains)")
+    lr: float = Field(1e-4, gt=0, description="on_policy: student learning rate")
+    eval: bool = True
+
+    @model_validator(mode="after")
+    def _experts(self) -> "MergeConfig":
+        for name in self.experts:
+            if not name or "/" in name:
+                raise ValueError(f"merge.experts: domain name {name!r} must be non-empty without '/'")
+        return self
+
+
+class PipelineConfig(Section):
+    """The expert <-> generalist alternation that `mispo train` runs when a recipe has `pipeline:`:
+    warm-up SFT, then per round: expert RL per domain, merge, generalist MIS-PO RL."""
+
+    rounds: int = Field(1, ge=1)
+    warmup: bool = True
+    expert_overrides: list[str] = Field(default_factory=list, description="applied to every expert RL stage")
+    generalist_overrides: list[str] = Field(default_factory=list, description="applied to the generalist stage")
+    generalist_steps: int = Field(20, ge=0, description="generalist MIS-PO steps per round (0 = merge only)")
+
+
 class Recipe(Section):
     name: str = "run"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -187,6 +265,10 @@ class Recipe(Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    domains: dict[str, DomainRef] = Field(default_factory=dict, description="multi-domain: name -> recipe")
+    sft: WarmupConfig | None = Field(None, description="`mispo sft`: the fine-tuning run")
+    merge: MergeConfig | None = Field(None, description="`mispo merge`: experts to distil")
+    pipeline: PipelineConfig | None = Field(None, description="expert <-> generalist rounds")
     source: str | None = Field(None, exclude=True, description="the recipe file (set by load_recipe)")
 
     @field_validator("name")
@@ -205,6 +287,14 @@ class Recipe(Section):
             raise ValueError(f"algorithm.advantage = '{self.algorithm.advantage}' needs rollout.n_samples >= 2")
         if self.trainer.mode == "async" and self.trainer.max_staleness < 1:
             raise ValueError("trainer.max_staleness must be >= 1 in async mode")
+        if self.domains:
+            own = [k for k in ("data", "reward") if k in self.model_fields_set]
+            own += ["rollout.environment"] if self.rollout.environment else []
+            if own:
+                raise ValueError(f"a recipe with domains: takes its prompts and rewards from the domain recipes, "
+                                 f"so {', '.join(own)} would be ignored; fix: move them into the domain recipes")
+        if self.pipeline is not None and len(self.domains) < 1:
+            raise ValueError("pipeline: needs domains: {name: {recipe: file.yaml}, ...}; fix: add domains")
         return self
 
 

@@ -112,6 +112,9 @@ def _format(path: Path) -> str | None:
 def _read_file(path: Path, prompt_field: str) -> list[dict]:
     import datasets
 
+    if _format(path) == "json" and _blank(path):
+        raise DataError(f"{path}: no rows (the file is empty); fix: give a file with at least one row")
+
     try:
         ds = datasets.load_dataset(_format(path), data_files=str(path), split="train")
     except Exception as exc:  # find the bad line ourselves: pyarrow's messages rarely name it
@@ -120,6 +123,15 @@ def _read_file(path: Path, prompt_field: str) -> list[dict]:
         raise DataError(f"{path}: cannot be read as {_format(path)} ({type(exc).__name__}: {exc}); fix: "
                         "check that the file is valid and each column has one type in every row") from None
     return ds.to_list()
+
+
+def _blank(path: Path) -> bool:
+    """True when the file holds only whitespace (read until the first other byte)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
 
 
 def _diagnose_json(path: Path, prompt_field: str) -> None:

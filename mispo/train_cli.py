@@ -12,16 +12,17 @@ console = Console(stderr=True)
 
 
 def run(args) -> int:
-    from mispo.config import RecipeError, load_recipe
-    from mispo.data import DataError
-    from mispo.plugins import PluginError
+    from mispo.cli import USER_ERRORS
+    from mispo.config import load_recipe
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-    except (RecipeError, DataError, PluginError) as exc:
+    except USER_ERRORS as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     output = Path(args.output or Path("runs") / recipe.name)
+    if recipe.pipeline is not None:
+        return run_pipeline(recipe, output)
     if (output / "checkpoints" / "latest").exists() and not args.resume:
         console.print(f"[red]error:[/red] {output} already holds a run; pass --resume to continue it, "
                       "or choose another --output")
@@ -33,7 +34,7 @@ def run(args) -> int:
     try:
         trainer = Trainer(recipe, output)
         final = trainer.fit()
-    except (RecipeError, DataError, PluginError) as exc:
+    except USER_ERRORS as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     except KeyboardInterrupt:
@@ -43,6 +44,26 @@ def run(args) -> int:
             trainer.shutdown()
     console.print(f"done in {time.time() - start:.0f}s: {output}/metrics.jsonl, final policy in {output}/final"
                   + (f", eval/accuracy {final['eval/accuracy']:.3f}" if "eval/accuracy" in final else ""))
+    return 0
+
+
+def run_pipeline(recipe, output: Path) -> int:
+    """A recipe with pipeline: runs its stages; rerunning continues where it stopped (no --resume needed)."""
+    from mispo.cli import USER_ERRORS
+    from mispo.pipeline import Pipeline
+
+    start = time.time()
+    try:
+        results = Pipeline(recipe, output).run()
+    except USER_ERRORS as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: rerun the same command to continue from the unfinished stage[/yellow]")
+        return 130
+    console.print(f"done in {time.time() - start:.0f}s: {output}/eval.json, {output}/eval.png")
+    for model, scores in results.items():
+        console.print(f"  {model:>10}: " + "  ".join(f"{d} {acc:.3f}" for d, acc in scores.items()))
     return 0
 
 

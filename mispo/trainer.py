@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import signal
-import socket
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,25 +21,18 @@ import torch
 from rich.console import Console
 
 from mispo.algorithms import AdaptiveTrajBand, compute_gae, group_advantages, mis_filter, whiten_advantages
-from mispo.batch import RolloutBatch, Sample
+from mispo.batch import RolloutBatch
+from mispo.cluster import free_port, start_ray
 from mispo.config import Recipe, dump_recipe
-from mispo.data import PromptSampler, load_rows, render_prompt
+from mispo.domains import load_domains, split_prompts
 from mispo.learner.critic_worker import CriticWorker
 from mispo.learner.policy_worker import PolicyWorker
-from mispo.plugins import load_reward
 from mispo.prepare_model import starting_policy
 from mispo.progress import StepProgress
-from mispo.reward_runner import RewardRunner
 from mispo.rollout.group import RolloutGroup
 from mispo.run_dir import RunDir
 
 console = Console(stderr=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Trainer:
@@ -49,27 +41,20 @@ class Trainer:
         self.run = RunDir(output)
         (self.run.path / "recipe.yaml").write_text(dump_recipe(recipe))
         r = recipe
-        if not ray.is_initialized():
-            ray.init(address=r.trainer.ray_address, include_dashboard=False, log_to_driver=True,
-                     runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not torch.cuda.is_available() else None)
+        start_ray(r.trainer.ray_address)
+        self.domains = load_domains(r)  # before any model work: bad data or plugins fail fast
+        self.samplers = {d.name: d.sampler() for d in self.domains}
         self.policy_path = str(starting_policy(r, self._warmup))
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
-        self.train_rows = load_rows(r.data.train, r.source, "train", r.data)
-        self.eval_rows = load_rows(r.data.eval, r.source, "eval", r.data) if r.data.eval else []
-        self.sampler = PromptSampler(len(self.train_rows), seed=r.data.seed)
-        plugins = [{k: v for k, v in p.model_dump(exclude_none=True).items() if v != {}} for p in r.reward.plugins]
-        self.reward = RewardRunner(load_reward(plugins,
-                                               field="reward.plugins", source=r.source),
-                                   timeout_s=r.reward.timeout, failure_score=r.reward.failure_score,
-                                   max_concurrency=r.reward.max_concurrency)
         self.band = AdaptiveTrajBand(target_keep=r.algorithm.adaptive_target_keep,
                                      base_bounds=tuple(r.algorithm.traj_bounds)) \
             if r.algorithm.adaptive_traj_band else None
         common = dict(model=r.model.model_dump(), learner=r.learner.model_dump(),
                       algorithm=r.algorithm.model_dump(), seed=r.trainer.seed)
         self.policy = ray.remote(num_cpus=0)(PolicyWorker).remote(
-            self.policy_path, max_new_tokens=r.rollout.max_new_tokens, master_port=free_port(), **common)
+            self.policy_path, max_new_tokens=max(d.max_new_tokens for d in self.domains), master_port=free_port(),
+            **common)
         self.critic = None
         if r.learner.critic is not None and r.algorithm.advantage == "gae":
             self.critic = ray.remote(num_cpus=0)(CriticWorker).remote(self.policy_path, master_port=free_port(),
@@ -90,7 +75,7 @@ class Trainer:
         interrupted = False
         previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
-            if self.step == 0 and r.trainer.eval_every > 0 and self.eval_rows:
+            if self.step == 0 and r.trainer.eval_every > 0 and self.can_evaluate:
                 last_eval = self.evaluate()
                 self.run.log(0, last_eval)
             deadline = time.time() + 60 * r.trainer.time_limit_minutes if r.trainer.time_limit_minutes else None
@@ -103,7 +88,7 @@ class Trainer:
                 metrics = self.train_step(samples)
                 self.step += 1
                 metrics["time/step_s"] = time.time() - t0
-                if r.trainer.eval_every and self.step % r.trainer.eval_every == 0 and self.eval_rows:
+                if r.trainer.eval_every and self.step % r.trainer.eval_every == 0 and self.can_evaluate:
                     last_eval = self.evaluate()
                     metrics.update(last_eval)
                 self.run.log(self.step, metrics)
@@ -130,32 +115,32 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def start_rollout(self) -> Future:
-        """Draw the next prompts and start generating them with the weights the workers have now."""
+        """Draw the next prompts of every domain and start generating them with the weights the
+        workers have now."""
         r = self.recipe
-        rows = [self.train_rows[i] for i in self.sampler.next_batch(r.rollout.prompts_per_step)]
-        return self.pool.submit(self.generate, self._requests(rows), r.rollout.n_samples, r.rollout.temperature)
+        counts = split_prompts(r.rollout.prompts_per_step, [d.weight for d in self.domains])
+        jobs, first_group = [], 0
+        for domain, count in zip(self.domains, counts):
+            rows = [domain.train_rows[i] for i in self.samplers[domain.name].next_batch(count)]
+            jobs.append((domain, domain.requests(rows, self.tokenizer, first_group)))
+            first_group += count
+        return self.pool.submit(self.generate, jobs)
 
-    def finish_rollout(self, pending: Future) -> list[Sample]:
+    def finish_rollout(self, pending: Future) -> list[tuple]:
         return pending.result()
 
-    def generate(self, requests: list[dict], n: int, temperature: float) -> list[Sample]:
+    def generate(self, jobs: list[tuple]) -> list[tuple]:
+        """[(domain, requests)] -> [(domain, samples)], n = rollout.n_samples per request."""
         r = self.recipe.rollout
-        top_p = r.top_p if temperature > 0 else 1.0
-        if r.environment:
-            return self.rollout.generate_episodes(requests, r.environment, n=n, temperature=temperature, top_p=top_p,
-                                                  max_new_tokens=r.max_new_tokens, max_turns=r.max_turns)
-        return self.rollout.generate(requests, n=n, temperature=temperature, top_p=top_p,
-                                     max_new_tokens=r.max_new_tokens)
+        return [(d, d.generate(self.rollout, requests, r.n_samples, r.temperature, r.top_p)) for d, requests in jobs]
 
-    def train_step(self, samples: list[Sample]) -> dict:
+    def train_step(self, rollouts: list[tuple]) -> dict:
         r, a = self.recipe, self.recipe.algorithm
         metrics: dict = {}
         t = time.time()
-        if not r.rollout.environment:  # environments score their own episodes
-            metrics.update(self.score(samples))
-        else:
-            metrics["reward/mean"] = sum(s.reward for s in samples) / len(samples)
+        metrics.update(self.score(rollouts))
         metrics["time/reward_s"] = time.time() - t
+        samples = [s for _, domain_samples in rollouts for s in domain_samples]
         batch = RolloutBatch.from_samples(samples)
 
         t = time.time()
@@ -206,36 +191,48 @@ class Trainer:
             "rollout/truncated_frac": float(batch.truncated.float().mean()),
             "rollout/staleness": float(self.step - min(s.version for s in samples)),
             "throughput/tokens": n_tokens,
-            **self.sampler.metrics(),
+            **self._sampler_metrics(),
         })
         return metrics
 
-    def score(self, samples: list[Sample]) -> dict:
-        batch = [{**s.row, "prompt": s.row.get("prompt", s.prompt_text), "completion": s.response_text}
-                 for s in samples]
-        result = self.reward.score(batch)
-        for s, score, extra in zip(samples, result.scores, result.extras):
-            s.reward, s.reward_info = float(score), extra
-        return dict(result.metrics)
+    def score(self, rollouts: list[tuple]) -> dict:
+        """Reward every sample; one domain logs `reward/*` as it is, several add `reward/<domain>/*`
+        and the overall `reward/mean`."""
+        if len(rollouts) == 1:
+            domain, samples = rollouts[0]
+            return domain.score(samples)
+        metrics = {}
+        for domain, samples in rollouts:
+            for k, v in domain.score(samples).items():
+                metrics[k.replace("reward/", f"reward/{domain.name}/", 1)] = v
+        every = [s.reward for _, samples in rollouts for s in samples]
+        metrics["reward/mean"] = sum(every) / len(every)
+        return metrics
+
+    def _sampler_metrics(self) -> dict:
+        """data/* of the one sampler, or summed over domains (data/epoch: the least advanced domain)."""
+        parts = [s.metrics() for s in self.samplers.values()]
+        if len(parts) == 1:
+            return parts[0]
+        return {"data/samples_seen": sum(p["data/samples_seen"] for p in parts),
+                "data/epoch": min(p["data/epoch"] for p in parts)}
 
     def sync_weights(self, version: int) -> None:
         self.rollout.sync(ray.get(self.policy.weight_bucket_refs.remote()), version)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> dict:
-        """Greedy decoding on the held-out rows; eval/accuracy = mean reward (1.0 = correct)."""
-        samples = self.generate(self._requests(self.eval_rows), n=1, temperature=0.0)
-        if self.recipe.rollout.environment:
-            scores = [s.reward for s in samples]
-        else:
-            scores = self.reward.score([{**s.row, "completion": s.response_text} for s in samples]).scores
-        return {"eval/accuracy": sum(scores) / len(scores), "eval/n": float(len(scores))}
+    @property
+    def can_evaluate(self) -> bool:
+        return all(d.eval_rows for d in self.domains)
 
-    def _requests(self, rows: list[dict]) -> list[dict]:
-        out = []
-        for i, row in enumerate(rows):
-            text, ids = render_prompt(row, self.tokenizer, self.recipe.data)
-            out.append({"prompt_ids": ids, "prompt_text": text, "row": row, "group": i})
+    def evaluate(self) -> dict:
+        """Greedy decoding on each domain's held-out rows; eval/accuracy = mean reward (1.0 = correct),
+        averaged over domains, with eval/accuracy/<domain> when there are several."""
+        per_domain = {d.name: d.evaluate(self.rollout, self.tokenizer) for d in self.domains}
+        out = {"eval/accuracy": sum(per_domain.values()) / len(per_domain),
+               "eval/n": float(sum(len(d.eval_rows) for d in self.domains))}
+        if len(per_domain) > 1:
+            out.update({f"eval/accuracy/{name}": acc for name, acc in per_domain.items()})
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -245,7 +242,7 @@ class Trainer:
         if self.critic:
             refs.append(self.critic.save.remote(str(staging / "critic"), "state"))
         ray.get(refs)
-        state = {"step": self.step, "sampler": self.sampler.state_dict(),
+        state = {"step": self.step, "samplers": {name: s.state_dict() for name, s in self.samplers.items()},
                  "band": self.band.state_dict() if self.band else None,
                  "python_random": list(random.getstate()[1]), "torch_random": torch.get_rng_state().tolist()}
         self.run.commit(staging, self.step, state, keep=self.recipe.trainer.keep_checkpoints)
@@ -260,7 +257,11 @@ class Trainer:
             refs.append(self.critic.load.remote(str(folder / "critic"), "state"))
         ray.get(refs)
         self.step = state["step"]
-        self.sampler.load_state_dict(state["sampler"])
+        for name, sampler_state in state["samplers"].items():
+            if name not in self.samplers:
+                raise ValueError(f"the checkpoint in {folder} has prompts of domain {name!r}, which this recipe "
+                                 f"lacks (it has {', '.join(self.samplers)}); fix: resume with the same recipe")
+            self.samplers[name].load_state_dict(sampler_state)
         if self.band and state.get("band"):
             self.band.load_state_dict(state["band"])
         random.setstate((3, tuple(state["python_random"]), None))
@@ -270,10 +271,15 @@ class Trainer:
         console.print(f"[green]resumed from {folder} at step {self.step}[/green]")
 
     def _warmup(self, base: Path, out: Path) -> None:
-        from mispo.warmup import run_warmup
+        from mispo.sft import run_warmup
         run_warmup(self.recipe, base, out, free_port())
 
     def shutdown(self) -> None:
+        """Stop the rollout workers and learners (the Ray cluster stays up for the next job)."""
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.rollout.shutdown()
-        self.reward.close()
+        for actor in (self.policy, self.critic):
+            if actor is not None:
+                ray.kill(actor)
+        for d in self.domains:
+            d.close()

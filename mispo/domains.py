@@ -1,0 +1,157 @@
+"""Domains: a set of prompts, how answers to them are scored, and their share of each step.
+
+A single-domain recipe (its own `data`, `reward`, `rollout.environment`) is one domain named after
+the recipe. A multi-domain recipe lists single-domain recipe files:
+
+    domains:
+      math: {recipe: math_expert.yaml, weight: 1}
+      tool: {recipe: tool_expert.yaml, weight: 1}
+
+and each step draws `rollout.prompts_per_step` prompts split over the domains by weight. A domain
+scores its answers with its reward plugins (single turn) or lets its environment play and score
+multi-turn episodes; `max_new_tokens` and `max_turns` are the domain recipe's.
+
+    domains = load_domains(recipe)                          # rows loaded, rewards checked
+    samples = domains[0].generate(rollout_group, requests, n=8, temperature=1.0)
+    metrics = domains[0].score(samples)                     # sets Sample.reward
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mispo.batch import Sample
+from mispo.config import Recipe, RecipeError, load_recipe, resolve_path
+from mispo.data import PromptSampler, load_rows, render_prompt
+
+
+@dataclass
+class Domain:
+    """One domain; `recipe` is the single-domain recipe that defines it."""
+
+    name: str
+    recipe: Recipe
+    weight: float = 1.0
+    train_rows: list[dict] = field(default_factory=list, repr=False)
+    eval_rows: list[dict] = field(default_factory=list, repr=False)
+    reward: object | None = field(default=None, repr=False)  # RewardRunner; None with an environment
+
+    @property
+    def environment(self) -> str | None:
+        return self.recipe.rollout.environment
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.recipe.rollout.max_new_tokens
+
+    def load(self, with_train: bool = True) -> "Domain":
+        """Read the rows and load the reward plugins (errors name this domain's recipe)."""
+        r = self.recipe
+        if with_train:
+            self.train_rows = load_rows(r.data.train, r.source, "train", r.data)
+        self.eval_rows = load_rows(r.data.eval, r.source, "eval", r.data) if r.data.eval else []
+        if not self.environment and self.reward is None:
+            from mispo.plugins import load_reward
+            from mispo.reward_runner import RewardRunner
+
+            plugins = [{k: v for k, v in p.model_dump(exclude_none=True).items() if v != {}} for p in r.reward.plugins]
+            self.reward = RewardRunner(load_reward(plugins, field="reward.plugins", source=r.source),
+                                       timeout_s=r.reward.timeout, failure_score=r.reward.failure_score,
+                                       max_concurrency=r.reward.max_concurrency)
+        return self
+
+    def sampler(self, seed_offset: int = 0) -> PromptSampler:
+        return PromptSampler(len(self.train_rows), seed=self.recipe.data.seed + seed_offset)
+
+    # ------------------------------------------------------------------ rollouts
+    def requests(self, rows: list[dict], tokenizer, first_group: int = 0) -> list[dict]:
+        """Rollout requests for `rows`, rendered with this domain's chat template / system prompt;
+        `group` numbers continue from `first_group` so every request of a step has its own."""
+        out = []
+        for i, row in enumerate(rows):
+            text, ids = render_prompt(row, tokenizer, self.recipe.data)
+            out.append({"prompt_ids": ids, "prompt_text": text, "row": row, "group": first_group + i})
+        return out
+
+    def generate(self, rollout, requests: list[dict], n: int, temperature: float, top_p: float = 1.0,
+                 seed: int | None = None) -> list[Sample]:
+        """n samples (or episodes, with an environment) per request from a RolloutGroup."""
+        if not requests:
+            return []
+        top_p = top_p if temperature > 0 else 1.0
+        if self.environment:
+            return rollout.generate_episodes(requests, self.environment, n=n, temperature=temperature, top_p=top_p,
+                                             max_new_tokens=self.max_new_tokens,
+                                             max_turns=self.recipe.rollout.max_turns, seed=seed)
+        return rollout.generate(requests, n=n, temperature=temperature, top_p=top_p,
+                                max_new_tokens=self.max_new_tokens, seed=seed)
+
+    def score(self, samples: list[Sample]) -> dict:
+        """Set `Sample.reward` with the reward plugins (environment episodes come scored); metrics."""
+        if not samples:
+            return {}
+        if self.reward is None:
+            return {"reward/mean": sum(s.reward for s in samples) / len(samples)}
+        batch = [{**s.row, "prompt": s.row.get("prompt", s.prompt_text), "completion": s.response_text}
+                 for s in samples]
+        result = self.reward.score(batch)
+        for s, score, extra in zip(samples, result.scores, result.extras):
+            s.reward, s.reward_info = float(score), extra
+        return dict(result.metrics)
+
+    def evaluate(self, rollout, tokenizer) -> float:
+        """Greedy accuracy on the held-out rows: mean reward of one greedy answer each (1.0 = correct)."""
+        if not self.eval_rows:
+            raise ValueError(f"domain {self.name!r} has no eval rows; fix: set data.eval in {self.recipe.source}")
+        samples = self.generate(rollout, self.requests(self.eval_rows, tokenizer), n=1, temperature=0.0)
+        self.score(samples)
+        return sum(s.reward for s in samples) / len(samples)
+
+    def close(self) -> None:
+        if self.reward is not None:
+            self.reward.close()
+
+
+def load_domains(recipe: Recipe, with_train: bool = True) -> list[Domain]:
+    """The recipe's domains, loaded: its `domains:` entries, or itself as one domain."""
+    if not recipe.domains:
+        return [Domain(recipe.name, recipe).load(with_train)]
+    return [Domain(name, domain_recipe(recipe, name, ref), ref.weight).load(with_train)
+            for name, ref in recipe.domains.items()]
+
+
+def domain_recipe(parent: Recipe, name: str, ref) -> Recipe:
+    """The single-domain recipe a `domains:` / `merge.experts:` entry names (relative to `parent`)."""
+    path = resolve_path(parent, ref.recipe)
+    if not Path(path).is_file():
+        raise RecipeError(f"domains.{name}.recipe = {ref.recipe!r} ({parent.source or 'command line'}): no such "
+                          "file; fix: give a single-domain recipe file, relative to this recipe's folder")
+    try:
+        child = load_recipe(path, list(ref.overrides))
+    except RecipeError as exc:
+        raise RecipeError(f"domain {name!r} ({path}): {exc}") from None
+    if child.domains:
+        raise RecipeError(f"domains.{name}.recipe = {ref.recipe!r} has domains of its own; fix: name a "
+                          "single-domain recipe")
+    return child
+
+
+def split_prompts(total: int, weights: list[float]) -> list[int]:
+    """`total` prompts over domains in proportion to `weights` (largest remainder); every domain gets
+    at least one while `total` allows."""
+    if total < 1 or not weights:
+        return [0] * len(weights)
+    scale = total / sum(weights)
+    counts = [math.floor(w * scale) for w in weights]
+    order = sorted(range(len(weights)), key=lambda i: (w := weights[i] * scale) - math.floor(w), reverse=True)
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    for i in range(len(counts)):  # no domain starves while another has more than one
+        if counts[i] == 0:
+            donor = max(range(len(counts)), key=lambda j: counts[j])
+            if counts[donor] > 1:
+                counts[donor] -= 1
+                counts[i] = 1
+    return counts

@@ -1,0 +1,79 @@
+"""Multi-domain recipes: loading, the per-step split of prompts, and the errors of bad domain specs."""
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mispo.config import RecipeError, load_recipe
+from mispo.domains import load_domains, split_prompts
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+@given(st.integers(0, 500), st.lists(st.floats(0.01, 100), min_size=1, max_size=6))
+def test_split_prompts_sums_and_follows_the_weights(total, weights):
+    counts = split_prompts(total, weights)
+    assert sum(counts) == total and len(counts) == len(weights)
+    if total >= len(weights):
+        assert min(counts) >= 1
+    shares = [total * w / sum(weights) for w in weights]
+    if min(shares) >= 1:  # no domain needs the at-least-one rule: plain largest remainder
+        assert all(abs(c - s) < 1 + 1e-9 for c, s in zip(counts, shares))
+
+
+def test_split_prompts_examples():
+    assert split_prompts(16, [1, 1]) == [8, 8]
+    assert split_prompts(10, [3, 1]) == [8, 2]  # 7.5 / 2.5: the larger remainder wins the tie in order
+    assert split_prompts(3, [100, 1, 1]) == [1, 1, 1]
+
+
+def test_generalist_recipe_has_a_reward_domain_and_an_environment_domain():
+    recipe = load_recipe(RECIPES / "generalist.yaml")
+    math, tool = load_domains(recipe)
+    try:
+        assert (math.name, tool.name) == ("math", "tool")
+        assert math.environment is None and math.reward is not None and math.train_rows and math.eval_rows
+        assert tool.environment and tool.reward is None
+        assert tool.max_new_tokens == load_recipe(RECIPES / "tool_expert.yaml").rollout.max_new_tokens
+        assert not set(r["prompt"] for r in math.eval_rows) & set(r["prompt"] for r in math.train_rows)
+    finally:
+        math.close()
+
+
+def test_single_domain_recipe_is_one_domain_named_after_it():
+    (domain,) = load_domains(load_recipe(RECIPES / "math_expert.yaml"))
+    try:
+        assert domain.name == "math_expert" and domain.weight == 1.0
+    finally:
+        domain.close()
+
+
+def test_domains_and_own_data_conflict(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text(f"domains:\n  math: {{recipe: {RECIPES / 'math_expert.yaml'}}}\ndata:\n  train: builtin:arithmetic\n")
+    with pytest.raises(RecipeError, match="domains.*data would be ignored.*fix"):
+        load_recipe(f)
+
+
+def test_pipeline_needs_domains(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("pipeline: {rounds: 1}\n")
+    with pytest.raises(RecipeError, match="pipeline: needs domains"):
+        load_recipe(f)
+
+
+def test_missing_domain_recipe_names_the_domain(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("domains:\n  chess: {recipe: chess.yaml}\n")
+    with pytest.raises(RecipeError, match=r"domains\.chess\.recipe = 'chess\.yaml'.*no such file"):
+        load_domains(load_recipe(f))
+
+
+def test_bad_key_in_a_domain_recipe_names_the_domain_and_its_file(tmp_path):
+    (tmp_path / "d.yaml").write_text("rollout:\n  max_new_tokes: 3\n")
+    f = tmp_path / "r.yaml"
+    f.write_text("domains:\n  d: {recipe: d.yaml}\n")
+    with pytest.raises(RecipeError, match=r"(?s)domain 'd' \(.*d\.yaml\).*rollout\.max_new_tokes"):
+        load_domains(load_recipe(f))
