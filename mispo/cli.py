@@ -63,7 +63,13 @@ def __getattr__(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after options (`--output DIR trainer.max_steps=5`)
+    if extra and (not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     module_name, func = args.run.split(":")
     module = __import__(module_name, fromlist=[func])
     return getattr(module, func)(args)

@@ -49,11 +49,12 @@ class WarmupConfig(Section):
     model a policy that can learn), `mispo sft` (`sft:`) and the student's update in `mispo merge`.
     Rows of `data` need `prompt` and `completion`; the loss covers the completion tokens only."""
 
-    steps: int = 0
+    steps: int = Field(0, description="optimizer steps")
     lr: float = 3e-3
-    batch_size: int = 32
-    data: str = "builtin:arithmetic"
-    num_examples: int = 20000
+    batch_size: int = Field(32, description="samples per optimizer step")
+    data: str = Field("builtin:arithmetic", description="jsonl / parquet / builtin:<task>; multi-domain recipes "
+                                                        "use each domain recipe's warmup.data")
+    num_examples: int = Field(20000, description="rows read from data")
 
 
 class DataConfig(Section):
@@ -206,14 +207,14 @@ class ExpertRef(DomainRef):
 class FiltersConfig(Section):
     """Rejection sampling of the experts' answers (mispo.distill.filters; applied in this order)."""
 
-    drop_truncated: bool = True
-    min_reward: float = 1.0
-    allowed_scripts: list[str] | None = Field(None, description="None = the scripts of each prompt")
-    max_foreign_frac: float = 0.0
-    max_tokens: int | None = None
-    repeat_ngram: int = 8
-    max_repeat_frac: float = 0.5
-    max_per_prompt: int | None = None
+    drop_truncated: bool = Field(True, description="truncated: drop answers cut by the length limit")
+    min_reward: float = Field(1.0, description="reward: keep answers the domain's reward scores at least this")
+    allowed_scripts: list[str] | None = Field(None, description="language: e.g. [latin]; None = the prompt's scripts")
+    max_foreign_frac: float = Field(0.0, description="language: share of letters allowed in other scripts")
+    max_tokens: int | None = Field(None, description="length: drop answers with more model tokens (overthinking)")
+    repeat_ngram: int = Field(8, description="repetition: n of the repeated n-gram statistic")
+    max_repeat_frac: float = Field(0.5, description="repetition: drop answers whose repeated n-gram share exceeds it")
+    max_per_prompt: int | None = Field(None, description="duplicate: distinct answers kept per prompt (None = all)")
 
 
 class MergeConfig(Section):

@@ -123,13 +123,16 @@ def load_domains(recipe: Recipe, with_train: bool = True) -> list[Domain]:
 
 
 def domain_recipe(parent: Recipe, name: str, ref) -> Recipe:
-    """The single-domain recipe a `domains:` / `merge.experts:` entry names (relative to `parent`)."""
+    """The single-domain recipe a `domains:` / `merge.experts:` entry names (relative to `parent`), with
+    the parent's model.path (the domain supplies prompts, rewards and RL settings, not the model)."""
     path = resolve_path(parent, ref.recipe)
     if not Path(path).is_file():
         raise RecipeError(f"domains.{name}.recipe = {ref.recipe!r} ({parent.source or 'command line'}): no such "
                           "file; fix: give a single-domain recipe file, relative to this recipe's folder")
+    # the domain is trained from whatever model the parent gives it, so its own model.path is replaced
+    model = parent.model.path if parent.model.path.startswith("builtin:") else resolve_path(parent, parent.model.path)
     try:
-        child = load_recipe(path, list(ref.overrides))
+        child = load_recipe(path, [f"model.path={model}", *ref.overrides])
     except RecipeError as exc:
         raise RecipeError(f"domain {name!r} ({path}): {exc}") from None
     if child.domains:

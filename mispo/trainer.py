@@ -101,6 +101,7 @@ class Trainer:
             if self.step % max(r.trainer.save_every, 1):
                 self.save()
             ray.get(self.policy.export.remote(str(self.run.path / "final")))
+            self.tokenizer.save_pretrained(self.run.path / "final")  # final/ loads on its own
         except KeyboardInterrupt:
             interrupted = True
             console.print(f"[yellow]interrupted at step {self.step}: the last complete checkpoint is kept; "

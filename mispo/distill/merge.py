@@ -75,23 +75,26 @@ class Merge:
         self.output.mkdir(parents=True, exist_ok=True)
         self.evaluator = Evaluator(self.student, self.domains, self.recipe)
         self.rollout, self.tokenizer = self.evaluator.rollout, self.evaluator.tokenizer
-        evaluate = self.evaluator.accuracy if self.cfg.eval else None
-        results = {"student": evaluate(self.student)} if evaluate else {}
+        evaluate = self.cfg.eval
+        results = {"student": self.evaluator.accuracy(self.student)} if evaluate else {}
+        kept = {}
+        for d in self.domains:  # each expert samples, then is evaluated while its weights are loaded
+            if self.cfg.method == "sft":
+                kept[d.name] = self.sample_and_filter(d)
+            if evaluate:
+                results[d.name] = self.evaluator.accuracy(self.experts[d.name])
         model_dir = self.output / "model"
-        if self.cfg.method == "sft":
-            kept = {d.name: self.sample_and_filter(d) for d in self.domains}
-            results.update({d.name: evaluate(self.experts[d.name]) for d in self.domains} if evaluate else {})
-            if not (model_dir / "config.json").exists():
-                weights = {d.name: d.weight for d in self.domains}
-                self.fine_tune(balance(kept, weights, self.cfg.balance, seed=self.recipe.trainer.seed), model_dir)
+        if (model_dir / "config.json").exists():
+            console.print(f"[dim]merge: {model_dir} already done[/dim]")
+        elif self.cfg.method == "sft":
+            weights = {d.name: d.weight for d in self.domains}
+            self.fine_tune(balance(kept, weights, self.cfg.balance, seed=self.recipe.trainer.seed), model_dir)
         else:
-            results.update({d.name: evaluate(self.experts[d.name]) for d in self.domains} if evaluate else {})
-            if not (model_dir / "config.json").exists():
-                from mispo.distill.on_policy import distill_on_policy
+            from mispo.distill.on_policy import distill_on_policy
 
-                distill_on_policy(self, model_dir)
+            distill_on_policy(self, model_dir)
         if evaluate:
-            results["merged"] = evaluate(model_dir)
+            results["merged"] = self.evaluator.accuracy(model_dir)
             _write_json(self.output / "eval.json", results)
         return results
 

@@ -61,7 +61,7 @@ def test_packed_attention_stays_inside_each_sequence():
 @pytest.mark.parametrize("window", [None, 1, 2, 4])
 def test_segment_attention_matches_the_mask_and_its_gradients(window):
     torch.manual_seed(0)
-    lens = [5, 1, 3, 7, 2]
+    lens = [5, 1, 3, 7, 2, 17, 40]  # three padded-length groups: 16, 32, 64
     pos = torch.cat([torch.arange(n) for n in lens])[None]
     seg = [sum(([i] * n for i, n in enumerate(lens)), [])]
     q, k, v = (torch.randn(1, sum(lens), h, 4, requires_grad=True) for h in (4, 2, 2))
@@ -81,13 +81,14 @@ def test_many_short_packed_sequences_take_the_segment_path(monkeypatch):
 
     calls, real = [], backends.segment_attention
     monkeypatch.setattr(backends, "segment_attention", lambda *a: calls.append(1) or real(*a))
-    q = torch.randn(1, 32, 2, 4)
-    short = SequenceLayout.build((1, 32), q.device, position_ids=torch.arange(4).repeat(8)[None])
+    q = torch.randn(1, 128, 2, 4)
+    short = SequenceLayout.build((1, 128), q.device, position_ids=torch.arange(4).repeat(32)[None])
     backends.torch_attention(q, q, q, short, None, 0.5)
-    assert calls == [1]
+    assert calls == [1]  # 32 rows padded to 16: 32 * 16^2 < 128^2
+    q = q[:, :32]
     one_long = SequenceLayout.build((1, 32), q.device, position_ids=torch.tensor([[0] + list(range(31))]))
     backends.torch_attention(q, q, q, one_long, None, 0.5)
-    assert calls == [1]  # lengths [1, 31]: 2 * 31^2 > 32^2, so the full mask is cheaper
+    assert calls == [1]  # lengths [1, 31] pad to 16 and 32: 16^2 + 32^2 > 32^2, so the full mask is cheaper
 
 
 def test_zero_centered_rmsnorm():

@@ -16,7 +16,8 @@ from mispo.plan import (GiB, LayerShape, activation_bytes, kv_bytes_per_sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 FLASH_JSON = ROOT / "mispo/models/step3p5/configs/step3p5_flash.json"
-FLASH_RECIPES = sorted((ROOT / "recipes/step3p5_flash").glob("*.yaml"))
+# single-domain recipes; generalist.yaml (multi-domain pipeline) has its own test
+FLASH_RECIPES = sorted(p for p in (ROOT / "recipes/step3p5_flash").glob("*.yaml") if p.stem != "generalist")
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +190,22 @@ def test_step3p5_flash_recipes_validate(path, flash_dir, tiny_checkpoint):
     # the shipped layout fits the released model
     plan = plan_recipe(load_recipe(path, flash_overrides(flash_dir)))
     assert plan.fits, [(x.role, x.fixes) for x in plan.roles]
+
+
+def test_step3p5_flash_pipeline_validates_and_its_generalist_stage_fits(flash_dir, tiny_checkpoint):
+    from mispo.domains import domain_recipe
+
+    path = ROOT / "recipes/step3p5_flash/generalist.yaml"
+    data = [f"data.train={flash_dir / 'rows.jsonl'}", f"data.eval={flash_dir / 'rows.jsonl'}"]
+    recipe = load_recipe(path, [f"model.path={flash_dir}"] + [
+        f"domains.{d}.overrides=[{', '.join(data)}]" for d in ("math", "code", "tool")])
+    assert set(recipe.domains) == {"math", "code", "tool"} and recipe.pipeline.rounds == 2
+    assert recipe.merge.method == "sft" and recipe.merge.filters.min_reward == 1.0
+    for name, ref in recipe.domains.items():
+        child = domain_recipe(recipe, name, ref)
+        assert child.model.dtype == "bfloat16" and child.algorithm.policy_loss == "mispo"
+    assert recipe.algorithm.kl_coef == 0.001 and recipe.learner.reference
+    assert plan_recipe(recipe).fits
 
 
 def test_generalist_reward_routes_by_domain(flash_dir):

@@ -59,3 +59,11 @@ def test_gae_without_critic_is_rejected():
 def test_missing_recipe_file():
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe("no/such/recipe.yaml")
+
+
+def test_recipe_reference_is_current():
+    import runpy
+
+    root = Path(__file__).resolve().parents[2]
+    render = runpy.run_path(str(root / "scripts" / "recipe_docs.py"))["render"]
+    assert (root / "docs" / "recipes.md").read_text() == render(), "run: python scripts/recipe_docs.py"

@@ -63,7 +63,7 @@ def test_train_writes_outputs_and_resumes_exactly(tmp_path, cache):
     assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[2]
     assert 0.0 <= rows[1]["mispo/token_keep_frac"] <= 1.0
     assert (full / "recipe.yaml").exists() and list((full / "tensorboard").iterdir())
-    assert (full / "final" / "config.json").exists()
+    assert (full / "final" / "config.json").exists() and (full / "final" / "tokenizer.json").exists()
     assert (full / "checkpoints" / "latest").read_text() == "step_000003"
 
     # the same run in two pieces: 2 steps, then --resume to 3, draws exactly the same prompts

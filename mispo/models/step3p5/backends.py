@@ -136,38 +136,53 @@ def visibility_mask(layout: SequenceLayout, length: int, window: int | None, dev
 
 def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout,
                     window: int | None, scale: float) -> torch.Tensor:
-    """Reference attention. Packed B == 1 batches whose sequences are short go through
-    `segment_attention` (S * Lmax^2 work instead of T^2); everything else through `masked_attention`."""
+    """Reference attention. Packed B == 1 batches go through `segment_attention` when its work
+    (sum over length buckets of S_b * P_b^2) is below the full mask's T^2; else `masked_attention`."""
     if layout.cu_seqlens is not None and q.shape[0] == 1:
-        lens = layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]
-        if lens.numel() * int(lens.max()) ** 2 < q.shape[1] ** 2:
+        lens = (layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]).tolist()
+        if sum(_bucket(n) ** 2 for n in lens) < q.shape[1] ** 2:
             return segment_attention(q, k, v, layout.cu_seqlens, window, scale)
     return masked_attention(q, k, v, layout, window, scale)
 
 
+def _bucket(n: int) -> int:
+    """Padded length of a length-n sequence in `segment_attention`: the next power of two (>= 16)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                       window: int | None, scale: float) -> torch.Tensor:
-    """Packed [1, T] attention computed per sequence: the S sequences (bounds `cu_seqlens`) are
-    scattered into a padded [S, Lmax] batch, attended with one causal (+ window) [Lmax, Lmax] mask,
-    and gathered back. Padding keys sit after every real query, so the causal mask hides them."""
+    """Packed [1, T] attention computed per sequence: the sequences (bounds `cu_seqlens`) are grouped
+    by padded length P (`_bucket`), each group scattered into a [S_b, P] batch and attended with one
+    causal (+ window) [P, P] mask, and the outputs gathered back. Padding keys sit after every real
+    query of their row, so the causal mask hides them."""
     cu = cu_seqlens.to(q.device, torch.long)
     lens = cu[1:] - cu[:-1]
-    length, longest = q.shape[1], int(lens.max())
-    seg = torch.repeat_interleave(torch.arange(lens.numel(), device=q.device), lens)
-    offset = torch.arange(length, device=q.device) - cu[:-1][seg]
+    groups: dict[int, list[int]] = {}
+    for s, n in enumerate(lens.tolist()):
+        groups.setdefault(_bucket(n), []).append(s)
+    out = torch.zeros_like(q)
+    for padded, segs in groups.items():
+        segs = torch.tensor(segs, device=q.device)
+        seg_lens = lens[segs]
+        row = torch.repeat_interleave(torch.arange(segs.numel(), device=q.device), seg_lens)
+        first = torch.cumsum(seg_lens, 0) - seg_lens
+        offset = torch.arange(int(seg_lens.sum()), device=q.device) - torch.repeat_interleave(first, seg_lens)
+        token = torch.repeat_interleave(cu[:-1][segs], seg_lens) + offset
 
-    def padded(x: torch.Tensor) -> torch.Tensor:
-        out = x.new_zeros(lens.numel(), longest, *x.shape[2:])
-        out[seg, offset] = x[0]
-        return out.transpose(1, 2)  # [S, H, Lmax, D]
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            buf = x.new_zeros(segs.numel(), padded, *x.shape[2:])
+            buf[row, offset] = x[0, token]
+            return buf.transpose(1, 2)  # [S_b, H, P, D]
 
-    i = torch.arange(longest, device=q.device)
-    allowed = i[None, :] <= i[:, None]
-    if window is not None:
-        allowed = allowed & (i[:, None] - i[None, :] < window)
-    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=allowed, scale=scale,
-                                         enable_gqa=q.shape[2] != k.shape[2])
-    return out.transpose(1, 2)[seg, offset][None]
+        i = torch.arange(padded, device=q.device)
+        allowed = i[None, :] <= i[:, None]
+        if window is not None:
+            allowed = allowed & (i[:, None] - i[None, :] < window)
+        o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=allowed, scale=scale,
+                                           enable_gqa=q.shape[2] != k.shape[2])
+        out[0, token] = o.transpose(1, 2)[row, offset]
+    return out
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout,
