@@ -77,3 +77,19 @@ class ToolEnv:
                            "per turn; the rest were ignored\n</tool_response>")
         return StepResult(observation="\n".join(outputs),
                           info={"tool_calls": self.calls, "malformed_tool_calls": self.malformed})
+
+
+COMPACT_INSTRUCTIONS = "Use the calc tool, then give <answer>N</answer>.\n{question}"
+
+
+class CalculatorEnv(ToolEnv):
+    """ToolEnv with the calculator only and a one-line instruction: short prompts for tiny models
+    (the tiny CPU recipes), where ToolEnv's full tool list would be most of every sequence."""
+
+    def __init__(self, **kwargs):
+        from environments.tools import Calculator
+
+        kwargs.setdefault("tools", {"calc": Calculator()})
+        kwargs.setdefault("instructions", COMPACT_INSTRUCTIONS)
+        super().__init__(**kwargs)
+

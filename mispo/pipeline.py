@@ -73,11 +73,15 @@ class Pipeline:
         return folder
 
     def warm_up(self, base: Path, out: Path) -> None:
-        from mispo.cluster import free_port
+        from mispo.run_dir import RunDir
         from mispo.sft import run_warmup
 
         tmp = out.with_name(out.name + ".tmp")
-        run_warmup(self.recipe, base, tmp, free_port())
+        log = RunDir(out.parent)  # warmup/metrics.jsonl: sft/loss per step
+        try:
+            run_warmup(self.recipe, base, tmp, log=log.log)
+        finally:
+            log.close()
         os.replace(tmp, out)
 
     def expert(self, name: str, start: Path, folder: Path) -> None:

@@ -24,8 +24,7 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.checkpoints = self.path / "checkpoints"
-        self.checkpoints.mkdir(exist_ok=True)
+        self.checkpoints = self.path / "checkpoints"  # created by the first checkpoint
         self._writer = None
 
     # ------------------------------------------------------------------ metrics
@@ -70,7 +69,7 @@ class RunDir:
         tmp = self.checkpoints / f".step_{step:06d}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir()
+        tmp.mkdir(parents=True)
         return tmp
 
     def commit(self, staging: Path, step: int, state: dict, keep: int) -> Path:

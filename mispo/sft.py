@@ -26,24 +26,40 @@ from mispo.data import load_rows, render_prompt
 def sft_samples(rows: list[dict], tokenizer, recipe: Recipe) -> list[Sample]:
     """Prompt ids from the chat template; response = completion followed by the end-of-turn token.
 
-    With a multi-turn environment the prompt is the environment's first observation (as the rollout
-    workers render it) and the target is the first turn of the worked solution (`tool_call` when
-    the row has one)."""
-    env = None
-    if recipe.rollout.environment:
-        from mispo.plugins import ENVIRONMENT_GROUP, load_object
-        from mispo.rollout.vllm_engine import _env_factory
-        env = _env_factory(load_object(recipe.rollout.environment, field="rollout.environment",
-                                       group=ENVIRONMENT_GROUP, source=recipe.source))()
+    With a multi-turn environment the worked solution is replayed through the environment exactly
+    as a rollout would play it (`environments.episode.run_episode`): the prompt is `env.reset(row)`,
+    the model turns are `tool_call` (when the row has one) then `completion`, each ending with the
+    end-of-turn token, and the environment's observations in between are context (loss mask 0)."""
+    if not recipe.rollout.environment:
+        out = []
+        for row in rows:
+            _, prompt_ids = render_prompt(row, tokenizer, recipe.data)
+            response = tokenizer(row["completion"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            out.append(Sample(prompt_ids=prompt_ids, response_ids=response, rollout_logprobs=[0.0] * len(response),
+                              loss_mask=[1] * len(response), finish_reason="stop", row=row))
+        return out
+    from environments.episode import run_episode
+    from mispo.plugins import ENVIRONMENT_GROUP, load_object
+    from mispo.rollout.vllm_engine import _env_factory, chat_encoder, observation_wrapper
+
+    make_env = _env_factory(load_object(recipe.rollout.environment, field="rollout.environment",
+                                        group=ENVIRONMENT_GROUP, source=recipe.source))
+    default_wrap = observation_wrapper(tokenizer)
     out = []
     for row in rows:
-        target = row["completion"]
-        if env is not None:
-            row, target = {**row, "prompt": env.reset(row)}, row.get("tool_call", target)
-        _, prompt_ids = render_prompt(row, tokenizer, recipe.data)
-        response = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        out.append(Sample(prompt_ids=prompt_ids, response_ids=response, rollout_logprobs=[0.0] * len(response),
-                          loss_mask=[1] * len(response), finish_reason="stop", row=row))
+        env = make_env()
+        turns = [t for t in (row.get("tool_call"), row["completion"]) if t]
+
+        def scripted(ids, budget, turns=turns):
+            text = turns.pop(0)
+            return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id], text, "stop"
+
+        ep = run_episode(env, row, scripted, chat_encoder(tokenizer), max_turns=len(turns), max_tokens=1 << 30,
+                         wrap_observation=getattr(env, "wrap_observation", default_wrap))
+        response = ep.token_ids[ep.prompt_len:]
+        out.append(Sample(prompt_ids=ep.token_ids[:ep.prompt_len], response_ids=response,
+                          rollout_logprobs=[0.0] * len(response), loss_mask=ep.loss_mask[ep.prompt_len:],
+                          finish_reason="stop", row=row, reward=ep.reward))
     return out
 
 
@@ -107,9 +123,10 @@ def run_sft(model_path: str | Path, samples: list[Sample], cfg: WarmupConfig, re
     return Path(output)
 
 
-def run_warmup(recipe: Recipe, base: Path, out: Path, master_port: int) -> Path:
+def run_warmup(recipe: Recipe, base: Path, out: Path, master_port: int | None = None,
+               log: Callable[[int, dict], None] | None = None) -> Path:
     """The recipe's warm-up (`warmup:`) from `base` into `out`."""
     from transformers import AutoTokenizer
 
     samples = recipe_sft_samples(recipe, recipe.warmup, AutoTokenizer.from_pretrained(base))
-    return run_sft(base, samples, recipe.warmup, recipe, out, master_port, description="warm-up SFT")
+    return run_sft(base, samples, recipe.warmup, recipe, out, master_port, log=log, description="warm-up SFT")

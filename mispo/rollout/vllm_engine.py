@@ -132,6 +132,7 @@ class RolloutWorker:
         from mispo.plugins import ENVIRONMENT_GROUP, load_object
 
         make_env = _env_factory(load_object(env_spec, field="rollout.environment", group=ENVIRONMENT_GROUP))
+        default_wrap = observation_wrapper(self.tokenizer)
         jobs = [(req, j) for req in requests for j in range(n)]
         batcher = _TurnBatcher(len(jobs), lambda turns: self._generate_turns(turns, temperature, top_p))
         episodes: list[Any] = [None] * len(jobs)
@@ -146,8 +147,8 @@ class RolloutWorker:
                 turn[0] += 1
                 return out
 
-            wrap = getattr(env, "wrap_observation", self._wrap_observation)
-            episodes[k] = run_episode(env, req.get("row", {}), generate_turn, self._encoder(),
+            wrap = getattr(env, "wrap_observation", default_wrap)
+            episodes[k] = run_episode(env, req.get("row", {}), generate_turn, chat_encoder(self.tokenizer),
                                       max_turns=max_turns, max_tokens=max_new_tokens, wrap_observation=wrap)
 
         batcher.run([lambda k=k, req=req, j=j: play(k, req, j) for k, (req, j) in enumerate(jobs)])
@@ -190,37 +191,6 @@ class RolloutWorker:
             results[k] = (ids, c.text, _finish(c.finish_reason), logprobs)
         return results
 
-    def _encoder(self) -> Callable[[str], list[int]]:
-        """encode() for run_episode: the first call (the prompt) goes through the chat template; later
-        calls (observations, already wrapped) are tokenised without special tokens."""
-        state = {"first": True}
-
-        def encode(text: str) -> list[int]:
-            if state.pop("first", False):
-                if getattr(self.tokenizer, "chat_template", None):
-                    text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                              add_generation_prompt=True, tokenize=False)
-                    return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-                return list(self.tokenizer(text)["input_ids"])
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-        return encode
-
-    def _wrap_observation(self, text: str) -> str:
-        """An observation as a user turn of the chat template, followed by the assistant prompt."""
-        if not hasattr(self, "_obs_wrap"):
-            self._obs_wrap = ("", "")
-            if getattr(self.tokenizer, "chat_template", None):
-                marker = "\x00OBS\x00"
-                head = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-                base = self.tokenizer.apply_chat_template(head, tokenize=False)
-                full = self.tokenizer.apply_chat_template(head + [{"role": "user", "content": marker}],
-                                                          add_generation_prompt=True, tokenize=False)
-                if full.startswith(base) and marker in full:
-                    before, after = full[len(base):].split(marker)
-                    self._obs_wrap = (before, after)
-        return self._obs_wrap[0] + text + self._obs_wrap[1]
-
     # ------------------------------------------------------------------ weights
     def update_weights(self, buckets: list, version: int) -> float:
         """Load every bucket (a list of (release name, tensor), its `to_store` layout, or a Ray ObjectRef
@@ -248,6 +218,38 @@ class RolloutWorker:
 
     def ping(self) -> dict:
         return {"pid": os.getpid(), "version": self._version, "engine_calls": self.engine_calls}
+
+
+def chat_encoder(tokenizer) -> Callable[[str], list[int]]:
+    """encode() for run_episode: the first call (the prompt) goes through the chat template as one
+    user message; later calls (observations, already wrapped) are tokenised without special tokens."""
+    state = {"first": True}
+
+    def encode(text: str) -> list[int]:
+        if state.pop("first", False):
+            if getattr(tokenizer, "chat_template", None):
+                text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                     add_generation_prompt=True, tokenize=False)
+                return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            return list(tokenizer(text)["input_ids"])
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return encode
+
+
+def observation_wrapper(tokenizer) -> Callable[[str], str]:
+    """An observation as a user turn of the chat template, followed by the assistant prompt (the
+    text as is without a template). The model's turn before it already ends with its stop token."""
+    before, after = "", ""
+    if getattr(tokenizer, "chat_template", None):
+        marker = "\x00OBS\x00"
+        head = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+        base = tokenizer.apply_chat_template(head, tokenize=False)
+        full = tokenizer.apply_chat_template(head + [{"role": "user", "content": marker}],
+                                             add_generation_prompt=True, tokenize=False)
+        if full.startswith(base) and marker in full:
+            before, after = full[len(base):].split(marker)
+    return lambda text: before + text + after
 
 
 def _env_factory(obj: Any) -> Callable[[], Any]:

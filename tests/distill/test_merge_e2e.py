@@ -109,6 +109,19 @@ def test_sft_then_merge_then_a_filter_that_rejects_everything(tmp_path, tiny, ca
     assert set(results) == {"student", "math", "tool", "merged"}
     assert all(set(v) == {"math", "tool"} and all(0 <= a <= 1 for a in v.values()) for v in results.values())
 
+    # on-policy distillation: the student samples, the experts score its tokens (per-token reverse KL)
+    on_policy = tmp_path / "on_policy"
+    done = mispo(["merge", str(recipe), "--output", str(on_policy), "merge.method=on_policy", "merge.steps=2",
+                  "merge.prompts_per_step=4", "merge.eval=false"], cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (on_policy / "model" / "config.json").exists() and not (on_policy / "data").exists()
+    steps = [json.loads(x) for x in (on_policy / "on_policy" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]
+    for s in steps:  # the overall KL is the token-weighted mean of the domains'
+        per_domain = [s["distill/math/reverse_kl"], s["distill/tool/reverse_kl"]]
+        assert min(per_domain) - 1e-6 <= s["distill/reverse_kl"] <= max(per_domain) + 1e-6
+        assert 0 <= s["mispo/token_keep_frac"] <= 1
+
     # the same merge with a reward bar nobody clears: a clear error naming the filter and the counts
     strict = merge_recipe(tmp_path / "strict.yaml", tiny, {"math": expert(math_expert, "math_expert.yaml")},
                           filters={"min_reward": 2.0}, eval=False)

@@ -58,7 +58,7 @@ def test_packed_attention_stays_inside_each_sequence():
     torch.testing.assert_close(got, naive_attention(q, k, v, 2, 0.5, seg), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("window", [None, 1, 2, 4])
+@pytest.mark.parametrize("window", [None, 1, 2, 4, 20, 64])  # 20: causal for short groups, windowed for long
 def test_segment_attention_matches_the_mask_and_its_gradients(window):
     torch.manual_seed(0)
     lens = [5, 1, 3, 7, 2, 17, 40]  # three padded-length groups: 16, 32, 64

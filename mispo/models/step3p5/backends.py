@@ -146,8 +146,10 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: S
 
 
 def _bucket(n: int) -> int:
-    """Padded length of a length-n sequence in `segment_attention`: the next power of two (>= 16)."""
-    return max(16, 1 << (n - 1).bit_length())
+    """Padded length of a length-n sequence in `segment_attention`: n rounded up to a quarter of its
+    power of two (>= 16), so padding wastes at most a third."""
+    step = max(16, 1 << max((n - 1).bit_length() - 2, 0))
+    return -(-n // step) * step
 
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -175,11 +177,12 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
             buf[row, offset] = x[0, token]
             return buf.transpose(1, 2)  # [S_b, H, P, D]
 
-        i = torch.arange(padded, device=q.device)
-        allowed = i[None, :] <= i[:, None]
-        if window is not None:
-            allowed = allowed & (i[:, None] - i[None, :] < window)
-        o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=allowed, scale=scale,
+        if window is None or window >= padded:  # plain causal: SDPA's fused kernel, no mask tensor
+            mask, causal = None, True
+        else:
+            i = torch.arange(padded, device=q.device)
+            mask, causal = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window), False
+        o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, is_causal=causal, scale=scale,
                                            enable_gqa=q.shape[2] != k.shape[2])
         out[0, token] = o.transpose(1, 2)[row, offset]
     return out
