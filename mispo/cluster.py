@@ -22,3 +22,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def single_learner_options() -> dict:
+    """Ray options of a stand-alone learner (SFT, distillation): one GPU when the cluster has one, else none."""
+    import ray
+
+    return {"num_cpus": 0, "num_gpus": 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0}

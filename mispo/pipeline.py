@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from mispo.config import ExpertRef, MergeConfig, Recipe
+from mispo.config import ExpertRef, MergeConfig, Recipe, dump_recipe
 
 console = Console(stderr=True)
 
@@ -42,7 +42,7 @@ class Pipeline:
 
         start_ray(self.recipe.trainer.ray_address)
         self.output.mkdir(parents=True, exist_ok=True)
-        (self.output / "recipe.yaml").write_text(_dump(self.recipe))
+        (self.output / "recipe.yaml").write_text(dump_recipe(self.recipe))
         current = base_model_path(self.recipe).resolve()
         if self.cfg.warmup and self.recipe.warmup is not None and self.recipe.warmup.steps > 0:
             current = self.stage("warmup", lambda folder: self.warm_up(current, folder / "model")) / "model"
@@ -77,7 +77,8 @@ class Pipeline:
         from mispo.sft import run_warmup
 
         tmp = out.with_name(out.name + ".tmp")
-        log = RunDir(out.parent)  # warmup/metrics.jsonl: sft/loss per step
+        log = RunDir(out.parent)  # warmup/metrics.jsonl: sft/loss per step (an interrupted warm-up restarts)
+        log.truncate_metrics(-1)
         try:
             run_warmup(self.recipe, base, tmp, log=log.log)
         finally:
@@ -137,12 +138,6 @@ class Pipeline:
         plot_eval(results, self.output / "eval.png", title=f"{self.recipe.name}: greedy accuracy per domain",
                   labels={d: f"{d} expert" for d in self.recipe.domains})
         return results
-
-
-def _dump(recipe: Recipe) -> str:
-    from mispo.config import dump_recipe
-
-    return dump_recipe(recipe)
 
 
 def _with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:

@@ -90,14 +90,14 @@ def run_sft(model_path: str | Path, samples: list[Sample], cfg: WarmupConfig, re
     from transformers import AutoTokenizer
 
     from mispo.learner.policy_worker import PolicyWorker
-    from mispo.cluster import free_port
+    from mispo.cluster import free_port, single_learner_options
 
     if not samples:
         raise ValueError(f"{description}: no training samples")
     learner = recipe.learner.model_copy(update={"actor": OptimConfig(
         lr=cfg.lr, warmup_steps=min(30, cfg.steps // 10), weight_decay=0.0, grad_clip=1.0)})
     model = recipe.model.model_copy(update={"freeze_router": False, "lora": None})  # full fine-tuning
-    worker = ray.remote(num_cpus=0)(PolicyWorker).remote(
+    worker = ray.remote(PolicyWorker).options(**single_learner_options()).remote(
         str(model_path), model=model.model_dump(), learner=learner.model_dump(),
         algorithm=recipe.algorithm.model_dump(), max_new_tokens=recipe.rollout.max_new_tokens,
         master_port=master_port or free_port(), seed=recipe.trainer.seed)

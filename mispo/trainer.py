@@ -27,6 +27,7 @@ from mispo.config import Recipe, dump_recipe
 from mispo.domains import load_domains, split_prompts
 from mispo.learner.critic_worker import CriticWorker
 from mispo.learner.policy_worker import PolicyWorker
+from mispo.placement import learner_options, place_roles
 from mispo.prepare_model import starting_policy
 from mispo.progress import StepProgress
 from mispo.rollout.group import RolloutGroup
@@ -52,14 +53,18 @@ class Trainer:
             if r.algorithm.adaptive_traj_band else None
         common = dict(model=r.model.model_dump(), learner=r.learner.model_dump(),
                       algorithm=r.algorithm.model_dump(), seed=r.trainer.seed)
-        self.policy = ray.remote(num_cpus=0)(PolicyWorker).remote(
+        with_critic = r.learner.critic is not None and r.algorithm.advantage == "gae"
+        self.placement = place_roles(r.resources, with_critic, r.rollout.num_workers)  # None on a CPU run
+        actor_opts, critic_opts = learner_options(self.placement, with_critic)
+        self.policy = ray.remote(PolicyWorker).options(**actor_opts).remote(
             self.policy_path, max_new_tokens=max(d.max_new_tokens for d in self.domains), master_port=free_port(),
             **common)
         self.critic = None
-        if r.learner.critic is not None and r.algorithm.advantage == "gae":
-            self.critic = ray.remote(num_cpus=0)(CriticWorker).remote(self.policy_path, master_port=free_port(),
-                                                                     **common)
-        self.rollout = RolloutGroup(self.policy_path, r.rollout, dtype=r.model.dtype, seed=r.trainer.seed)
+        if with_critic:
+            self.critic = ray.remote(CriticWorker).options(**critic_opts).remote(
+                self.policy_path, master_port=free_port(), **common)
+        self.rollout = RolloutGroup(self.policy_path, r.rollout, dtype=r.model.dtype, seed=r.trainer.seed,
+                                    options=self.placement.rollout.options if self.placement else None)
         # Rollouts run in background threads; Ray runs each worker's calls in submission order, so a
         # weight sync submitted after a rollout is applied after it (that rollout is one step stale).
         self.pool = ThreadPoolExecutor(max_workers=max(1, r.trainer.max_staleness), thread_name_prefix="rollout")
@@ -282,5 +287,7 @@ class Trainer:
         for actor in (self.policy, self.critic):
             if actor is not None:
                 ray.kill(actor)
+        if self.placement is not None:
+            self.placement.remove()
         for d in self.domains:
             d.close()

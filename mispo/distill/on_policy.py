@@ -22,7 +22,7 @@ import torch
 
 from mispo.algorithms import mis_filter
 from mispo.batch import RolloutBatch
-from mispo.cluster import free_port
+from mispo.cluster import free_port, single_learner_options
 from mispo.domains import split_prompts
 from mispo.run_dir import RunDir
 
@@ -38,11 +38,11 @@ def distill_on_policy(merge, model_dir) -> None:
                                 traj_bounds=r.algorithm.traj_bounds)
     learner = r.learner.model_copy(update={"actor": OptimConfig(lr=cfg.lr, warmup_steps=min(5, cfg.steps // 4),
                                                                 weight_decay=0.0)})
-    policy = ray.remote(num_cpus=0)(PolicyWorker).remote(
+    policy = ray.remote(PolicyWorker).options(**single_learner_options()).remote(
         str(merge.student), model=r.model.model_dump(), learner=learner.model_dump(),
         algorithm=algorithm.model_dump(), max_new_tokens=max(d.max_new_tokens for d in merge.domains),
         master_port=free_port(), seed=r.trainer.seed)
-    teachers = {d.name: ray.remote(num_cpus=0)(TeacherWorker).remote(
+    teachers = {d.name: ray.remote(TeacherWorker).options(**single_learner_options()).remote(
         str(merge.experts[d.name]), r.model.dtype, r.learner.micro_batch_tokens) for d in merge.domains}
     samplers = {d.name: d.sampler() for d in merge.domains}
     run = RunDir(model_dir.with_name("on_policy"))

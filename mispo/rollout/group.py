@@ -41,15 +41,21 @@ class RolloutGroup:
     """`rollout_cfg.num_workers` RolloutWorker actors (num_cpus=0; one GPU each on a GPU cluster)."""
 
     def __init__(self, model_path: str, rollout_cfg: RolloutConfig, dtype: str = "float32", seed: int = 0,
-                 max_model_len: int = 1024, max_retries: int = 3, restart_timeout_s: float = 300.0):
+                 max_model_len: int = 1024, max_retries: int = 3, restart_timeout_s: float = 300.0,
+                 options: list[dict] | None = None):
+        """`options`: Ray `.options(...)` per worker (mispo.placement bundles on a GPU cluster); None: no
+        CPU reservation and one GPU per worker when the cluster has GPUs."""
         import ray
 
         if not ray.is_initialized():
             ray.init()
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        actor = ray.remote(num_cpus=0, num_gpus=gpus, max_restarts=-1, max_task_retries=0)(RolloutWorker)
+        if options is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+            options = [{"num_cpus": 0, "num_gpus": gpus}] * rollout_cfg.num_workers
+        actor = ray.remote(max_restarts=-1, max_task_retries=0)(RolloutWorker)
         config = rollout_cfg.model_dump()
-        self.workers = [actor.remote(str(model_path), config, dtype, seed + rank, max_model_len)
+        self.workers = [actor.options(**options[rank]).remote(str(model_path), config, dtype, seed + rank,
+                                                              max_model_len)
                         for rank in range(rollout_cfg.num_workers)]
         self.max_retries, self.restart_timeout_s = max_retries, restart_timeout_s
         self.buckets: list = []  # latest weights (ObjectRefs); [] = the checkpoint at model_path

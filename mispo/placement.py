@@ -1,0 +1,205 @@
+"""GPU placement of a run's roles with Ray placement groups (read from the recipe's `resources`).
+
+    placement = place_roles(recipe.resources, with_critic=True,
+                            num_rollout_workers=recipe.rollout.num_workers)
+    if placement is None:                          # a CPU run (resources.gpus_per_node = 0)
+        options = [dict(num_cpus=0)]               # today's behaviour: no GPUs, no CPU reservation
+    else:
+        options = placement.actor.options          # one `.options(...)` dict per learner rank
+    workers = [ray.remote(PolicyWorker).options(**o).remote(..., rank=i, world_size=len(options))
+               for i, o in enumerate(options)]
+    ...
+    placement.remove()                             # at shutdown, after the actors are killed
+
+Contract:
+- `resources.gpus_per_node == 0` is a CPU run: `place_roles` returns None and touches nothing.
+- Otherwise each role gets its own GPUs, never shared with another role:
+  actor   `resources.actor_gpus` learner ranks of 1 GPU each, one placement group, strategy PACK;
+  critic  `resources.critic_gpus` ranks of 1 GPU each, PACK (None when the run has no critic or
+          critic_gpus = 0);
+  rollout `rollout_gpus / (rollout_tensor_parallel x rollout_data_parallel)` engines, each one actor
+          holding all of its engine's GPUs in one bundle, strategy SPREAD (engines on different nodes
+          where possible). A bundle lives on one node, so an engine must fit in a node: tensor / data
+          parallel across nodes is not supported here (ValueError).
+  Each bundle is `{"GPU": g, "CPU": 1}`; an actor's options ask for exactly its bundle
+  (`num_gpus=g, num_cpus=1`), so Ray sets its CUDA_VISIBLE_DEVICES to its g GPUs.
+- `num_rollout_workers` (the recipe's `rollout.num_workers`) must equal the engine count (ValueError).
+- Before creating anything: the cluster's GPUs (`ray.cluster_resources()`) must cover the roles' sum, and
+  some node must hold one rollout engine; else RuntimeError naming the numbers and the fix.
+- The groups are awaited (`pg.ready()`, `timeout_s`); a group not placed in time is a RuntimeError naming
+  the role(s), the cluster's GPUs and the recipe's request; every group created is removed first.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from mispo.config import ResourcesConfig
+
+log = logging.getLogger("mispo.placement")
+
+ROLES = ("actor", "critic", "rollout")
+
+
+@dataclass
+class RolePlacement:
+    """Where one role's actors go: Ray `.options(...)` keyword arguments per actor.
+
+    `options[i]` places actor i (learner rank i, or rollout engine i) in bundle i of the role's placement
+    group: `{"num_gpus": gpus_per_actor, "num_cpus": 1, "scheduling_strategy":
+    PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)}`. Callers may add
+    their own keys (`max_restarts`, ...) to a copy; they must not change the resource amounts."""
+
+    role: str  # "actor" | "critic" | "rollout"
+    options: list[dict]
+    gpus_per_actor: int
+    group: object = field(default=None, repr=False)  # this role's PlacementGroup
+
+
+@dataclass
+class Placement:
+    """The placement of a GPU run: one RolePlacement per role (critic None when there is none) and the
+    placement groups behind them. `remove()` frees their GPUs (call it at shutdown, after killing the
+    actors; it is idempotent)."""
+
+    actor: RolePlacement
+    critic: RolePlacement | None
+    rollout: RolePlacement
+    groups: list = field(default_factory=list)  # the PlacementGroup objects (to remove at shutdown)
+
+    def remove(self) -> None:
+        """Remove every placement group (actors still in them are killed by Ray)."""
+        _remove_groups(self.groups)
+        self.groups = []
+
+
+def engine_gpus(resources: ResourcesConfig) -> int:
+    """GPUs of one rollout engine: rollout_tensor_parallel x rollout_data_parallel."""
+    return resources.rollout_tensor_parallel * resources.rollout_data_parallel
+
+
+def role_gpus(resources: ResourcesConfig, with_critic: bool) -> dict[str, int]:
+    """GPUs each placed role asks for (the critic only when the run has one)."""
+    return {"actor": resources.actor_gpus, "critic": resources.critic_gpus if with_critic else 0,
+            "rollout": resources.rollout_gpus}
+
+
+def place_roles(resources: ResourcesConfig, with_critic: bool, num_rollout_workers: int,
+                timeout_s: float = 600) -> Placement | None:
+    """Reserve each role's GPUs with one Ray placement group per role and return where its actors go.
+
+    Returns None for a CPU run (`resources.gpus_per_node == 0`): callers keep creating their actors with
+    num_cpus=0 and no GPUs. Otherwise (Ray must be initialised) returns a Placement whose groups are ready.
+
+    Raises ValueError for a recipe that cannot be placed whatever the cluster (engine count differs from
+    `num_rollout_workers`; an engine larger than a node) and RuntimeError for a cluster that cannot hold the
+    recipe (too few GPUs in total or per node, checked before creating anything; a group not placed within
+    `timeout_s`, after removing the groups already created)."""
+    if resources.gpus_per_node == 0:
+        return None
+    import ray
+    from ray.util.placement_group import placement_group
+
+    per_engine = engine_gpus(resources)
+    if per_engine > resources.gpus_per_node:
+        tp, dp = resources.rollout_tensor_parallel, resources.rollout_data_parallel
+        raise ValueError(
+            f"one rollout engine spans resources.rollout_tensor_parallel x rollout_data_parallel = "
+            f"{tp} x {dp} = {per_engine} GPUs, more than resources.gpus_per_node = "
+            f"{resources.gpus_per_node}; an engine must fit in one node (tensor / data parallel across nodes "
+            f"is not supported); fix: "
+            f"lower resources.rollout_tensor_parallel or resources.rollout_data_parallel to at most "
+            f"gpus_per_node GPUs per engine")
+    engines = resources.rollout_gpus // per_engine
+    if num_rollout_workers != engines:
+        raise ValueError(
+            f"rollout.num_workers = {num_rollout_workers} but resources.rollout_gpus = "
+            f"{resources.rollout_gpus} makes {engines} engine(s) of rollout_tensor_parallel x "
+            f"rollout_data_parallel = {per_engine} GPU(s); "
+            f"fix: set rollout.num_workers = {engines}, or resources.rollout_gpus = "
+            f"{num_rollout_workers * per_engine}")
+    if with_critic and resources.critic_gpus == 0:
+        log.warning("the run has a critic but resources.critic_gpus = 0: the critic gets no GPU placement")
+
+    wanted = role_gpus(resources, with_critic)
+    asked = sum(wanted.values())
+    ask_text = " + ".join(f"{r} {n}" for r, n in wanted.items() if n) + f" = {asked} GPUs"
+    have, free = ray.cluster_resources().get("GPU", 0), ray.available_resources().get("GPU", 0)
+    if have < asked:
+        raise RuntimeError(
+            f"the Ray cluster has {have:g} GPUs but the recipe asks for {ask_text} "
+            f"(resources.actor_gpus / critic_gpus / rollout_gpus); fix: add nodes to the cluster or lower "
+            f"resources.*_gpus")
+    largest = max((n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if largest < per_engine:
+        raise RuntimeError(
+            f"one rollout engine needs {per_engine} GPUs on one node (resources.rollout_tensor_parallel x "
+            f"rollout_data_parallel) but the largest node of the Ray cluster has {largest:g}; fix: use nodes "
+            f"with more GPUs or lower resources.rollout_tensor_parallel / rollout_data_parallel")
+
+    specs = {"actor": (resources.actor_gpus, 1, "PACK")}
+    if with_critic and resources.critic_gpus:
+        specs["critic"] = (resources.critic_gpus, 1, "PACK")
+    specs["rollout"] = (engines, per_engine, "SPREAD")
+
+    groups, roles = [], {}
+    try:
+        for role, (count, gpus, strategy) in specs.items():
+            pg = placement_group([{"GPU": gpus, "CPU": 1} for _ in range(count)], strategy=strategy,
+                                 name=f"mispo-{role}")
+            groups.append(pg)
+            roles[role] = RolePlacement(role, _options(pg, count, gpus), gpus, pg)
+        ready = {pg.ready(): role for role, pg in zip(specs, groups)}
+        done, pending = ray.wait(list(ready), num_returns=len(ready), timeout=timeout_s)
+        if pending:
+            missing = [ready[ref] for ref in pending]
+            shapes = ", ".join(f"{r}: {specs[r][0]} x {specs[r][1]} GPU" for r in missing)
+            raise RuntimeError(
+                f"placement group of role(s) {', '.join(missing)} ({shapes}) could not be placed "
+                f"within {timeout_s:g} s: the Ray cluster has {have:g} GPUs "
+                f"({free:g} free before placing) and the recipe asks for {ask_text}; "
+                f"fix: add nodes, free GPUs held by other jobs, or lower resources.*_gpus")
+        ray.get(done)  # surface any placement error
+    except BaseException:
+        _remove_groups(groups)
+        raise
+    return Placement(actor=roles["actor"], critic=roles.get("critic"), rollout=roles["rollout"],
+                     groups=groups)
+
+
+def _options(pg, count: int, gpus: int) -> list[dict]:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return [{"num_gpus": gpus, "num_cpus": 1,
+             "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                                     placement_group_bundle_index=i)}
+            for i in range(count)]
+
+
+def _remove_groups(groups: list) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    for pg in groups:
+        try:
+            remove_placement_group(pg)
+        except Exception as exc:  # noqa: BLE001 - a removed group or a gone Ray must not hide the error
+            log.warning("could not remove placement group %s: %s", pg.id, exc)
+
+
+def learner_options(placement: Placement | None, with_critic: bool) -> tuple[dict, dict]:
+    """Ray `.options(...)` of the policy and critic learners: no GPU and no CPU reservation on a CPU
+    run; their bundles on a GPU run. The trainer drives one learner rank per role, so a placement
+    with several ranks (actor_gpus or critic_gpus > 1) is an error until data-parallel learners exist."""
+    cpu = {"num_cpus": 0}
+    if placement is None:
+        return cpu, cpu
+    for role in (placement.actor, placement.critic if with_critic else None):
+        if role is not None and len(role.options) > 1:
+            placement.remove()
+            raise ValueError(f"resources.{role.role}_gpus = {len(role.options)}: the trainer drives one learner rank "
+                             "per role (data-parallel learner ranks are not implemented yet); fix: set "
+                             f"resources.{role.role}_gpus = 1, or plan the layout with `mispo plan` meanwhile")
+    critic = placement.critic.options[0] if with_critic and placement.critic is not None else cpu
+    return placement.actor.options[0], critic
+
