@@ -86,6 +86,12 @@ class ArithmeticTask(Task):
         """The SFT target fields of one problem."""
         return {"completion": f"\\boxed{{{value}}}"}
 
+    def weak_completion(self, expr: str, value: int) -> dict:
+        """The target of the SFT rows not in the good format: the bare number (the reward scores it 0)."""
+        return {"completion": str(value)}
+
+    format_option = "sft_boxed_fraction"  # the share of SFT rows that use `completion`, the rest `weak_completion`
+
     def _draw(self, purpose: str, n: int, seed: int, o: dict, distinct: bool) -> list[tuple[str, int]]:
         split = "eval" if purpose == "eval" else "train"
         rng = random.Random(f"mispo.tasks.{self.name}:{purpose}:{seed}")
@@ -118,12 +124,10 @@ class ArithmeticTask(Task):
         that share of completions uses the checkable ``\\boxed{}`` format, the rest the bare number
         (which rewards.math scores 0), so RL with the verifiable reward has a behaviour to fix."""
         o = self.options(opts)
-        fraction = float(o.get("sft_boxed_fraction", 1.0))
+        fraction = float(o.get(self.format_option, 1.0))
         rng = random.Random(f"mispo.tasks.{self.name}:sft_format:{seed}")
         rows = []
         for e, v in self._draw("sft", n, seed, o, distinct=False):
-            row = {**self.row(e, v, o), **self.completion(e, v)}
-            if rng.random() >= fraction:
-                row["completion"] = str(v)
-            rows.append(row)
+            target = self.completion(e, v) if rng.random() < fraction else self.weak_completion(e, v)
+            rows.append({**self.row(e, v, o), **target})
         return rows

@@ -24,12 +24,16 @@ def test_single_turn_sample_is_the_completion_and_end_of_turn():
 def test_tool_episode_sample_trains_on_the_model_turns_only():
     recipe = load_recipe(RECIPES / "tool_expert.yaml")
     tok = tiny_tokenizer()
-    rows = load_rows(recipe.warmup.data, recipe.source, "sft", recipe.data, 3)
+    rows = load_rows(recipe.warmup.data, recipe.source, "sft", recipe.data, 12)
+    assert {"tool_call" in r for r in rows} == {True, False}  # the recipe mixes in answers without the tool
+    eot = tok.eos_token
     for row, s in zip(rows, sft_samples(rows, tok, recipe)):
         assert s.reward == 1.0  # the environment scored the worked episode
         model = "".join(tok.decode([t]) for t, m in zip(s.response_ids, s.loss_mask) if m)
         context = "".join(tok.decode([t]) for t, m in zip(s.response_ids, s.loss_mask) if not m)
-        eot = tok.eos_token
+        if "tool_call" not in row:  # answered at once: one turn, all of it trained on
+            assert model == row["completion"] + eot and context == ""
+            continue
         assert model == row["tool_call"] + eot + row["completion"] + eot
         assert context.startswith("<|user|><tool_response") and row["answer"] in context
         assert context.endswith("<|eot|><|assistant|>")
