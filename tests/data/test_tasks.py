@@ -89,3 +89,13 @@ def test_bad_options_and_names():
         task.eval_rows(100, 0, operations="+", digits=1)
     with pytest.raises(ValueError, match="builtin:arithmetic"):
         get_task("arithmetics")
+
+
+def test_calculator_sft_answer_fraction_mixes_in_bare_final_answers():
+    rows = get_task("calculator").sft_rows(400, 0, sft_answer_fraction=0.3, digits=[1, 2])
+    tagged = [r for r in rows if r["completion"].startswith("<answer>")]
+    assert 0.2 < len(tagged) / len(rows) < 0.4
+    for r in rows:
+        assert f"<expression>{r['prompt'][8:-1]}</expression>" in r["tool_call"]  # every episode calls the tool
+        assert r["completion"] in (f"<answer>{r['answer']}</answer>", r["answer"])
+    assert get_task("calculator").sft_rows(50, 0) == get_task("calculator").sft_rows(50, 0, sft_answer_fraction=1.0)
