@@ -23,22 +23,19 @@ def read_buckets(path: str | Path, bucket_bytes: int = 256 << 20) -> list[list[t
     """Every tensor of the checkpoint's safetensors files, as (name, tensor) buckets of about `bucket_bytes`."""
     from safetensors import safe_open
 
+    from mispo.rollout.weight_loader import bucketize
+
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors files; fix: give a checkpoint directory in release format")
-    buckets, current, size = [], [], 0
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                tensor = f.get_tensor(name)
-                current.append((name, tensor))
-                size += tensor.numel() * tensor.element_size()
-                if size >= bucket_bytes:
-                    buckets.append(current)
-                    current, size = [], 0
-    if current:
-        buckets.append(current)
-    return buckets
+
+    def tensors():
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+
+    return bucketize(tensors(), bucket_bytes)
 
 
 def _config(path: Path) -> dict:

@@ -56,6 +56,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return RecipeError, DataError, PluginError, FilterError
 
 
+def print_scores(console, results: dict[str, dict[str, float]]) -> None:
+    """One line per model: its accuracy on each domain."""
+    for model, scores in results.items():
+        console.print(f"  {model:>10}: " + "  ".join(f"{d} {acc:.3f}" for d, acc in scores.items()))
+
+
 def __getattr__(name: str):
     if name == "USER_ERRORS":  # imported lazily: `mispo --help` stays fast
         return _user_errors()

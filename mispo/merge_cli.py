@@ -33,6 +33,7 @@ def run(args) -> int:
         if merge is not None:
             merge.close()
     console.print(f"done in {time.time() - start:.0f}s: merged model in {output}/model")
-    for model, scores in results.items():
-        console.print(f"  {model:>10}: " + "  ".join(f"{d} {acc:.3f}" for d, acc in scores.items()))
+    from mispo.cli import print_scores
+
+    print_scores(console, results)
     return 0

@@ -62,8 +62,9 @@ def run_pipeline(recipe, output: Path) -> int:
         console.print("[yellow]interrupted: rerun the same command to continue from the unfinished stage[/yellow]")
         return 130
     console.print(f"done in {time.time() - start:.0f}s: {output}/eval.json, {output}/eval.png")
-    for model, scores in results.items():
-        console.print(f"  {model:>10}: " + "  ".join(f"{d} {acc:.3f}" for d, acc in scores.items()))
+    from mispo.cli import print_scores
+
+    print_scores(console, results)
     return 0
 
 

@@ -164,16 +164,8 @@ class PolicyWorker:
                 state = {k: v.detach().cpu().clone() for k, v in self._state_dict(module).items()}
         else:
             state = {k: v.detach().cpu() for k, v in self._state_dict(module).items()}
-        buckets, current, size = [], [], 0
-        for name, tensor in state.items():
-            current.append((name, tensor))
-            size += tensor.numel() * tensor.element_size()
-            if size >= bucket_bytes:
-                buckets.append(current)
-                current, size = [], 0
-        if current:
-            buckets.append(current)
-        return buckets
+        from mispo.rollout.weight_loader import bucketize
+        return bucketize(state.items(), bucket_bytes)
 
     def _state_dict(self, module) -> dict[str, torch.Tensor]:
         if self.model_cfg.lora is None:

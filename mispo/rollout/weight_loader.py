@@ -56,6 +56,21 @@ class _QuietRotary(logging.Filter):
 logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietRotary())
 
 
+def bucketize(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """(name, tensor) pairs in order, cut into buckets of about `bucket_bytes` (a bucket closes once it
+    reaches the size, so one large tensor makes a bucket of its own)."""
+    buckets, current, size = [], [], 0
+    for name, tensor in named:
+        current.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        if size >= bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+    if current:
+        buckets.append(current)
+    return buckets
+
+
 def to_store(bucket: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, str, tuple, Any]]:
     """A bucket in the object-store layout: (name, dtype, shape, flat uint8 numpy view of the bytes).
 

@@ -12,7 +12,7 @@ import torch
 from rollout_helpers import ENGINE, MAX_MODEL_LEN, write_checkpoint
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # torn down after the module: other modules start clusters of their own
 def ray_cluster():
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
