@@ -133,6 +133,8 @@ class LearnerConfig(Section):
     critic: OptimConfig | None = Field(default_factory=lambda: OptimConfig(lr=5e-6, warmup_steps=50))
     reference: bool = False  # a frozen reference model for KL
     num_threads: int = 0  # torch threads per learner on CPU (0 = torch default)
+    ranks: int = Field(1, ge=1, description="data-parallel ranks per learner role on a CPU run (gloo); a GPU run "
+                                           "takes them from resources.actor_gpus / critic_gpus")
 
 
 class TrainerConfig(Section):
@@ -286,6 +288,9 @@ class Recipe(Section):
                              "algorithm.advantage = 'grpo'")
         if self.algorithm.advantage != "gae" and self.rollout.n_samples < 2:
             raise ValueError(f"algorithm.advantage = '{self.algorithm.advantage}' needs rollout.n_samples >= 2")
+        if self.learner.ranks > 1 and self.resources.gpus_per_node > 0:
+            raise ValueError(f"learner.ranks = {self.learner.ranks} is for CPU runs; on a GPU cluster the learner "
+                             "ranks are resources.actor_gpus and resources.critic_gpus; fix: remove learner.ranks")
         if self.trainer.mode == "async" and self.trainer.max_staleness < 1:
             raise ValueError("trainer.max_staleness must be >= 1 in async mode")
         if self.domains:

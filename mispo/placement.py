@@ -2,12 +2,8 @@
 
     placement = place_roles(recipe.resources, with_critic=True,
                             num_rollout_workers=recipe.rollout.num_workers)
-    if placement is None:                          # a CPU run (resources.gpus_per_node = 0)
-        options = [dict(num_cpus=0)]               # today's behaviour: no GPUs, no CPU reservation
-    else:
-        options = placement.actor.options          # one `.options(...)` dict per learner rank
-    workers = [ray.remote(PolicyWorker).options(**o).remote(..., rank=i, world_size=len(options))
-               for i, o in enumerate(options)]
+    actor, critic = learner_options(placement, with_critic=True)   # None on a CPU run
+    policy = LearnerGroup(PolicyWorker, actor, ...)  # one rank per entry of `actor`
     ...
     placement.remove()                             # at shutdown, after the actors are killed
 
@@ -187,19 +183,12 @@ def _remove_groups(groups: list) -> None:
             log.warning("could not remove placement group %s: %s", pg.id, exc)
 
 
-def learner_options(placement: Placement | None, with_critic: bool) -> tuple[dict, dict]:
-    """Ray `.options(...)` of the policy and critic learners: no GPU and no CPU reservation on a CPU
-    run; their bundles on a GPU run. The trainer drives one learner rank per role, so a placement
-    with several ranks (actor_gpus or critic_gpus > 1) is an error until data-parallel learners exist."""
-    cpu = {"num_cpus": 0}
+def learner_options(placement: Placement | None, with_critic: bool) -> tuple[list[dict] | None, list[dict] | None]:
+    """Per learner rank, the Ray `.options(...)` of the policy and critic learners: their bundles on a
+    GPU run (one rank per GPU); None on a CPU run (the learner group places `learner.ranks` ranks on the
+    driver's node without GPUs). A run with a critic but critic_gpus = 0 runs one critic rank with no GPU."""
     if placement is None:
-        return cpu, cpu
-    for role in (placement.actor, placement.critic if with_critic else None):
-        if role is not None and len(role.options) > 1:
-            placement.remove()
-            raise ValueError(f"resources.{role.role}_gpus = {len(role.options)}: the trainer drives one learner rank "
-                             "per role (data-parallel learner ranks are not implemented yet); fix: set "
-                             f"resources.{role.role}_gpus = 1, or plan the layout with `mispo plan` meanwhile")
-    critic = placement.critic.options[0] if with_critic and placement.critic is not None else cpu
-    return placement.actor.options[0], critic
-
+        return None, None
+    if with_critic and placement.critic is None:
+        return placement.actor.options, [{"num_cpus": 0}]
+    return placement.actor.options, placement.critic.options if with_critic else None

@@ -26,7 +26,9 @@ from mispo.cluster import free_port, start_ray
 from mispo.config import Recipe, dump_recipe
 from mispo.domains import load_domains, split_prompts
 from mispo.learner.critic_worker import CriticWorker
-from mispo.learner.policy_worker import PolicyWorker
+from mispo.learner.data_parallel import merge_row_results
+from mispo.learner.group import LearnerGroup
+from mispo.learner.policy_worker import PolicyWorker, mean_metrics
 from mispo.placement import learner_options, place_roles
 from mispo.prepare_model import starting_policy
 from mispo.progress import StepProgress
@@ -56,13 +58,11 @@ class Trainer:
         with_critic = r.learner.critic is not None and r.algorithm.advantage == "gae"
         self.placement = place_roles(r.resources, with_critic, r.rollout.num_workers)  # None on a CPU run
         actor_opts, critic_opts = learner_options(self.placement, with_critic)
-        self.policy = ray.remote(PolicyWorker).options(**actor_opts).remote(
-            self.policy_path, max_new_tokens=max(d.max_new_tokens for d in self.domains), master_port=free_port(),
-            **common)
-        self.critic = None
-        if with_critic:
-            self.critic = ray.remote(CriticWorker).options(**critic_opts).remote(
-                self.policy_path, master_port=free_port(), **common)
+        ranks = r.learner.ranks  # CPU runs; a GPU run has one rank per placed GPU
+        self.policy = LearnerGroup(PolicyWorker, actor_opts, self.policy_path, cpu_ranks=ranks,
+                                   max_new_tokens=max(d.max_new_tokens for d in self.domains), **common)
+        self.critic = LearnerGroup(CriticWorker, critic_opts, self.policy_path, cpu_ranks=ranks,
+                                   **common) if with_critic else None
         self.rollout = RolloutGroup(self.policy_path, r.rollout, dtype=r.model.dtype, seed=r.trainer.seed,
                                     options=self.placement.rollout.options if self.placement else None)
         # Rollouts run in background threads; Ray runs each worker's calls in submission order, so a
@@ -105,7 +105,7 @@ class Trainer:
                     break
             if self.step % max(r.trainer.save_every, 1):
                 self.save()
-            ray.get(self.policy.export.remote(str(self.run.path / "final")))
+            self.policy.all("export", str(self.run.path / "final"))
             self.tokenizer.save_pretrained(self.run.path / "final")  # final/ loads on its own
         except KeyboardInterrupt:
             interrupted = True
@@ -150,12 +150,11 @@ class Trainer:
         batch = RolloutBatch.from_samples(samples)
 
         t = time.time()
-        logp_ref = self.policy.compute_logprobs.remote(batch)
-        values_ref = self.critic.compute_values.remote(batch) if self.critic else None
-        for k, v in ray.get(logp_ref).items():
-            setattr(batch, k, v)
-        if values_ref is not None:
-            for k, v in ray.get(values_ref).items():
+        batch_ref = ray.put(batch)
+        logp_refs = self.policy.submit("compute_logprobs", batch_ref)
+        values_refs = self.critic.submit("compute_values", batch_ref) if self.critic else []
+        for refs in (logp_refs, values_refs):  # each rank fills its own rows
+            for k, v in (merge_row_results(ray.get(refs)) if refs else {}).items():
                 setattr(batch, k, v)
         metrics["time/forward_s"] = time.time() - t
 
@@ -178,15 +177,16 @@ class Trainer:
                                                        tuple(a.token_bounds), traj_bounds)
 
         t = time.time()
-        actor_ref = self.policy.train.remote(batch)
-        critic_ref = self.critic.train.remote(batch) if self.critic else None
-        metrics.update(ray.get(actor_ref))
-        if critic_ref is not None:
-            metrics.update(ray.get(critic_ref))
+        batch_ref = ray.put(batch)
+        actor_refs = self.policy.submit("train", batch_ref)
+        critic_refs = self.critic.submit("train", batch_ref) if self.critic else []
+        metrics.update(mean_metrics(ray.get(actor_refs)))
+        if critic_refs:
+            metrics.update(mean_metrics(ray.get(critic_refs)))
         metrics["time/train_s"] = time.time() - t
         if r.model.router_bias_update_rate > 0:
-            ray.get(self.policy.update_router_bias.remote(r.model.router_bias_update_rate))
-        metrics.update(ray.get(self.policy.routing_stats.remote()))
+            self.policy.all("update_router_bias", r.model.router_bias_update_rate)
+        metrics.update(self.policy.first("routing_stats"))
 
         t = time.time()
         self.sync_weights(version=self.step + 1)
@@ -224,7 +224,7 @@ class Trainer:
                 "data/epoch": min(p["data/epoch"] for p in parts)}
 
     def sync_weights(self, version: int) -> None:
-        self.rollout.sync(ray.get(self.policy.weight_bucket_refs.remote()), version)
+        self.rollout.sync(self.policy.first("weight_bucket_refs"), version)
 
     # ------------------------------------------------------------------ evaluation
     @property
@@ -244,9 +244,9 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
         staging = self.run.staging(self.step)
-        refs = [self.policy.save.remote(str(staging / "policy"), "state")]
+        refs = self.policy.submit("save", str(staging / "policy"), "state")
         if self.critic:
-            refs.append(self.critic.save.remote(str(staging / "critic"), "state"))
+            refs += self.critic.submit("save", str(staging / "critic"), "state")
         ray.get(refs)
         state = {"step": self.step, "samplers": {name: s.state_dict() for name, s in self.samplers.items()},
                  "band": self.band.state_dict() if self.band else None,
@@ -258,9 +258,9 @@ class Trainer:
         if found is None:
             return
         folder, state = found
-        refs = [self.policy.load.remote(str(folder / "policy"), "state")]
+        refs = self.policy.submit("load", str(folder / "policy"), "state")
         if self.critic:
-            refs.append(self.critic.load.remote(str(folder / "critic"), "state"))
+            refs += self.critic.submit("load", str(folder / "critic"), "state")
         ray.get(refs)
         self.step = state["step"]
         for name, sampler_state in state["samplers"].items():
@@ -284,9 +284,9 @@ class Trainer:
         """Stop the rollout workers and learners (the Ray cluster stays up for the next job)."""
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.rollout.shutdown()
-        for actor in (self.policy, self.critic):
-            if actor is not None:
-                ray.kill(actor)
+        for group in (self.policy, self.critic):
+            if group is not None:
+                group.kill()
         if self.placement is not None:
             self.placement.remove()
         for d in self.domains:

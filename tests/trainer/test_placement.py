@@ -142,21 +142,56 @@ def test_timeout_names_the_role_and_removes_created_groups():
     wait_free_gpus(GPUS)
 
 
-def test_learner_options_cpu_run_and_one_rank_per_role():
+def test_learner_options_one_rank_per_gpu():
     from mispo.placement import learner_options
 
-    assert learner_options(None, with_critic=True) == ({"num_cpus": 0}, {"num_cpus": 0})
-    one = place_roles(resources(actor_gpus=1, critic_gpus=1, rollout_gpus=1), with_critic=True,
-                      num_rollout_workers=1, timeout_s=60)
+    assert learner_options(None, with_critic=True) == (None, None)  # a CPU run: the learner group places
+    placed = place_roles(resources(actor_gpus=2, critic_gpus=1, rollout_gpus=1), with_critic=True,
+                         num_rollout_workers=1, timeout_s=60)
     try:
-        actor, critic = learner_options(one, with_critic=True)
-        assert actor["num_gpus"] == critic["num_gpus"] == 1
-        assert actor["scheduling_strategy"].placement_group is one.actor.group
+        actor, critic = learner_options(placed, with_critic=True)
+        assert len(actor) == 2 and len(critic) == 1
+        assert all(o["num_gpus"] == 1 for o in actor + critic)
+        assert [o["scheduling_strategy"].placement_group_bundle_index for o in actor] == [0, 1]
+        assert actor[0]["scheduling_strategy"].placement_group is placed.actor.group
+        assert critic[0]["scheduling_strategy"].placement_group is placed.critic.group
+        assert learner_options(placed, with_critic=False)[1] is None
     finally:
-        one.remove()
+        placed.remove()
     wait_free_gpus(GPUS)
-    many = place_roles(resources(actor_gpus=4, critic_gpus=1, rollout_gpus=1), with_critic=True,
-                       num_rollout_workers=1, timeout_s=60)
-    with pytest.raises(ValueError, match=r"resources\.actor_gpus = 4: .*not implemented yet.*fix"):
-        learner_options(many, with_critic=True)
-    wait_free_gpus(GPUS)  # the error path removed the groups
+    no_critic_gpus = place_roles(resources(actor_gpus=1, critic_gpus=0, rollout_gpus=1), with_critic=True,
+                                 num_rollout_workers=1, timeout_s=60)
+    try:
+        assert learner_options(no_critic_gpus, with_critic=True)[1] == [{"num_cpus": 0}]
+    finally:
+        no_critic_gpus.remove()
+    wait_free_gpus(GPUS)
+
+
+def test_learner_group_ranks_meet_in_their_bundles(tiny_checkpoint):
+    """Two policy ranks in the actor's placement group find each other (rank 0's address and port read
+    by a probe in its bundle), each holds its own GPU, and a collective runs."""
+    pytest.importorskip("deepspeed")
+    from mispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
+    from mispo.learner.group import LearnerGroup
+    from mispo.learner.policy_worker import PolicyWorker
+    from mispo.placement import learner_options
+
+    placed = place_roles(resources(actor_gpus=2, critic_gpus=0, rollout_gpus=1), with_critic=False,
+                         num_rollout_workers=1, timeout_s=60)
+    group = None
+    try:
+        actor, _ = learner_options(placed, with_critic=False)
+        group = LearnerGroup(PolicyWorker, actor, str(tiny_checkpoint), max_new_tokens=8,
+                             model=ModelConfig().model_dump(), learner=LearnerConfig(zero_stage=3).model_dump(),
+                             algorithm=AlgorithmConfig().model_dump())
+        gpus = ray.get([w.__ray_call__.remote(lambda self: ray.get_gpu_ids()) for w in group.workers])
+        assert sorted(g for ids in gpus for g in ids) == sorted({g for ids in gpus for g in ids})
+        assert [len(ids) for ids in gpus] == [1, 1]
+        buckets = group.all("weight_bucket_refs")  # ZeRO-3 gathers: a collective of both ranks
+        assert buckets[0] and buckets[1] == []
+    finally:
+        if group is not None:
+            group.kill()
+        placed.remove()
+    wait_free_gpus(GPUS)

@@ -96,6 +96,27 @@ def test_failing_reward_plugin_costs_samples_not_the_run(tmp_path, cache):
     assert "plugin bug" in done.stderr
 
 
+def test_two_learner_ranks_under_zero3(tmp_path, cache):
+    """learner.ranks=2: policy and critic each run two DeepSpeed ranks (gloo) that share every batch;
+    ZeRO-3 gathers for the weight sync and the export, router biases move alike on both ranks."""
+    run = tmp_path / "run"
+    done = mispo_train(["recipes/math_expert.yaml", *QUICK, "trainer.max_steps=2", "learner.ranks=2",
+                        "learner.zero_stage=3", "model.router_bias_update_rate=0.001", "--output", str(run)], cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert "actor/grad_norm" in rows[2] and "critic/vf_loss" in rows[2]
+    from mispo.models.step3p5 import Step3p5ForCausalLM
+
+    def biases(path):
+        model = Step3p5ForCausalLM.from_pretrained(path)
+        return [layer.moe.router_bias.clone() for layer in model.model.layers if hasattr(layer, "moe")]
+
+    (start,) = [p.parent for p in cache.glob("warmup-*/config.json")]
+    moved = [(after - before).abs().max().item() for before, after in zip(biases(start), biases(run / "final"))]
+    assert moved and max(moved) > 0  # the loss-free balancing updates reached the export
+
+
 def test_bad_recipe_fails_before_any_engine(tmp_path, cache):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nrollout:\n  n_sample: 4\n")

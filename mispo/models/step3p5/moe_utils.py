@@ -54,12 +54,16 @@ def expert_load(routing: Routing, num_experts: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_router_bias(model: nn.Module, rate: float) -> None:
-    """Loss-free balancing: bias_e += rate * sign(mean_load - load_e), per MoE layer, from its last routing."""
+def update_router_bias(model: nn.Module, rate: float, reduce=None) -> None:
+    """Loss-free balancing: bias_e += rate * sign(mean_load - load_e), per MoE layer, from its last routing.
+    `reduce(load) -> load` combines the loads of data-parallel ranks (e.g. their mean) so that every
+    rank moves its biases alike; it is called once per MoE layer on every rank."""
     for m in moe_layers(model):
         if m.last_routing is None:
             continue
         load = expert_load(m.last_routing, m.router_bias.numel()).to(m.router_bias.device)
+        if reduce is not None:
+            load = reduce(load.float())
         m.router_bias += rate * torch.sign(load.mean() - load)
 
 
