@@ -29,3 +29,11 @@ def single_learner_options() -> dict:
     import ray
 
     return {"num_cpus": 0, "num_gpus": 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0}
+
+
+def standalone_learner_options() -> list[dict] | None:
+    """Per-rank Ray options of a stand-alone learner group (SFT, distillation): one rank on one GPU when the
+    cluster has GPUs; None on a CPU cluster, where the group puts `learner.ranks` ranks on this node."""
+    import ray
+
+    return [single_learner_options()] if ray.cluster_resources().get("GPU", 0) >= 1 else None

@@ -83,24 +83,25 @@ def recipe_sft_samples(recipe: Recipe, cfg: WarmupConfig, tokenizer) -> list[Sam
 
 
 def run_sft(model_path: str | Path, samples: list[Sample], cfg: WarmupConfig, recipe: Recipe, output: str | Path,
-            master_port: int | None = None, log: Callable[[int, dict], None] | None = None,
-            description: str = "SFT") -> Path:
+            log: Callable[[int, dict], None] | None = None, description: str = "SFT") -> Path:
     """`cfg.steps` optimizer steps of `cfg.batch_size` samples (lr `cfg.lr`, linear warm-up over the
-    first tenth, at most 30 steps) on a PolicyWorker; exports the result with its tokenizer to `output`."""
+    first tenth, at most 30 steps) on the policy learner's ranks (`learner.ranks` on a CPU run); exports
+    the result with its tokenizer to `output`."""
     from transformers import AutoTokenizer
 
+    from mispo.cluster import standalone_learner_options
+    from mispo.learner.group import LearnerGroup
     from mispo.learner.policy_worker import PolicyWorker
-    from mispo.cluster import free_port, single_learner_options
 
     if not samples:
         raise ValueError(f"{description}: no training samples")
     learner = recipe.learner.model_copy(update={"actor": OptimConfig(
         lr=cfg.lr, warmup_steps=min(30, cfg.steps // 10), weight_decay=0.0, grad_clip=1.0)})
     model = recipe.model.model_copy(update={"freeze_router": False, "lora": None})  # full fine-tuning
-    worker = ray.remote(PolicyWorker).options(**single_learner_options()).remote(
-        str(model_path), model=model.model_dump(), learner=learner.model_dump(),
-        algorithm=recipe.algorithm.model_dump(), max_new_tokens=recipe.rollout.max_new_tokens,
-        master_port=master_port or free_port(), seed=recipe.trainer.seed)
+    group = LearnerGroup(PolicyWorker, standalone_learner_options(), str(model_path), cpu_ranks=learner.ranks,
+                         model=model.model_dump(), learner=learner.model_dump(),
+                         algorithm=recipe.algorithm.model_dump(), max_new_tokens=recipe.rollout.max_new_tokens,
+                         seed=recipe.trainer.seed)
     rng = random.Random(f"mispo.sft:{recipe.trainer.seed}")
     order: list[int] = []
     try:
@@ -112,21 +113,21 @@ def run_sft(model_path: str | Path, samples: list[Sample], cfg: WarmupConfig, re
                     rng.shuffle(fresh)
                     order += fresh
                 batch, order = order[:cfg.batch_size], order[cfg.batch_size:]
-                metrics = ray.get(worker.sft_step.remote([samples[i] for i in batch]))
+                parts = group.all("sft_step", ray.put([samples[i] for i in batch]))  # each rank its share
+                metrics = {"sft/loss": sum(m["sft/loss"] for m in parts), "sft/lr": parts[0]["sft/lr"]}
                 if log is not None:
                     log(step + 1, metrics)
                 bar.update(task, advance=1, description=f"{description} loss {metrics['sft/loss']:.3f}")
-        ray.get(worker.export.remote(str(output)))
+        group.all("export", str(output))
         AutoTokenizer.from_pretrained(model_path).save_pretrained(output)
     finally:
-        ray.kill(worker)
+        group.kill()
     return Path(output)
 
 
-def run_warmup(recipe: Recipe, base: Path, out: Path, master_port: int | None = None,
-               log: Callable[[int, dict], None] | None = None) -> Path:
+def run_warmup(recipe: Recipe, base: Path, out: Path, log: Callable[[int, dict], None] | None = None) -> Path:
     """The recipe's warm-up (`warmup:`) from `base` into `out`."""
     from transformers import AutoTokenizer
 
     samples = recipe_sft_samples(recipe, recipe.warmup, AutoTokenizer.from_pretrained(base))
-    return run_sft(base, samples, recipe.warmup, recipe, out, master_port, log=log, description="warm-up SFT")
+    return run_sft(base, samples, recipe.warmup, recipe, out, log=log, description="warm-up SFT")

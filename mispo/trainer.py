@@ -22,7 +22,7 @@ from rich.console import Console
 
 from mispo.algorithms import AdaptiveTrajBand, compute_gae, group_advantages, mis_filter, whiten_advantages
 from mispo.batch import RolloutBatch
-from mispo.cluster import free_port, start_ray
+from mispo.cluster import start_ray
 from mispo.config import Recipe, dump_recipe
 from mispo.domains import load_domains, split_prompts
 from mispo.learner.critic_worker import CriticWorker
@@ -278,7 +278,7 @@ class Trainer:
 
     def _warmup(self, base: Path, out: Path) -> None:
         from mispo.sft import run_warmup
-        run_warmup(self.recipe, base, out, free_port())
+        run_warmup(self.recipe, base, out)
 
     def shutdown(self) -> None:
         """Stop the rollout workers and learners (the Ray cluster stays up for the next job)."""

@@ -22,7 +22,7 @@ import torch
 
 from mispo.algorithms import mis_filter
 from mispo.batch import RolloutBatch
-from mispo.cluster import free_port, single_learner_options
+from mispo.cluster import single_learner_options, standalone_learner_options
 from mispo.domains import split_prompts
 from mispo.run_dir import RunDir
 
@@ -30,7 +30,9 @@ from mispo.run_dir import RunDir
 def distill_on_policy(merge, model_dir) -> None:
     """`merge.cfg.steps` student updates; writes the student to `model_dir` (release format)."""
     from mispo.config import AlgorithmConfig, OptimConfig
-    from mispo.learner.policy_worker import PolicyWorker
+    from mispo.learner.data_parallel import merge_row_results
+    from mispo.learner.group import LearnerGroup
+    from mispo.learner.policy_worker import PolicyWorker, mean_metrics
     from mispo.learner.teacher_worker import TeacherWorker
 
     r, cfg = merge.recipe, merge.cfg
@@ -38,10 +40,9 @@ def distill_on_policy(merge, model_dir) -> None:
                                 traj_bounds=r.algorithm.traj_bounds)
     learner = r.learner.model_copy(update={"actor": OptimConfig(lr=cfg.lr, warmup_steps=min(5, cfg.steps // 4),
                                                                 weight_decay=0.0)})
-    policy = ray.remote(PolicyWorker).options(**single_learner_options()).remote(
-        str(merge.student), model=r.model.model_dump(), learner=learner.model_dump(),
-        algorithm=algorithm.model_dump(), max_new_tokens=max(d.max_new_tokens for d in merge.domains),
-        master_port=free_port(), seed=r.trainer.seed)
+    policy = LearnerGroup(PolicyWorker, standalone_learner_options(), str(merge.student), cpu_ranks=learner.ranks,
+                          model=r.model.model_dump(), learner=learner.model_dump(), algorithm=algorithm.model_dump(),
+                          max_new_tokens=max(d.max_new_tokens for d in merge.domains), seed=r.trainer.seed)
     teachers = {d.name: ray.remote(TeacherWorker).options(**single_learner_options()).remote(
         str(merge.experts[d.name]), r.model.dtype, r.learner.micro_batch_tokens) for d in merge.domains}
     samplers = {d.name: d.sampler() for d in merge.domains}
@@ -59,7 +60,8 @@ def distill_on_policy(merge, model_dir) -> None:
                 if samples:
                     parts.append((d.name, samples))
             batch = RolloutBatch.from_samples([s for _, samples in parts for s in samples])
-            batch.old_logprobs = ray.get(policy.compute_logprobs.remote(batch))["old_logprobs"]
+            logp = merge_row_results(policy.all("compute_logprobs", ray.put(batch)))  # each rank its rows
+            batch.old_logprobs = logp["old_logprobs"]
             teacher, metrics, row = torch.zeros_like(batch.old_logprobs), {}, 0
             for name, samples in parts:
                 rows = list(range(row, row + len(samples)))
@@ -74,19 +76,19 @@ def distill_on_policy(merge, model_dir) -> None:
             batch.advantages = (teacher - batch.old_logprobs) * mask
             batch.token_keep, batch.traj_keep = mis_filter(batch.old_logprobs, batch.rollout_logprobs, mask,
                                                            tuple(algorithm.token_bounds), tuple(algorithm.traj_bounds))
-            metrics.update(ray.get(policy.train.remote(batch)))
-            refs = ray.get(policy.weight_bucket_refs.remote())
-            merge.rollout.sync(refs, version=step)
+            metrics.update(mean_metrics(policy.all("train", ray.put(batch))))
+            merge.rollout.sync(policy.first("weight_bucket_refs"), version=step)
             merge.evaluator.loaded = None  # the engine now serves the updated student
             metrics["time/step_s"] = time.time() - start
             run.log(step, metrics)
         tmp = str(model_dir) + ".tmp"
-        ray.get(policy.export.remote(tmp))
+        policy.all("export", tmp)
         merge.tokenizer.save_pretrained(tmp)
         os.replace(tmp, model_dir)
     finally:
         run.close()
-        for actor in [policy, *teachers.values()]:
+        policy.kill()
+        for actor in teachers.values():
             ray.kill(actor)
 
 

@@ -75,11 +75,11 @@ def test_domain_without_prompts_fails_before_any_engine(tmp_path, tiny, cache):
 
 @pytest.mark.slow
 def test_sft_then_merge_then_a_filter_that_rejects_everything(tmp_path, tiny, cache):
-    # mispo sft: a tiny math "expert" from the student, on the bundled worked examples
+    # mispo sft: a tiny math "expert" from the student, on the bundled worked examples, on two learner ranks
     sft_recipe = tmp_path / "sft.yaml"
     sft_recipe.write_text(json.dumps({"name": "s", "model": {"path": str(tiny)}, "data": {"builtin": {"digits": 1}},
                                       "sft": {"steps": 30, "lr": 3e-3, "batch_size": 16, "num_examples": 480}}))
-    sft = mispo(["sft", str(sft_recipe), "--output", str(tmp_path / "sft")], cache)
+    sft = mispo(["sft", str(sft_recipe), "learner.ranks=2", "--output", str(tmp_path / "sft")], cache)
     assert sft.returncode == 0, sft.stderr[-3000:]
     losses = [json.loads(x)["sft/loss"] for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5])
@@ -109,10 +109,11 @@ def test_sft_then_merge_then_a_filter_that_rejects_everything(tmp_path, tiny, ca
     assert set(results) == {"student", "math", "tool", "merged"}
     assert all(set(v) == {"math", "tool"} and all(0 <= a <= 1 for a in v.values()) for v in results.values())
 
-    # on-policy distillation: the student samples, the experts score its tokens (per-token reverse KL)
+    # on-policy distillation: the student samples, the experts score its tokens (per-token reverse KL);
+    # the student learner on two ranks
     on_policy = tmp_path / "on_policy"
     done = mispo(["merge", str(recipe), "--output", str(on_policy), "merge.method=on_policy", "merge.steps=2",
-                  "merge.prompts_per_step=4", "merge.eval=false"], cache)
+                  "merge.prompts_per_step=4", "merge.eval=false", "learner.ranks=2"], cache)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (on_policy / "model" / "config.json").exists() and not (on_policy / "data").exists()
     steps = [json.loads(x) for x in (on_policy / "on_policy" / "metrics.jsonl").read_text().splitlines()]
