@@ -34,6 +34,5 @@ def single_learner_options() -> dict:
 def standalone_learner_options() -> list[dict] | None:
     """Per-rank Ray options of a stand-alone learner group (SFT, distillation): one rank on one GPU when the
     cluster has GPUs; None on a CPU cluster, where the group puts `learner.ranks` ranks on this node."""
-    import ray
-
-    return [single_learner_options()] if ray.cluster_resources().get("GPU", 0) >= 1 else None
+    options = single_learner_options()
+    return [options] if options["num_gpus"] else None

@@ -35,9 +35,6 @@ from mispo.config import ResourcesConfig
 
 log = logging.getLogger("mispo.placement")
 
-ROLES = ("actor", "critic", "rollout")
-
-
 @dataclass
 class RolePlacement:
     """Where one role's actors go: Ray `.options(...)` keyword arguments per actor.

@@ -38,9 +38,8 @@ class CriticWorker:
         self.device = self.engine.device
 
     def micro_batches(self, samples: list) -> list[PackedMicroBatch]:
-        """This rank's packed micro-batches of all rows."""
-        return rank_share(samples, list(range(len(samples))), self.rank, self.world_size,
-                          self.learner_cfg.micro_batch_tokens)
+        """This rank's packed micro-batches of the samples."""
+        return rank_share(samples, self.rank, self.world_size, self.learner_cfg.micro_batch_tokens)
 
     def _values(self, mb):
         return self.engine(mb.input_ids.to(self.device), mb.position_ids.to(self.device))  # [1, L]

@@ -1,7 +1,7 @@
 """How data-parallel learner ranks share a batch: every rank receives the whole batch and computes,
 from it alone, the same plan, so no rank has to ask another what it holds.
 
-    micro = rank_share(samples, rows, rank, world_size, max_tokens)   # this rank's micro-batches
+    micro = rank_share(samples, rank, world_size, max_tokens)   # this rank's micro-batches
     for mb in micro:                # the same number on every rank
         ...                         # mb.padding: run it, weight its loss 0
 
@@ -58,10 +58,9 @@ def rank_micro_batches(lengths: list[int], rows: list[int], world_size: int,
     return plans
 
 
-def rank_share(samples: list[Sample], rows: list[int], rank: int, world_size: int,
-               max_tokens: int) -> list[PackedMicroBatch]:
-    """This rank's packed micro-batches of `rows` (all of them, in the usual packing, on one rank)."""
-    plan = rank_micro_batches(sample_lengths(samples), rows, world_size, max_tokens)[rank]
+def rank_share(samples: list[Sample], rank: int, world_size: int, max_tokens: int) -> list[PackedMicroBatch]:
+    """This rank's packed micro-batches of all the samples (on one rank: the usual packing)."""
+    plan = rank_micro_batches(sample_lengths(samples), list(range(len(samples))), world_size, max_tokens)[rank]
     return [_pack(samples, group, padding) for group, padding in plan]
 
 

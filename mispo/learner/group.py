@@ -7,8 +7,9 @@ join one torch.distributed group (gloo on CPU, NCCL on GPU) for DeepSpeed.
     policy.all("save", directory, "state")         # collectives: every rank, wait for all
     refs   = policy.first("weight_bucket_refs")    # every rank runs it; rank 0's answer
 
-Rank 0's address and a free port on its node make the group's rendezvous: on a GPU run a probe task in
-rank 0's bundle reads them; on a CPU run (no placement) every rank is pinned to the driver's node.
+The rendezvous is rank 0's address and a free port on its node: on a CPU run (no placement) every rank
+is pinned to the driver's node and they meet on the loopback, as does a single rank without placement;
+placed ranks meet at rank 0's node address and port, read by a probe task in rank 0's bundle.
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ class LearnerGroup:
     on a GPU run); `cpu_ranks` ranks on the driver's node when `options` is None."""
 
     def __init__(self, worker_cls, options: list[dict] | None, *args, cpu_ranks: int = 1, **kwargs):
-        if options is None:
-            options = _cpu_options(cpu_ranks)
-            address, port = ray.util.get_node_ip_address(), free_port()
+        if options is None:  # a CPU run: every rank on this node, meeting on the loopback
+            options, address, port = _cpu_options(cpu_ranks), "127.0.0.1", free_port()
+        elif "scheduling_strategy" in options[0]:  # placed ranks meet at rank 0's node
+            probe = _address_and_port.options(scheduling_strategy=options[0]["scheduling_strategy"])
+            address, port = ray.get(probe.remote())
+        elif len(options) == 1:  # one unplaced rank meets only itself
+            address, port = "127.0.0.1", free_port()
         else:
-            probe = {k: v for k, v in options[0].items() if k == "scheduling_strategy"}
-            address, port = ray.get(_address_and_port.options(**probe).remote())
+            raise ValueError("several learner ranks need placement options (a scheduling_strategy each)")
         self.world_size = len(options)
         self.workers = [ray.remote(worker_cls).options(**o).remote(
             *args, rank=rank, world_size=self.world_size, master_addr=address, master_port=port, **kwargs)

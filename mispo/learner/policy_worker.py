@@ -79,10 +79,9 @@ class PolicyWorker:
         self.device = self.engine.device
 
     # ------------------------------------------------------------------ forward passes
-    def micro_batches(self, samples: list, rows=None) -> list[PackedMicroBatch]:
-        """This rank's packed micro-batches of `rows` (default: all rows)."""
-        rows = list(range(len(samples))) if rows is None else list(rows)
-        return rank_share(samples, rows, self.rank, self.world_size, self.learner_cfg.micro_batch_tokens)
+    def micro_batches(self, samples: list) -> list[PackedMicroBatch]:
+        """This rank's packed micro-batches of the samples."""
+        return rank_share(samples, self.rank, self.world_size, self.learner_cfg.micro_batch_tokens)
 
     def _forward_logits(self, model, mb: PackedMicroBatch) -> torch.Tensor:
         return model(input_ids=mb.input_ids.to(self.device), position_ids=mb.position_ids.to(self.device)).logits
