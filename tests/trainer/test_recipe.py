@@ -67,3 +67,30 @@ def test_recipe_reference_is_current():
     root = Path(__file__).resolve().parents[2]
     render = runpy.run_path(str(root / "scripts" / "recipe_docs.py"))["render"]
     assert (root / "docs" / "recipes.md").read_text() == render(), "run: python scripts/recipe_docs.py"
+
+
+@pytest.mark.parametrize("override, field", [
+    ("rollout.n_samples=0", "rollout.n_samples"),
+    ("learner.actor.lr=-1", "learner.actor.lr"),
+    ("rollout.temperature=0", "rollout.temperature"),
+    ("rollout.top_p=1.5", "rollout.top_p"),
+    ("learner.micro_batch_tokens=0", "learner.micro_batch_tokens"),
+    ("rollout.prompts_per_step=0", "rollout.prompts_per_step"),
+    ("algorithm.gamma=1.5", "algorithm.gamma"),
+    ("trainer.keep_checkpoints=0", "trainer.keep_checkpoints"),
+])
+def test_numeric_fields_out_of_range_are_named(override, field):
+    with pytest.raises(RecipeError, match=field.replace(".", r"\.")):
+        load_recipe(None, [override])
+
+
+def test_numeric_fields_at_their_bounds_are_accepted():
+    r = load_recipe(None, ["rollout.n_samples=1", "algorithm.advantage=gae", "trainer.eval_every=0",
+                           "rollout.top_p=1.0", "algorithm.gamma=0"])
+    assert r.rollout.n_samples == 1 and r.trainer.eval_every == 0
+
+
+def test_grpo_loss_with_gae_advantages_is_refused():
+    with pytest.raises(RecipeError, match="would run PPO with a critic"):
+        load_recipe(None, ["algorithm.policy_loss=grpo", "algorithm.advantage=gae"])
+    assert load_recipe(None, ["algorithm.policy_loss=grpo", "algorithm.advantage=grpo"]).algorithm.policy_loss == "grpo"
