@@ -28,7 +28,7 @@ from mispo.domains import load_domains, split_prompts
 from mispo.learner.critic_worker import CriticWorker
 from mispo.learner.data_parallel import merge_row_results
 from mispo.learner.group import LearnerGroup
-from mispo.learner.policy_worker import PolicyWorker, mean_metrics
+from mispo.learner.policy_worker import PolicyWorker, combine_partials
 from mispo.placement import learner_options, place_roles
 from mispo.prepare_model import starting_policy
 from mispo.progress import StepProgress
@@ -180,9 +180,9 @@ class Trainer:
         batch_ref = ray.put(batch)
         actor_refs = self.policy.submit("train", batch_ref)
         critic_refs = self.critic.submit("train", batch_ref) if self.critic else []
-        metrics.update(mean_metrics(ray.get(actor_refs)))
+        metrics.update(combine_partials(ray.get(actor_refs)))  # ranks hold shares of each loss
         if critic_refs:
-            metrics.update(mean_metrics(ray.get(critic_refs)))
+            metrics.update(combine_partials(ray.get(critic_refs)))
         metrics["time/train_s"] = time.time() - t
         if r.model.router_bias_update_rate > 0:
             self.policy.all("update_router_bias", r.model.router_bias_update_rate)

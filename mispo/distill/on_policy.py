@@ -32,7 +32,7 @@ def distill_on_policy(merge, model_dir) -> None:
     from mispo.config import AlgorithmConfig, OptimConfig
     from mispo.learner.data_parallel import merge_row_results
     from mispo.learner.group import LearnerGroup
-    from mispo.learner.policy_worker import PolicyWorker, mean_metrics
+    from mispo.learner.policy_worker import PolicyWorker, combine_partials
     from mispo.learner.teacher_worker import TeacherWorker
 
     r, cfg = merge.recipe, merge.cfg
@@ -76,7 +76,7 @@ def distill_on_policy(merge, model_dir) -> None:
             batch.advantages = (teacher - batch.old_logprobs) * mask
             batch.token_keep, batch.traj_keep = mis_filter(batch.old_logprobs, batch.rollout_logprobs, mask,
                                                            tuple(algorithm.token_bounds), tuple(algorithm.traj_bounds))
-            metrics.update(mean_metrics(policy.all("train", ray.put(batch))))
+            metrics.update(combine_partials(policy.all("train", ray.put(batch))))
             merge.rollout.sync(policy.first("weight_bucket_refs"), version=step)
             merge.evaluator.loaded = None  # the engine now serves the updated student
             metrics["time/step_s"] = time.time() - start

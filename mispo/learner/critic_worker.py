@@ -19,7 +19,7 @@ from mispo.learner.data_parallel import rank_share
 from mispo.learner.engine import accumulate, build_engine, init_distributed
 from mispo.learner.models import ValueModel
 from mispo.learner.packing import PackedMicroBatch, gather_response, last_positions
-from mispo.learner.policy_worker import mean_metrics, mini_batches
+from mispo.learner.policy_worker import combine_partials, mean_metrics, mini_batches
 
 
 class CriticWorker:
@@ -68,7 +68,7 @@ class CriticWorker:
         for rows in mini_batches(len(batch), self.learner_cfg.critic_mini_batches, self.generator):
             mini = batch.select(rows)
             num_tokens = float(mini.response_mask.sum())
-            micro = self.micro_batches(mini.samples)
+            micro, pieces = self.micro_batches(mini.samples), []
             for i, mb in enumerate(micro):
                 sub = mini.select(mb.rows)
                 length = sub.response_mask.shape[1]
@@ -83,7 +83,9 @@ class CriticWorker:
                     num_seqs=float(len(mini)))
                 accumulate(self.engine, loss * (0.0 if mb.padding else self.world_size), last=i == len(micro) - 1)
                 if not mb.padding:
-                    parts.append({k: float(v) for k, v in metrics.items()})
+                    pieces.append({k: float(v) for k, v in metrics.items()})
+            if pieces:
+                parts.append(combine_partials(pieces))
             self.engine.step()
         out = mean_metrics(parts)
         out["critic/lr"] = self.engine.get_lr()[0]

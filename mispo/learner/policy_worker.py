@@ -44,9 +44,24 @@ def mini_batches(n: int, count: int, generator: torch.Generator) -> list[list[in
     return [order[i:i + size] for i in range(0, n, size)]
 
 
+# Losses normalised by the whole mini-batch's token count: each micro-batch (and each rank) holds a
+# partial sum of them, so they add up over micro-batches and ranks instead of averaging.
+PARTIAL_SUM_METRICS = frozenset({"actor/pg_loss", "actor/loss", "critic/vf_loss"})
+
+
 def mean_metrics(parts: list[dict]) -> dict:
+    """Average of each key over the dicts that have it."""
     keys = {k for p in parts for k in p}
     return {k: sum(float(p[k]) for p in parts if k in p) / sum(1 for p in parts if k in p) for k in keys}
+
+
+def combine_partials(parts: list[dict]) -> dict:
+    """Metrics of pieces of one whole (micro-batches of a mini-batch, or ranks' shares of it): the
+    PARTIAL_SUM_METRICS are summed, every other key averaged."""
+    out = mean_metrics(parts)
+    for k in PARTIAL_SUM_METRICS & out.keys():
+        out[k] = sum(float(p[k]) for p in parts if k in p)
+    return out
 
 
 class PolicyWorker:
@@ -106,12 +121,14 @@ class PolicyWorker:
         for rows in mini_batches(len(batch), self.learner_cfg.actor_mini_batches, self.generator):
             mini = batch.select(rows)
             num_tokens = float(mini.response_mask.sum())
-            micro = self.micro_batches(mini.samples)
+            micro, pieces = self.micro_batches(mini.samples), []
             for i, mb in enumerate(micro):
                 loss, metrics = self._micro_loss(mini, mb, num_tokens)
                 accumulate(self.engine, loss * (0.0 if mb.padding else self.world_size), last=i == len(micro) - 1)
                 if not mb.padding:
-                    parts.append(metrics)
+                    pieces.append(metrics)
+            if pieces:
+                parts.append(combine_partials(pieces))
             self.engine.step()
             norm = self.engine.get_global_grad_norm()
             if norm is not None:
@@ -130,7 +147,7 @@ class PolicyWorker:
         ids = mb.input_ids.to(self.device)
         logits = self._forward_logits(self.engine, mb)
         logp = gather_response(token_logprobs(logits, ids), mb, length)
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.loss_config.entropy_coef > 0):  # a bonus needs its gradient
             ent = gather_response(entropy_from_logits(logits[0].float())[None], mb, length)
         d = self.device
         inputs = PolicyLossInputs(
