@@ -58,6 +58,9 @@ def _pack(samples: list[Sample], rows: list[int], padding: bool = False) -> Pack
     ids, pos, starts, plens, rlens = [], [], [], [], []
     for r in rows:
         s = samples[r]
+        if not s.prompt_ids:  # its first response token would be scored after the previous sequence's tokens
+            raise ValueError(f"sample {r} has an empty prompt: the first response token has no context to be "
+                             "scored in; fix: give every row a non-empty prompt (or a chat template / BOS token)")
         seq = list(s.prompt_ids) + list(s.response_ids)
         starts.append(len(ids))
         plens.append(len(s.prompt_ids))

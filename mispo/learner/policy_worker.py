@@ -89,6 +89,7 @@ class PolicyWorker:
         self.reference = None
         if self.learner_cfg.reference:
             self.reference = load_policy(model_path, self.model_cfg.dtype).eval().requires_grad_(False)
+            self.reference.to(self.engine.device)  # the frozen copy scores on the learner's device
         self.loss_config = policy_loss_config(self.algo, max_new_tokens)
         self.generator = torch.Generator().manual_seed(seed)
         self.device = self.engine.device

@@ -79,3 +79,10 @@ def test_logged_loss_of_micro_batches_equals_whole_mini_batch(loss_name, cuts):
     for key in ("actor/pg_loss", "actor/loss"):
         assert combined[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7)
     assert mean_metrics(pieces)["actor/loss"] != pytest.approx(whole["actor/loss"], rel=1e-3)  # the old bug
+
+
+def test_empty_prompt_is_refused_by_packing():
+    samples = _samples(2)
+    samples[1].prompt_ids = []
+    with pytest.raises(ValueError, match="sample 1 has an empty prompt"):
+        pack_samples(samples, [0, 1], max_tokens=1000)

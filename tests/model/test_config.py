@@ -103,3 +103,13 @@ def test_full_model_on_meta_device_has_release_names_and_count():
     assert buffers["model.layers.3.moe.router_bias"].dtype == torch.float32
     assert not any("router_bias" in n for n in shapes)
     assert "model.layers.2.moe.gate.weight" not in shapes and "model.layers.3.mlp.gate_proj.weight" not in shapes
+
+
+def test_empty_use_rope_layers_means_rope_everywhere():
+    """vLLM's Step3p5 config defaults use_rope_layers to []: every layer uses RoPE."""
+    from mispo.models.step3p5.tiny import tiny_config
+
+    config = Step3p5Config(**{**tiny_config().to_dict(), "use_rope_layers": []})
+    assert all(config.attention_spec(i).use_rope for i in range(config.num_hidden_layers))
+    with pytest.raises(ConfigError, match="use_rope_layers"):
+        Step3p5Config(**{**tiny_config().to_dict(), "use_rope_layers": [True]})

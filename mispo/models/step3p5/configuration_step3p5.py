@@ -106,7 +106,8 @@ class Step3p5Config(PretrainedConfig):
         self.release_rope_scaling = dict(rope_scaling) if rope_scaling else None
         self.partial_rotary_factors = partial_rotary_factors if partial_rotary_factors is not None else [1.0] * n_all
         self.yarn_only_types = yarn_only_types
-        self.use_rope_layers = use_rope_layers
+        # [] is vLLM's default for Step3p5 configs: every layer uses RoPE, as None does here
+        self.use_rope_layers = list(use_rope_layers) if use_rope_layers else None
         if layer_types is None:
             layer_types = ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(n_all)]
         # transformers checks len(layer_types) == num_hidden_layers, so the MTP entries are kept apart
