@@ -107,7 +107,8 @@ class AlgorithmConfig(Section):
     traj_bounds: tuple[float, float] = (0.996, 1.001)
     adaptive_traj_band: bool = False
     adaptive_target_keep: float = Field(0.8, gt=0, le=1)
-    loss_agg: str = "token-mean"
+    loss_agg: str | None = Field(None, description="token-mean | seq-mean-token-mean | token-sum-norm; None = the "
+                                 "loss's own (seq-mean-token-mean for gspo, as published; token-mean otherwise)")
     kl_coef: float = Field(0.0, ge=0)
     entropy_coef: float = Field(0.0, ge=0)
     clip_eps: float = Field(0.2, gt=0)

@@ -388,6 +388,15 @@ for _names, _fn in ((("mispo", "mis-po"), mispo_loss), (("ppo", "grpo"), ppo_los
     register_policy_loss(*_names)(_fn)
 
 
+# Aggregation each loss was published with; a recipe's algorithm.loss_agg overrides it.
+DEFAULT_LOSS_AGG = {"gspo": "seq-mean-token-mean"}
+
+
+def default_loss_agg(name: str) -> str:
+    """The loss's own aggregation: GSPO averages per sequence, every other loss over all tokens."""
+    return DEFAULT_LOSS_AGG.get(name.lower(), "token-mean")
+
+
 def get_policy_loss(name: str) -> PolicyLossFn:
     """The loss registered as ``name``: mispo, ppo, grpo (= ppo), gspo, tis, icepop, cispo, ..."""
     try:

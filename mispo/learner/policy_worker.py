@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from mispo.algorithms import PolicyLossConfig, PolicyLossInputs, compute_policy_loss, entropy_from_logits
+from mispo.algorithms.policy_losses import default_loss_agg
 from mispo.batch import RolloutBatch
 from mispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from mispo.learner.data_parallel import rank_share
@@ -29,7 +30,7 @@ from mispo.learner.packing import PackedMicroBatch, gather_response, response_lo
 
 
 def policy_loss_config(algo: AlgorithmConfig, max_new_tokens: int) -> PolicyLossConfig:
-    options = dict(loss_agg=algo.loss_agg, token_bounds=tuple(algo.token_bounds), traj_bounds=tuple(algo.traj_bounds),
+    options = dict(loss_agg=algo.loss_agg or default_loss_agg(algo.policy_loss), token_bounds=tuple(algo.token_bounds), traj_bounds=tuple(algo.traj_bounds),
                    kl_coef=algo.kl_coef, entropy_coef=algo.entropy_coef, clip_eps_low=algo.clip_eps,
                    clip_eps_high=algo.clip_eps, norm_length=float(max_new_tokens))
     options.update(algo.loss_options)

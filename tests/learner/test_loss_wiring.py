@@ -86,3 +86,10 @@ def test_empty_prompt_is_refused_by_packing():
     samples[1].prompt_ids = []
     with pytest.raises(ValueError, match="sample 1 has an empty prompt"):
         pack_samples(samples, [0, 1], max_tokens=1000)
+
+
+def test_gspo_averages_per_sequence_by_default():
+    """Published GSPO weights every sequence alike; token-mean would weight them by length."""
+    assert policy_loss_config(AlgorithmConfig(policy_loss="gspo"), 8).loss_agg == "seq-mean-token-mean"
+    assert policy_loss_config(AlgorithmConfig(policy_loss="mispo"), 8).loss_agg == "token-mean"
+    assert policy_loss_config(AlgorithmConfig(policy_loss="gspo", loss_agg="token-mean"), 8).loss_agg == "token-mean"

@@ -27,19 +27,21 @@ def mispo_train(args, cache, timeout=900, **kw):
                           capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def kill_orphans(started_after: float) -> None:
-    """Kill what a SIGKILLed `mispo train` left behind (its Ray cluster and actors, re-parented to
-    init), sparing this test process and its children (other tests' Ray cluster). `ray stop` would
-    kill those too."""
-    me = psutil.Process()
-    keep = {me.pid} | {c.pid for c in me.children(recursive=True)}
-    for p in psutil.process_iter(["pid", "create_time", "cmdline"]):
+def kill_run(proc: subprocess.Popen) -> None:
+    """SIGKILL a `mispo train` subprocess and every process it started (its Ray cluster and actors),
+    by pid: the tree is read before the kill, since the orphans are re-parented to init after it."""
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        tree = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for p in tree:  # Ray's processes that left the run's process group
         try:
-            cmd = " ".join(p.info["cmdline"] or [])
-            if p.pid not in keep and p.info["create_time"] >= started_after and ("ray" in cmd or "mispo" in cmd):
-                p.kill()
+            p.kill()
         except psutil.Error:
             pass
+    psutil.wait_procs(tree, timeout=30)
 
 
 def metrics(run: Path) -> list[dict]:
@@ -130,7 +132,6 @@ def test_bad_recipe_fails_before_any_engine(tmp_path, cache):
 def test_sigkill_then_resume(tmp_path, cache):
     run = tmp_path / "run"
     env = {**os.environ, "MISPO_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    started = time.time() - 1
     proc = subprocess.Popen([sys.executable, "-m", "mispo.cli", "train", "recipes/math_expert.yaml", *QUICK,
                              "trainer.max_steps=6", "--output", str(run)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -138,9 +139,7 @@ def test_sigkill_then_resume(tmp_path, cache):
     deadline = time.time() + 600
     while time.time() < deadline and not (latest.exists() and latest.read_text() >= "step_000002"):
         time.sleep(1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    kill_orphans(started)
+    kill_run(proc)
     killed_at = int(latest.read_text().split("_")[1])
     assert killed_at >= 2
     done = mispo_train(["recipes/math_expert.yaml", *QUICK, "trainer.max_steps=6", "--output", str(run),
