@@ -116,6 +116,7 @@ def weights(policy) -> dict:
     return {k: v.clone() for ref in policy.first("weight_bucket_refs") for k, v in resolve(ref)}
 
 
+@pytest.mark.slow  # starts DeepSpeed engines
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
 def test_two_ranks_compute_what_one_rank_computes(ray_cluster, tiny_checkpoint, zero_stage):
     results = []

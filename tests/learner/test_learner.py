@@ -48,6 +48,7 @@ def workers(tiny_checkpoint):
     return policy, critic
 
 
+@pytest.mark.slow  # starts DeepSpeed engines
 def test_packed_logprobs_equal_unpacked_forward(workers):
     policy, _ = workers
     samples = make_samples()
@@ -64,6 +65,7 @@ def test_packed_logprobs_equal_unpacked_forward(workers):
         assert torch.all(logp[i, len(s.response_ids):] == 0)
 
 
+@pytest.mark.slow  # starts DeepSpeed engines
 def test_train_step_raises_logprob_of_advantaged_tokens(workers):
     policy, critic = workers
     samples = make_samples()
@@ -95,6 +97,7 @@ def test_train_step_raises_logprob_of_advantaged_tokens(workers):
     assert err_after < err_before
 
 
+@pytest.mark.slow  # starts DeepSpeed engines
 def test_weight_buckets_cover_state_dict(workers):
     policy, _ = workers
     buckets = policy.weight_buckets(bucket_bytes=20_000)

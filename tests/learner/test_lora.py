@@ -112,6 +112,7 @@ def test_user_target_modules_match_linears_only(tiny_checkpoint):
         apply_lora(load_policy(tiny_checkpoint), {"target_modules": ["nonexistent"]})
 
 
+@pytest.mark.slow  # starts DeepSpeed engines
 def test_policy_worker_lora_syncs_merged_weights(tiny_checkpoint, tmp_path):
     pytest.importorskip("deepspeed")
     from transformers import AutoModelForCausalLM

@@ -168,6 +168,7 @@ def test_learner_options_one_rank_per_gpu():
     wait_free_gpus(GPUS)
 
 
+@pytest.mark.slow  # starts DeepSpeed engines
 def test_learner_group_ranks_meet_in_their_bundles(tiny_checkpoint):
     """Two policy ranks in the actor's placement group find each other (rank 0's address and port read
     by a probe in its bundle), each holds its own GPU, and a collective runs."""
