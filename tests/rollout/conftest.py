@@ -24,8 +24,8 @@ def group(ray_cluster, checkpoints):
     from mispo.config import RolloutConfig
     from mispo.rollout.group import RolloutGroup
 
-    g = RolloutGroup(str(checkpoints[0]), RolloutConfig(num_workers=2, engine_kwargs=ENGINE),
-                     max_model_len=MAX_MODEL_LEN, restart_timeout_s=120)
+    g = RolloutGroup(str(checkpoints[0]), RolloutConfig(num_workers=2, engine_kwargs=ENGINE,
+                                                               max_model_len=MAX_MODEL_LEN), restart_timeout_s=120)
     yield g
     g.shutdown()
 

@@ -198,8 +198,7 @@ def test_worker_with_multiprocess_engine(ray_cluster, checkpoints, reference):
     from mispo.rollout.vllm_engine import RolloutWorker
 
     actor = ray_cluster.remote(num_cpus=0, runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}})(
-        RolloutWorker).remote(str(checkpoints[0]), RolloutConfig(engine_kwargs=ENGINE).model_dump(),
-                              max_model_len=MAX_MODEL_LEN)
+        RolloutWorker).remote(str(checkpoints[0]), RolloutConfig(engine_kwargs=ENGINE, max_model_len=MAX_MODEL_LEN).model_dump())
     try:
         buckets = state_buckets(checkpoints[1], bucket_bytes=256 << 10)
         refs = [ray_cluster.put(b) for b in buckets[:-1]] + [buckets[-1]]  # refs and a plain list

@@ -94,3 +94,10 @@ def test_grpo_loss_with_gae_advantages_is_refused():
     with pytest.raises(RecipeError, match="would run PPO with a critic"):
         load_recipe(None, ["algorithm.policy_loss=grpo", "algorithm.advantage=gae"])
     assert load_recipe(None, ["algorithm.policy_loss=grpo", "algorithm.advantage=grpo"]).algorithm.policy_loss == "grpo"
+
+
+def test_max_model_len_has_one_owner():
+    assert load_recipe(None, ["rollout.max_model_len=4096"]).rollout.max_model_len == 4096
+    for key, owner in [("max_model_len", "rollout.max_model_len"), ("seed", "trainer.seed")]:
+        with pytest.raises(RecipeError, match=rf"engine_kwargs\.{key} is set by {owner}"):
+            load_recipe(None, [f"rollout.engine_kwargs={{{key}: 7}}"])
