@@ -68,5 +68,7 @@ def run_pipeline(recipe, output: Path) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(run(None))
+if __name__ == "__main__":  # `python -m mispo.train_cli ARGS` is `mispo train ARGS`
+    from mispo.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))
