@@ -28,7 +28,8 @@ from mispo.domains import load_domains, split_prompts
 from mispo.learner.critic_worker import CriticWorker
 from mispo.learner.data_parallel import merge_row_results
 from mispo.learner.group import LearnerGroup
-from mispo.learner.policy_worker import PolicyWorker, combine_partials
+from mispo.learner.metrics import combine_partials
+from mispo.learner.policy_worker import PolicyWorker
 from mispo.placement import learner_options, place_roles
 from mispo.prepare_model import starting_policy
 from mispo.progress import StepProgress

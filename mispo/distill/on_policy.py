@@ -32,7 +32,8 @@ def distill_on_policy(merge, model_dir) -> None:
     from mispo.config import AlgorithmConfig, OptimConfig
     from mispo.learner.data_parallel import merge_row_results
     from mispo.learner.group import LearnerGroup
-    from mispo.learner.policy_worker import PolicyWorker, combine_partials
+    from mispo.learner.metrics import combine_partials
+    from mispo.learner.policy_worker import PolicyWorker
     from mispo.learner.teacher_worker import TeacherWorker
 
     r, cfg = merge.recipe, merge.cfg

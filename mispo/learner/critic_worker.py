@@ -19,7 +19,7 @@ from mispo.learner.data_parallel import rank_share
 from mispo.learner.engine import accumulate, build_engine, init_distributed
 from mispo.learner.models import ValueModel
 from mispo.learner.packing import PackedMicroBatch, gather_response, last_positions
-from mispo.learner.policy_worker import combine_partials, mean_metrics, mini_batches
+from mispo.learner.metrics import combine_partials, mean_metrics, mini_batches
 
 
 class CriticWorker:

@@ -13,7 +13,6 @@ gives exactly the single-rank gradient.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from mispo.algorithms.policy_losses import default_loss_agg
 from mispo.batch import RolloutBatch
 from mispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from mispo.learner.data_parallel import rank_share
+from mispo.learner.metrics import combine_partials, mean_metrics, mini_batches
 from mispo.learner.engine import accumulate, average_over_ranks, build_engine, full_parameters, init_distributed
 from mispo.learner.models import load_policy
 from mispo.learner.packing import PackedMicroBatch, gather_response, response_logprobs, token_logprobs
@@ -35,34 +35,6 @@ def policy_loss_config(algo: AlgorithmConfig, max_new_tokens: int) -> PolicyLoss
                    clip_eps_high=algo.clip_eps, norm_length=float(max_new_tokens))
     options.update(algo.loss_options)
     return PolicyLossConfig(**options)
-
-
-def mini_batches(n: int, count: int, generator: torch.Generator) -> list[list[int]]:
-    """A random split of n rows into `count` near-equal mini-batches (fewer when n < count)."""
-    order = torch.randperm(n, generator=generator).tolist()
-    count = max(1, min(count, n))
-    size = math.ceil(n / count)
-    return [order[i:i + size] for i in range(0, n, size)]
-
-
-# Losses normalised by the whole mini-batch's token count: each micro-batch (and each rank) holds a
-# partial sum of them, so they add up over micro-batches and ranks instead of averaging.
-PARTIAL_SUM_METRICS = frozenset({"actor/pg_loss", "actor/loss", "critic/vf_loss"})
-
-
-def mean_metrics(parts: list[dict]) -> dict:
-    """Average of each key over the dicts that have it."""
-    keys = {k for p in parts for k in p}
-    return {k: sum(float(p[k]) for p in parts if k in p) / sum(1 for p in parts if k in p) for k in keys}
-
-
-def combine_partials(parts: list[dict]) -> dict:
-    """Metrics of pieces of one whole (micro-batches of a mini-batch, or ranks' shares of it): the
-    PARTIAL_SUM_METRICS are summed, every other key averaged."""
-    out = mean_metrics(parts)
-    for k in PARTIAL_SUM_METRICS & out.keys():
-        out[k] = sum(float(p[k]) for p in parts if k in p)
-    return out
 
 
 class PolicyWorker:

@@ -87,7 +87,7 @@ def one_step(policy, critic, batch):
     """Forward passes, advantages and one update; returns (logp, values, metrics, weight change)."""
     from mispo.algorithms import compute_gae, mis_filter
     from mispo.learner.data_parallel import merge_row_results
-    from mispo.learner.policy_worker import mean_metrics
+    from mispo.learner.metrics import mean_metrics
 
     before = weights(policy)
     ref = ray.put(batch)

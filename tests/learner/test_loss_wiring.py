@@ -7,7 +7,8 @@ import torch
 from mispo.algorithms import PolicyLossInputs, compute_policy_loss
 from mispo.batch import RolloutBatch, Sample
 from mispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
-from mispo.learner.policy_worker import PolicyWorker, combine_partials, mean_metrics, policy_loss_config
+from mispo.learner.metrics import combine_partials, mean_metrics
+from mispo.learner.policy_worker import PolicyWorker, policy_loss_config
 from mispo.learner.packing import pack_samples
 
 
