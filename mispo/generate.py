@@ -11,19 +11,12 @@ import os
 import time
 from pathlib import Path
 
-DEFAULT_CACHE = Path(os.environ.get("MISPO_CACHE", Path.home() / ".cache" / "mispo"))
-
-
 def tiny_model_dir() -> Path:
-    """The built-in tiny checkpoint, written once into the cache."""
-    from mispo.models.step3p5.tiny import write_tiny_checkpoint
+    """The built-in tiny checkpoint (the default recipe's), written once into the run cache."""
+    from mispo.config import Recipe
+    from mispo.prepare_model import base_model_path
 
-    path = DEFAULT_CACHE / "tiny-step3p5"
-    if not (path / "config.json").exists():
-        tmp = path.with_name(path.name + ".tmp")
-        write_tiny_checkpoint(tmp, seed=0)
-        tmp.rename(path)
-    return path
+    return base_model_path(Recipe())
 
 
 def generate(model: str | Path, prompts: list[str], engine: str = "vllm", max_tokens: int = 32,
