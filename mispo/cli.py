@@ -1,74 +1,227 @@
-"""The `mispo` command line: one sub-command per job, each in its own module."""
+"""The `mispo` command line: one function per command (train, sft, merge, generate, plan), run by `main`,
+which turns a user error (an invalid recipe, data, plugin or merge filter, or a run folder that refuses
+the command) into `error: <message>` on stderr and exit code 2, and Ctrl-C into exit code 130.
+
+The commands import their modules (torch, Ray, the trainer) when they run, so `mispo --help` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import time
+from pathlib import Path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mispo", description="RL post-training of LLMs with MIS-PO")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    train = sub.add_parser("train", help="RL-train a policy with MIS-PO from a recipe")
-    train.add_argument("recipe", help="recipe YAML (recipes/math_expert.yaml, ...)")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=20")
-    train.add_argument("--output", "-o", help="run folder (default: runs/<recipe name>)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    train.set_defaults(run="mispo.train_cli:run")
-
-    sft = sub.add_parser("sft", help="supervised fine-tuning of model.path on the recipe's sft: data")
-    sft.add_argument("recipe", help="recipe YAML with an sft: section")
-    sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.steps=200")
-    sft.add_argument("--output", "-o", help="run folder (default: runs/<recipe name>-sft)")
-    sft.set_defaults(run="mispo.sft_cli:run")
-
-    merge = sub.add_parser("merge", help="distil domain experts into one generalist (the recipe's merge: section)")
-    merge.add_argument("recipe", help="recipe YAML with a merge: section (recipes/merge.yaml, ...)")
-    merge.add_argument("overrides", nargs="*", help="dotted overrides, e.g. merge.method=on_policy")
-    merge.add_argument("--output", "-o", help="output folder (default: runs/<recipe name>)")
-    merge.set_defaults(run="mispo.merge_cli:run")
-
-    gen = sub.add_parser("generate", help="sample from a checkpoint (default: the built-in tiny Step3p5)")
-    gen.add_argument("model", nargs="?", help="checkpoint directory (default: built-in tiny Step3p5)")
-    gen.add_argument("--prompt", action="append", help="a prompt; repeat for several")
-    gen.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
-    gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.set_defaults(run="mispo.generate:run")
-
-    plan = sub.add_parser("plan", help="per-GPU memory plan of a recipe's roles (no model is allocated)")
-    plan.add_argument("recipe", help="recipe YAML (recipes/step3p5_flash/math_expert.yaml, ...)")
-    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. resources.actor_gpus=64")
-    plan.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
-    plan.set_defaults(run="mispo.plan:run")
-    return parser
+class UsageError(Exception):
+    """The command cannot run as given (e.g. --output already holds a run); the message says what to pass."""
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors caused by the user's input (recipe, data, plugins, filters): printed, exit code 2."""
+    """Errors caused by the user's input, printed without a traceback (exit code 2)."""
     from mispo.config import RecipeError
     from mispo.data import DataError
     from mispo.distill.filters import FilterError
     from mispo.plugins import PluginError
 
-    return RecipeError, DataError, PluginError, FilterError
+    return UsageError, RecipeError, DataError, PluginError, FilterError
 
 
-def print_scores(console, results: dict[str, dict[str, float]]) -> None:
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _print_scores(results: dict[str, dict[str, float]]) -> None:
     """One line per model: its accuracy on each domain."""
+    console = _stderr()
     for model, scores in results.items():
         console.print(f"  {model:>10}: " + "  ".join(f"{d} {acc:.3f}" for d, acc in scores.items()))
 
 
-def __getattr__(name: str):
-    if name == "USER_ERRORS":  # imported lazily: `mispo --help` stays fast
-        return _user_errors()
-    raise AttributeError(name)
+# --------------------------------------------------------------------------- the commands
+def train(args) -> int:
+    """`mispo train RECIPE [key=value ...] [--output DIR] [--resume]`: RL with MIS-PO, or the stages of
+    a `pipeline:` recipe (rerunning it continues where it stopped, no --resume needed)."""
+    from mispo.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    output = Path(args.output or Path("runs") / recipe.name)
+    if recipe.pipeline is not None:
+        return _train_pipeline(recipe, output)
+    if (output / "checkpoints" / "latest").exists() and not args.resume:
+        raise UsageError(f"{output} already holds a run; pass --resume to continue it, or choose another --output")
+    from mispo.trainer import Trainer
+
+    start, trainer = time.time(), None
+    try:
+        trainer = Trainer(recipe, output)
+        final = trainer.fit()
+    finally:
+        if trainer is not None:
+            trainer.shutdown()
+    _stderr().print(f"done in {time.time() - start:.0f}s: {output}/metrics.jsonl, final policy in {output}/final"
+                   + (f", eval/accuracy {final['eval/accuracy']:.3f}" if "eval/accuracy" in final else ""))
+    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _train_pipeline(recipe, output: Path) -> int:
+    from mispo.pipeline import Pipeline
+
+    start = time.time()
+    try:
+        results = Pipeline(recipe, output).run()
+    except KeyboardInterrupt:
+        _stderr().print("[yellow]interrupted: rerun the same command to continue from the unfinished stage[/yellow]")
+        raise
+    _stderr().print(f"done in {time.time() - start:.0f}s: {output}/eval.json, {output}/eval.png")
+    _print_scores(results)
+    return 0
+
+
+def sft(args) -> int:
+    """`mispo sft RECIPE [key=value ...] [--output DIR]`: supervised fine-tuning of `model.path` on the
+    recipe's `sft:` data (rows with `prompt` and `completion`) with the DeepSpeed policy learner.
+
+        DIR/final/          the fine-tuned model (release format, with its tokenizer)
+        DIR/metrics.jsonl   sft/loss and sft/lr per step
+        DIR/recipe.yaml     the resolved recipe
+    """
+    from mispo.config import RecipeError, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.sft is None:
+        raise RecipeError(f"{args.recipe}: no sft: section; fix: add sft: {{data: path.jsonl, steps: 100, "
+                          "lr: 1.0e-5, batch_size: 32}} (rows need prompt and completion)")
+    output = Path(args.output or Path("runs") / f"{recipe.name}-sft")
+    if (output / "final" / "config.json").exists():
+        raise UsageError(f"{output} already holds a finished SFT run; choose another --output")
+    from transformers import AutoTokenizer
+
+    from mispo.cluster import start_ray
+    from mispo.config import dump_recipe
+    from mispo.metrics_log import MetricsLog
+    from mispo.prepare_model import base_model_path
+    from mispo.sft import recipe_sft_samples, run_sft
+
+    start = time.time()
+    metrics = MetricsLog(output)
+    (output / "recipe.yaml").write_text(dump_recipe(recipe))
+    try:
+        base = base_model_path(recipe)
+        samples = recipe_sft_samples(recipe, recipe.sft, AutoTokenizer.from_pretrained(base))
+        start_ray(recipe.trainer.ray_address)
+        run_sft(base, samples, recipe.sft, recipe, output / "final", log=metrics.log)
+    finally:
+        metrics.close()
+    _stderr().print(f"done in {time.time() - start:.0f}s: {len(samples)} examples, {recipe.sft.steps} steps; "
+                   f"model in {output}/final")
+    return 0
+
+
+def merge(args) -> int:
+    """`mispo merge RECIPE [key=value ...] [--output DIR]`: distil the recipe's `merge.experts` into the
+    student `model.path` (see mispo.distill.merge for the stages and outputs)."""
+    from mispo.config import load_recipe
+    from mispo.distill.merge import Merge
+
+    start, merger = time.time(), None
+    recipe = load_recipe(args.recipe, args.overrides)
+    output = Path(args.output or Path("runs") / recipe.name)
+    try:
+        merger = Merge(recipe, output)  # every check runs here, before any engine starts
+        results = merger.run()
+    except KeyboardInterrupt:
+        _stderr().print("[yellow]interrupted: rerun the same command to continue (sampled data is kept)[/yellow]")
+        raise
+    finally:
+        if merger is not None:
+            merger.close()
+    _stderr().print(f"done in {time.time() - start:.0f}s: merged model in {output}/model")
+    _print_scores(results)
+    return 0
+
+
+def generate(args) -> int:
+    """`mispo generate [MODEL_DIR] [--prompt P ...]`: sample from a checkpoint (see mispo.generate)."""
+    from rich.console import Console
+
+    from mispo.generate import generate as sample
+    from mispo.generate import tiny_model_dir
+
+    console = Console()
+    model = args.model or tiny_model_dir()
+    if not args.model:
+        console.print(f"[dim]no model given: using the built-in tiny Step3p5 checkpoint at {model}[/dim]")
+    start = time.time()
+    results = sample(model, args.prompt or ["12+30=", "The answer is"], engine=args.engine,
+                     max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    for r in results:
+        mean_lp = sum(r["logprobs"]) / max(len(r["logprobs"]), 1)
+        console.print(f"[bold]{r['prompt']!r}[/bold] -> {r['text']!r}  "
+                      f"({len(r['token_ids'])} tokens, {r['finish_reason']}, mean logprob {mean_lp:.3f})")
+    console.print(f"[dim]{args.engine}: {time.time() - start:.1f}s including engine start[/dim]")
+    return 0
+
+
+def plan(args) -> int:
+    """`mispo plan RECIPE [key=value ...] [--json]`: the per-GPU memory plan (see mispo.plan)."""
+    import json
+
+    from rich.console import Console
+
+    from mispo.plan import plan_file, print_plan
+
+    result = plan_file(args.recipe, args.overrides)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print_plan(result, Console(width=max(Console().width, 150)))
+    return 0
+
+
+# --------------------------------------------------------------------------- parsing and running
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mispo", description="RL post-training of LLMs with MIS-PO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="RL-train a policy with MIS-PO from a recipe")
+    p.add_argument("recipe", help="recipe YAML (recipes/math_expert.yaml, ...)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=20")
+    p.add_argument("--output", "-o", help="run folder (default: runs/<recipe name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.set_defaults(func=train)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning of model.path on the recipe's sft: data")
+    p.add_argument("recipe", help="recipe YAML with an sft: section")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.steps=200")
+    p.add_argument("--output", "-o", help="run folder (default: runs/<recipe name>-sft)")
+    p.set_defaults(func=sft)
+
+    p = sub.add_parser("merge", help="distil domain experts into one generalist (the recipe's merge: section)")
+    p.add_argument("recipe", help="recipe YAML with a merge: section (recipes/merge.yaml, ...)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. merge.method=on_policy")
+    p.add_argument("--output", "-o", help="output folder (default: runs/<recipe name>)")
+    p.set_defaults(func=merge)
+
+    p = sub.add_parser("generate", help="sample from a checkpoint (default: the built-in tiny Step3p5)")
+    p.add_argument("model", nargs="?", help="checkpoint directory (default: built-in tiny Step3p5)")
+    p.add_argument("--prompt", action="append", help="a prompt; repeat for several")
+    p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=generate)
+
+    p = sub.add_parser("plan", help="per-GPU memory plan of a recipe's roles (no model is allocated)")
+    p.add_argument("recipe", help="recipe YAML (recipes/step3p5_flash/math_expert.yaml, ...)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. resources.actor_gpus=64")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    p.set_defaults(func=plan)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may also come after options (`--output DIR trainer.max_steps=5`)
@@ -76,10 +229,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    module_name, func = args.run.split(":")
-    module = __import__(module_name, fromlist=[func])
-    return getattr(module, func)(args)
+    return args
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; its exit code, 2 after a user error, 130 after Ctrl-C."""
+    args = parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except _user_errors() as exc:  # (evaluated only when an exception gets here)
+        from rich.markup import escape
+
+        _stderr().print(f"[red]error:[/red] {escape(str(exc))}")
+        return 2

@@ -235,7 +235,7 @@ def test_resources_errors_name_the_field():
 
 # --------------------------------------------------------------------------- the command line
 def test_cli_prints_the_table(flash_dir):
-    out = subprocess.run([sys.executable, "-m", "mispo.cli", "plan", "recipes/step3p5_flash/math_expert.yaml",
+    out = subprocess.run([sys.executable, "-m", "mispo", "plan", "recipes/step3p5_flash/math_expert.yaml",
                           f"model.path={flash_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 0, out.stderr

@@ -1,0 +1,382 @@
+"""The planner: each role's per-GPU memory against its budget, the verdict, and the changes that would
+make a role fit (see the package docstring for the roles and the budgets)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mispo.config import Recipe, RecipeError, load_recipe
+from mispo.plan.memory import (activation_bytes, host_memory_bytes, kv_bytes_per_sequence, kv_bytes_per_token,
+                               model_state_bytes, rollout_weight_bytes)
+from mispo.plan.shape import ModelShape, model_shape
+from mispo.plan.units import GiB, fmt_count, fmt_gib, fmt_kib
+
+USABLE_FRACTION = 0.9  # of a GPU's memory, for the learners
+ROLLOUT_RESERVE_GIB = 2.0  # vLLM's activations, sampler and CUDA graphs (it profiles them at start-up)
+MAX_GPUS_SEARCHED = 4096
+
+
+@dataclass
+class RolePlan:
+    """One role's per-GPU memory (bytes), its budget, the verdict and what would fix it."""
+
+    role: str
+    gpus: int  # 0 = CPU run
+    parts: dict[str, float]  # weights, ref_weights, grads, optimizer, activations, kv_cache
+    budget: float
+    fits: bool
+    detail: str = ""
+    fixes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+@dataclass
+class Plan:
+    recipe: str | None
+    model: dict[str, Any]
+    resources: dict[str, Any]
+    roles: list[RolePlan]
+    notes: list[str]
+
+    @property
+    def fits(self) -> bool:
+        return all(r.fits for r in self.roles)
+
+    def role(self, name: str) -> RolePlan:
+        return next(r for r in self.roles if r.role == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: sizes in GiB (2^30 bytes) with the raw bytes alongside."""
+        roles = []
+        for r in self.roles:
+            d = asdict(r)
+            d["total"] = r.total
+            d["parts_gib"] = {k: round(v / GiB, 3) for k, v in r.parts.items()}
+            d["total_gib"], d["budget_gib"] = round(r.total / GiB, 3), round(r.budget / GiB, 3)
+            roles.append(d)
+        return {"recipe": self.recipe, "fits": self.fits, "model": self.model, "resources": self.resources,
+                "roles": roles, "notes": self.notes}
+
+
+@dataclass
+class _Ctx:
+    """What the role planners share."""
+
+    recipe: Recipe
+    shape: ModelShape
+    cpu_run: bool
+    budget: float  # learner budget per GPU (or per machine on a CPU run)
+    dtype_bytes: int
+    seq_len: int
+    tokens: int  # tokens in one packed micro-batch
+
+
+def _learner_parts(ctx: _Ctx, params: int, gpus: int, zero_stage: int, offload: bool, checkpointing: bool,
+                   logits: bool) -> dict[str, float]:
+    r = ctx.recipe
+    states = model_state_bytes(params, ctx.shape.largest_layer_params, gpus, zero_stage,
+                               bf16=r.model.dtype == "bfloat16", offload=offload,
+                               gpus_per_node=r.resources.gpus_per_node)
+    states["activations"] = activation_bytes(ctx.shape, ctx.tokens, ctx.dtype_bytes, checkpointing, logits)
+    return states
+
+
+def _reference_bytes(ctx: _Ctx, gpus: int, zero_stage: int) -> float:
+    """The frozen reference's weights on each actor GPU: P b, divided by N under ZeRO-3."""
+    full = ctx.shape.learner_params * ctx.dtype_bytes
+    return full / max(gpus, 1) if zero_stage == 3 else full
+
+
+def _learner_total(ctx: _Ctx, role: str, gpus: int, zero_stage: int, offload: bool,
+                   checkpointing: bool) -> tuple[float, float]:
+    """(GPU bytes per GPU, host bytes per node) of a learner role under the given settings."""
+    parts = _learner_parts(ctx, _role_params(ctx, role), gpus, zero_stage, offload, checkpointing, role == "actor")
+    host = parts.pop("host")
+    extra = _reference_bytes(ctx, gpus, zero_stage) if role == "actor" and ctx.recipe.learner.reference else 0.0
+    return sum(parts.values()) + extra, host
+
+
+def _learner_fits(ctx: _Ctx, role: str, gpus: int, zero_stage: int, offload: bool, checkpointing: bool) -> bool:
+    """GPU total within the budget, and offloaded states within resources.cpu_memory_gb (when set)."""
+    gpu, host = _learner_total(ctx, role, gpus, zero_stage, offload, checkpointing)
+    cpu = ctx.recipe.resources.cpu_memory_gb
+    return gpu <= ctx.budget and not (cpu and host > cpu * GiB)
+
+
+def _role_params(ctx: _Ctx, role: str) -> int:
+    """Critic = the backbone (lm_head included) plus a Linear(hidden, 1) value head."""
+    return ctx.shape.learner_params + (ctx.shape.hidden + 1 if role == "critic" else 0)
+
+
+def _min_gpus(ctx: _Ctx, role: str, zero_stage: int, offload: bool, checkpointing: bool) -> int | None:
+    """Fewest GPUs (up to MAX_GPUS_SEARCHED) with which the role fits; None when none does.
+    The total only falls as GPUs are added, so a binary search finds it."""
+    def fits(n: int) -> bool:
+        return _learner_fits(ctx, role, n, zero_stage, offload, checkpointing)
+
+    if not fits(MAX_GPUS_SEARCHED):
+        return None
+    lo, hi = 1, MAX_GPUS_SEARCHED
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    return lo
+
+
+def _round_to_nodes(n: int, gpus_per_node: int) -> int:
+    return n if n <= gpus_per_node or not gpus_per_node else math.ceil(n / gpus_per_node) * gpus_per_node
+
+
+def learner_fixes(ctx: _Ctx, role: str, gpus: int) -> list[str]:
+    """Up to three changes that make the role fit, fewest extra GPUs and fewest changed settings first:
+    every combination of {ZeRO-3, gradient checkpointing, optimizer offload} with the fewest GPUs it needs."""
+    r = ctx.recipe
+    stage, ckpt, offload = r.learner.zero_stage, r.model.gradient_checkpointing, r.resources.offload_optimizer
+    key = f"resources.{role}_gpus"
+    if ctx.cpu_run:
+        options = [] if ckpt else ["model.gradient_checkpointing=true"]
+        return options + ["lower learner.micro_batch_tokens", "a GPU cluster (resources.gpus_per_node, "
+                          f"{key}); run `mispo plan` again to size it"]
+    found = []
+    for s in sorted({stage, 3}):
+        for c in sorted({ckpt, True}):
+            for o in sorted({offload, True}):
+                n = _min_gpus(ctx, role, s, o, c)
+                if n is None:
+                    continue
+                changes = ([f"learner.zero_stage={s}"] * (s != stage)
+                           + ["model.gradient_checkpointing=true"] * (c != ckpt)
+                           + ["resources.offload_optimizer=true"] * (o != offload))
+                need = max(_round_to_nodes(n, r.resources.gpus_per_node), gpus)
+                if need > gpus:
+                    changes.append(f"{key}={need}")
+                total = _learner_total(ctx, role, need, s, o, c)[0]
+                found.append((need > gpus, need, len(changes), " + ".join(changes), total))
+    found.sort()
+    out = [f"{text}: {fmt_gib(total)} per GPU" for _, _, _, text, total in found[:3] if text]
+    if not out:
+        out.append(f"no layout up to {MAX_GPUS_SEARCHED} GPUs fits; lower learner.micro_batch_tokens (now "
+                   f"{ctx.tokens} tokens per micro-batch) or use GPUs with more memory (resources.gpu_memory_gb)")
+    return out
+
+
+def plan_learner(ctx: _Ctx, role: str) -> RolePlan:
+    """The actor or critic learner: ZeRO model states + activations (+ the reference on the actor)."""
+    r = ctx.recipe
+    gpus = 0 if ctx.cpu_run else (r.resources.actor_gpus if role == "actor" else r.resources.critic_gpus)
+    stage, ckpt = r.learner.zero_stage, r.model.gradient_checkpointing
+    offload = r.resources.offload_optimizer
+    parts = _learner_parts(ctx, _role_params(ctx, role), gpus, stage, offload, ckpt, role == "actor")
+    host = parts.pop("host")
+    layers = activation_bytes(ctx.shape, ctx.tokens, ctx.dtype_bytes, ckpt, logits=False)
+    if role == "actor" and r.learner.reference:
+        parts["ref_weights"] = _reference_bytes(ctx, gpus, stage)
+    where = "on CPU" if ctx.cpu_run else f"over {gpus} GPUs"
+    detail = (f"ZeRO-{stage} {where}, {ctx.tokens} tokens per micro-batch, gradient checkpointing "
+              f"{'on' if ckpt else 'off'}" + (", optimizer offloaded" if offload and stage >= 1 else "")
+              + (", with the frozen reference" if "ref_weights" in parts else "")
+              + f"; activations = {fmt_gib(layers)} layers" + (f" + {fmt_gib(parts['activations'] - layers)} logits"
+                                                          if role == "actor" else ""))
+    plan = RolePlan(role, gpus, parts, ctx.budget, fits=False, detail=detail,
+                    extra={"params": _role_params(ctx, role)})
+    if not ctx.cpu_run and gpus == 0:
+        plan.parts = {}
+        plan.detail = "no GPUs assigned"
+        plan.fixes = [f"resources.{role}_gpus = N (run `mispo plan` to size it)"]
+        return plan
+    plan.fits = plan.total <= ctx.budget
+    if host:
+        plan.extra["host_gib_per_node"] = round(host / GiB, 1)
+        cpu = r.resources.cpu_memory_gb
+        plan.detail += f"; host memory for offload ~{host / GiB:,.0f} GiB per node (DeepSpeed's estimate)"
+        if cpu and host > cpu * GiB:
+            plan.fits = False
+            plan.detail += f" > resources.cpu_memory_gb = {cpu:g}"
+    if not plan.fits:
+        plan.fixes = learner_fixes(ctx, role, gpus)
+    return plan
+
+
+def _kv_dtype_bytes(recipe: Recipe, dtype_bytes: int) -> int:
+    kv = str(recipe.rollout.engine_kwargs.get("kv_cache_dtype", "auto"))
+    return 1 if kv.startswith("fp8") else dtype_bytes
+
+
+def _rollout_memory(ctx: _Ctx, tp: int, dp: int, ep: bool, util: float, gpu_bytes: float) -> dict[str, float]:
+    """Per GPU: engine budget, weights, reserve, KV pool, sequences / tokens of KV it holds."""
+    shape = ctx.shape
+    budget = util * gpu_bytes
+    weights = rollout_weight_bytes(shape, tp, dp, ep, ctx.dtype_bytes)
+    reserve = min(ROLLOUT_RESERVE_GIB * GiB, 0.1 * budget) if ctx.cpu_run else ROLLOUT_RESERVE_GIB * GiB
+    kv_pool = max(budget - weights - reserve, 0.0)
+    kv_b = _kv_dtype_bytes(ctx.recipe, ctx.dtype_bytes)
+    per_seq = kv_bytes_per_sequence(shape.layers, ctx.seq_len, tp, kv_b)
+    sequences = int(kv_pool // per_seq) if per_seq else 0
+    return {"budget": budget, "weights": weights, "reserve": reserve, "kv_pool": kv_pool, "per_seq": per_seq,
+            "sequences": sequences, "tokens": sequences * ctx.seq_len,
+            "uncapped_tokens": int(kv_pool // sum(kv_bytes_per_token(l, tp, kv_b) for l in shape.layers))}
+
+
+def rollout_fixes(ctx: _Ctx, gpu_bytes: float) -> list[str]:
+    """The two smallest engines (tensor x data parallel, experts sharded over both) that hold the weights and
+    at least one sequence's KV; then a higher gpu_memory_utilization."""
+    res, util = ctx.recipe.resources, ctx.recipe.rollout.gpu_memory_utilization
+    heads = [layer.num_heads for layer in ctx.shape.layers]
+    found = []
+    for tp in (1, 2, 4, 8, 16, 32, 64):
+        if any(h % tp for h in heads):
+            continue
+        for dp, ep in ((1, False), (2, True), (4, True), (8, True)):
+            m = _rollout_memory(ctx, tp, dp, ep, util, gpu_bytes)
+            if m["sequences"] < 1:
+                continue
+            text = f"resources.rollout_tensor_parallel={tp}"
+            if ep:
+                text += f" + resources.rollout_data_parallel={dp} + resources.rollout_expert_parallel=true"
+            per = "data-parallel rank" if dp > 1 else "engine"
+            text += (f": weights {fmt_gib(m['weights'])} per GPU, KV room for {m['sequences']} sequences per {per} "
+                     f"(rollout_gpus a multiple of {tp * dp})")
+            found.append((tp * dp, ep, -m["sequences"], text))
+    out = [text for *_, text in sorted(found)[:2]]
+    if util < 0.9:
+        m = _rollout_memory(ctx, res.rollout_tensor_parallel, res.rollout_data_parallel,
+                            res.rollout_expert_parallel, 0.9, gpu_bytes)
+        if m["sequences"] >= 1:
+            out.append(f"rollout.gpu_memory_utilization=0.9: KV room for {m['sequences']} sequences")
+    return out or ["more GPUs per engine than this search tried, or GPUs with more memory"]
+
+
+def _kv_per_token_text(ctx: _Ctx, tp: int, kv_bytes: int) -> tuple[str, dict[str, float]]:
+    """'KV per token per GPU: X on the full layers + Y on the sliding layers (capped at W)' and the numbers."""
+    full = [layer for layer in ctx.shape.layers if not layer.window]
+    swa = [layer for layer in ctx.shape.layers if layer.window]
+    sums = {"full": sum(kv_bytes_per_token(layer, tp, kv_bytes) for layer in full),
+            "sliding": sum(kv_bytes_per_token(layer, tp, kv_bytes) for layer in swa)}
+    text = f"KV per token per {'worker' if ctx.cpu_run else 'GPU'}: {fmt_kib(sums['full'])} on {len(full)} full layers"
+    if swa:
+        text += f" + {fmt_kib(sums['sliding'])} on {len(swa)} sliding layers (capped at {swa[0].window} tokens)"
+    return text, sums
+
+
+def plan_rollout(ctx: _Ctx) -> RolePlan:
+    """The rollout engines: weights per GPU, a runtime reserve, and the KV cache in what is left of
+    gpu_memory_utilization x the GPU; fits when the KV pool holds at least one max_model_len sequence."""
+    r, res = ctx.recipe, ctx.recipe.resources
+    if ctx.cpu_run:
+        tp, dp, ep, gpu_bytes = 1, 1, False, host_memory_bytes()
+    else:
+        tp, dp, ep = res.rollout_tensor_parallel, res.rollout_data_parallel, res.rollout_expert_parallel
+        gpu_bytes = res.gpu_memory_gb * GiB
+    m = _rollout_memory(ctx, tp, dp, ep, r.rollout.gpu_memory_utilization, gpu_bytes)
+    engines = r.rollout.num_workers if ctx.cpu_run else res.rollout_gpus // (tp * dp)
+    per_token, sums = _kv_per_token_text(ctx, tp, _kv_dtype_bytes(r, ctx.dtype_bytes))
+    layout = "CPU" if ctx.cpu_run else f"TP{tp}" + (f" x DP{dp}" if dp > 1 else "") + (" +EP" if ep else "")
+    detail = (f"{engines} engine(s), {layout}; {per_token}; one {ctx.seq_len}-token sequence = "
+              f"{fmt_gib(m['per_seq'])}; KV holds {m['sequences']} such sequences = {m['tokens']:,} tokens per engine"
+              + (" (per data-parallel rank)" if dp > 1 else ""))
+    extra = {k: m[k] for k in ("per_seq", "sequences", "tokens", "uncapped_tokens")}
+    extra |= {"engines": engines, "kv_bytes_per_token": sums}
+    parts = {"weights": m["weights"], "activations": m["reserve"], "kv_cache": m["kv_pool"]}
+    plan = RolePlan("rollout", 0 if ctx.cpu_run else res.rollout_gpus, parts, m["budget"],
+                    fits=m["sequences"] >= 1, detail=detail, extra=extra)
+    if not plan.fits:
+        plan.fixes = rollout_fixes(ctx, gpu_bytes)
+        return plan
+    demand = math.ceil(r.rollout.prompts_per_step * r.rollout.n_samples / max(engines, 1))
+    plan.extra["sequences_per_engine_per_step"] = demand
+    if m["sequences"] * dp < demand:
+        plan.detail += (f"; each engine gets {demand} sequences per step, so vLLM runs them in waves "
+                        "(more rollout GPUs or engine_kwargs.kv_cache_dtype=fp8 raise concurrency)")
+    return plan
+
+
+def _notes(ctx: _Ctx, critic: bool) -> list[str]:
+    r, res, shape = ctx.recipe, ctx.recipe.resources, ctx.shape
+    notes = []
+    if shape.mtp_params:
+        notes.append(f"the learners hold the {fmt_count(shape.mtp_params)} MTP parameters too (counted); the "
+                     "rollout engines serve the main model only")
+    gather = 4 * shape.largest_layer_params
+    if r.learner.zero_stage == 3 and gather > GiB:
+        notes.append(f"ZeRO-3 gathers whole modules: the largest holds {fmt_count(shape.largest_layer_params)} "
+                     f"parameters (4 bytes each in DeepSpeed's estimate: {fmt_gib(gather)} per GPU, in 'weights')")
+    if r.learner.reference and not ctx.cpu_run and r.learner.zero_stage == 3:
+        notes.append("the reference is counted sharded like the actor (ZeRO-3); PolicyWorker loads it unsharded "
+                     "today, which at this scale needs a ZeRO-3 inference engine")
+    if r.algorithm.kl_coef > 0 and not r.learner.reference:
+        notes.append("algorithm.kl_coef > 0 needs learner.reference: true")
+    if r.resources.offload_optimizer and r.learner.zero_stage == 0:
+        notes.append("resources.offload_optimizer needs learner.zero_stage >= 1; ignored")
+    if r.rollout.max_new_tokens > ctx.seq_len:
+        notes.append(f"rollout.max_new_tokens = {r.rollout.max_new_tokens} exceeds the engine's max_model_len = "
+                     f"{ctx.seq_len}; set rollout.max_model_len")
+    if not ctx.cpu_run:
+        engines = res.rollout_gpus // (res.rollout_tensor_parallel * res.rollout_data_parallel)
+        if r.rollout.num_workers != engines:
+            notes.append(f"rollout.num_workers = {r.rollout.num_workers} but the resources make {engines} engines")
+        tp_kwarg = r.rollout.engine_kwargs.get("tensor_parallel_size")
+        if tp_kwarg and tp_kwarg != res.rollout_tensor_parallel:
+            notes.append(f"rollout.engine_kwargs.tensor_parallel_size = {tp_kwarg} differs from "
+                         f"resources.rollout_tensor_parallel = {res.rollout_tensor_parallel}")
+        if res.rollout_tensor_parallel * res.rollout_data_parallel > res.gpus_per_node:
+            notes.append("one rollout engine spans nodes; keep tensor parallelism within a node")
+        if critic is False and res.critic_gpus:
+            notes.append(f"resources.critic_gpus = {res.critic_gpus} but the recipe trains no critic")
+        unused = res.nodes * res.gpus_per_node - res.actor_gpus - res.critic_gpus - res.rollout_gpus
+        if unused:
+            notes.append(f"{unused} GPUs are not assigned to any role")
+    return notes
+
+
+def plan_recipe(recipe: Recipe) -> Plan:
+    """The memory plan of every role of the recipe (see the module docstring)."""
+    shape = model_shape(recipe)
+    res = recipe.resources
+    cpu_run = res.gpus_per_node == 0
+    budget = (host_memory_bytes() if cpu_run else res.gpu_memory_gb * GiB) * USABLE_FRACTION
+    seq_len = recipe.rollout.max_model_len
+    ctx = _Ctx(recipe, shape, cpu_run, budget, 2 if recipe.model.dtype == "bfloat16" else 4, seq_len,
+               tokens=max(recipe.learner.micro_batch_tokens, seq_len))
+    critic = recipe.learner.critic is not None and recipe.algorithm.advantage == "gae"  # as the trainer decides
+    roles = [plan_learner(ctx, "actor")] + ([plan_learner(ctx, "critic")] if critic else []) + [plan_rollout(ctx)]
+    model = {"name": shape.name, "total_params": shape.total_params, "active_params": shape.active_params,
+             "active_params_no_embeddings": shape.active_params_no_embeddings, "routed_params": shape.routed_params,
+             "embedding_params": shape.embedding_params, "mtp_params": shape.mtp_params,
+             "learner_params": shape.learner_params, "largest_layer_params": shape.largest_layer_params,
+             "layers": len(shape.layers), "hidden_size": shape.hidden, "vocab_size": shape.vocab,
+             "dtype": recipe.model.dtype}
+    resources = res.model_dump() | {"cpu_run": cpu_run, "usable_fraction": USABLE_FRACTION,
+                                    "micro_batch_tokens": ctx.tokens, "max_model_len": seq_len}
+    return Plan(recipe.source, model, resources, roles, _notes(ctx, critic))
+
+
+# The plan reads no data: data files named by a cluster recipe need not exist on the machine that plans it.
+NO_DATA = ["data.train=builtin:arithmetic", "data.eval=null"]
+
+
+def load_for_plan(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """load_recipe with the data paths replaced (not read by the plan); model.path must still exist."""
+    return load_recipe(path, list(overrides) + NO_DATA)
+
+
+MODEL_PATH_HINT = ("\nhint: the plan reads only config.json; e.g. a folder holding a copy of "
+                   "mispo/models/step3p5/configs/step3p5_flash.json as config.json")
+
+
+def plan_file(path: str | Path | None, overrides: list[str] = ()) -> Plan:
+    """`mispo plan`: plan_recipe(load_for_plan(path, overrides)). An invalid recipe or checkpoint config
+    (ConfigError) raises RecipeError; one naming model.path ends with MODEL_PATH_HINT."""
+    from mispo.models.step3p5 import ConfigError
+
+    try:
+        return plan_recipe(load_for_plan(path, overrides))
+    except (RecipeError, ConfigError) as exc:
+        hint = MODEL_PATH_HINT if "model.path" in str(exc) else ""
+        raise RecipeError(f"{exc}{hint}") from None
