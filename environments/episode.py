@@ -13,10 +13,16 @@
 The result aligns, position by position: ``token_ids``; ``loss_mask`` (1 for model tokens, 0 for
 prompt and environment tokens); ``logprobs`` (sampled log-prob for model tokens, None elsewhere,
 0.0 for model tokens if the generator gave none). ``finish_reason`` is ``"stop"`` (the environment
-ended the episode), ``"length"`` (the token budget ran out: the model was cut off, or an
-observation would not fit) or ``"max_turns"``. Unfinished episodes get
+ended the episode), ``"length"`` (a budget ran out: the model was cut off, or an observation would
+not fit) or ``"max_turns"``. Unfinished episodes get
 ``env.unfinished_reward(reason)`` if the environment has it, else 0; the trainer can bootstrap
 them from the value since ``finish_reason`` says they were cut.
+
+Budgets: ``max_tokens`` caps everything after the prompt, all model turns and observations
+together; ``max_turn_tokens`` caps one model turn (environment tokens never count against it) and
+``max_context`` the whole sequence, prompt included (the engine's context length); None = no such
+cap. A turn's budget is the smallest room left under them; a model turn cut by it (``"length"``)
+ends the episode, and so does an observation that would not fit under ``max_tokens`` / ``max_context``.
 """
 
 from __future__ import annotations
@@ -56,10 +62,12 @@ def _takes_budget(fn: Callable) -> bool:
 
 def run_episode(env: Environment, row: Mapping[str, Any], generate_turn: Callable,
                 encode: Callable[[str], Sequence[int]], *, max_turns: int = 8,
-                max_tokens: int = 4096, prompt_ids: Sequence[int] | None = None,
+                max_tokens: int = 4096, max_turn_tokens: int | None = None, max_context: int | None = None,
+                prompt_ids: Sequence[int] | None = None,
                 wrap_observation: Callable[[str], str] = lambda s: s) -> Episode:
-    """Run ``env`` on ``row`` to the end or the budget (``max_tokens`` counts model and
-    environment tokens after the prompt). See the module docstring."""
+    """Run ``env`` on ``row`` to the end or a budget (``max_turn_tokens`` per model turn,
+    ``max_tokens`` for model and environment tokens after the prompt, ``max_context`` for the whole
+    sequence). See the module docstring."""
     prompt = env.reset(row)
     ids = list(prompt_ids) if prompt_ids is not None else list(encode(prompt))
     prompt_len = len(ids)
@@ -67,8 +75,14 @@ def run_episode(env: Environment, row: Mapping[str, Any], generate_turn: Callabl
     logps: list[float | None] = [None] * prompt_len
     budget_arg = _takes_budget(generate_turn)
     finish, reward, info, turns = "max_turns", None, {}, 0
+
+    def room() -> int:
+        """Tokens that may still follow `ids` under the episode budget and the context."""
+        left = max_tokens - (len(ids) - prompt_len)
+        return left if max_context is None else min(left, max_context - len(ids))
+
     while turns < max_turns:
-        budget = max_tokens - (len(ids) - prompt_len)
+        budget = room() if max_turn_tokens is None else min(room(), max_turn_tokens)
         if budget <= 0:
             finish = "length"
             break
@@ -92,7 +106,7 @@ def run_episode(env: Environment, row: Mapping[str, Any], generate_turn: Callabl
             finish, reward = "stop", result.reward
             break
         obs = list(encode(wrap_observation(result.observation)))
-        if len(ids) - prompt_len + len(obs) > max_tokens:
+        if len(obs) > room():
             finish = "length"
             break
         ids += obs

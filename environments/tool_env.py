@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from environments.base import StepResult
-from environments.toolcalls import MalformedCall, parse_tool_calls
 from environments.tools import Tool, default_tools
 from rewards import tool as tool_reward
+from rewards.toolcalls import MalformedCall, parse_tool_calls
 
 INSTRUCTIONS = (
     "You can call tools. To call one, write\n"

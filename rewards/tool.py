@@ -11,15 +11,15 @@
   ``malformed_penalty = 1.0`` (row field) any malformed call zeroes the reward; 0.25 would take a
   quarter per bad call. The count of malformed calls is taken from the row field
   ``malformed_tool_calls`` when an environment supplies it (it also counts calls to unknown
-  tools), else counted here with environments.toolcalls.
+  tools), else counted here with rewards.toolcalls.
 """
 
 from __future__ import annotations
 
 import re
 
-from environments.toolcalls import MalformedCall, parse_tool_calls
 from rewards.math import equivalent, last_boxed
+from rewards.toolcalls import MalformedCall, parse_tool_calls
 
 _ANSWER = re.compile(r"<\s*answer\s*>(.*?)(?:<\s*/\s*answer\s*>|\Z)", re.IGNORECASE | re.DOTALL)
 

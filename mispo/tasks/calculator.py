@@ -3,7 +3,7 @@
 Rows: ``{"prompt": "What is 317*29?", "answer": "9193"}`` (environments.tool_env reads
 ``prompt`` when a row has no ``question``). SFT rows add ``"tool_call"``, the call to make
 (``<tool_call name="calc"><expression>317*29</expression></tool_call>``, one of the XML shapes
-environments.toolcalls accepts; the short one keeps tiny models' sequences short),
+rewards.toolcalls accepts; the short one keeps tiny models' sequences short),
 and ``"completion": "<answer>9193</answer>"``, the final turn, which rewards.tool scores 1.0.
 Options as builtin:arithmetic (mispo.tasks.arithmetic), with defaults ``operations="*"``,
 ``digits=[2, 3]``, ``template="What is {expr}?"``, and ``sft_answer_fraction`` (default 1.0) in place

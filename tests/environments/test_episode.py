@@ -89,3 +89,24 @@ def test_budget_is_passed_when_accepted_and_prompt_ids_override():
                      max_tokens=50, prompt_ids=[1, 2, 3])
     assert seen == [50] and ep.prompt_len == 3 and ep.token_ids == [1, 2, 3, 7]
     assert ep.logprobs == [None, None, None, 0.0] and ep.reward == 1.0
+
+
+def test_turn_cap_ignores_observations_and_context_bounds_the_sequence():
+    seen = []
+
+    def gen(token_ids, budget):
+        seen.append(budget)
+        return [7] * min(budget, 4), "abcd"[:budget], "stop" if budget >= 4 else "length"
+
+    obs = len(encode("obs"))
+    # the per-turn cap is the same every turn; the episode budget (model + observations) is what shrinks
+    ep = run_episode(Echo(), {}, gen, encode, max_turns=3, max_turn_tokens=5, max_tokens=100)
+    assert seen == [5, 5, 5] and ep.finish_reason == "max_turns" and sum(ep.loss_mask) == 12
+    seen.clear()
+    ep = run_episode(Echo(), {}, gen, encode, max_turns=3, max_turn_tokens=5, max_tokens=4 + obs + 2)
+    assert seen == [5, 2] and ep.finish_reason == "length" and ep.response_len == 4 + obs + 2
+    # the context counts the prompt too: here it leaves room for one turn and no observation
+    seen.clear()
+    context = len(encode("P")) + 4 + obs - 1
+    ep = run_episode(Echo(), {}, gen, encode, max_turns=3, max_turn_tokens=5, max_context=context)
+    assert seen == [5] and ep.finish_reason == "length" and ep.response_len == 4

@@ -1,4 +1,5 @@
-"""Preference rewards with tiny random models built here (no downloads)."""
+"""Preference rewards with tiny models built here (no downloads): random ones for batching and loading,
+and ones whose preference is known (weights set by hand, or fine-tuned here) for what the rewards compute."""
 
 import asyncio
 
@@ -8,7 +9,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from mispo.reward_runner import RewardRunner  # noqa: E402
-from rewards.preference import GenerativeJudge, RewardModelReward, parse_verdict  # noqa: E402
+from mispo.plugins import load_reward  # noqa: E402
+from rewards.preference import JUDGE_TEMPLATE, GenerativeJudge, RewardModelReward, parse_verdict  # noqa: E402
 
 WORDS = ("[PAD] [UNK] [EOS] the a an answer is question which better response paris london "
          "capital of france 1 2 3 4 5 [[A]] [[B]] [[TIE]] A B judge please").split()
@@ -40,12 +42,48 @@ def rm_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lm_path(tmp_path_factory):
+def paris_rm_path(tmp_path_factory):
+    """A reward model that scores a text by its last token alone: attention and MLP outputs are zeroed,
+    so the last hidden state is norm(embedding); the score head reads dimension 0, which is +2 for
+    "paris", -2 for "london" (random, near 0, for every other word)."""
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_lm")
-    transformers.LlamaForCausalLM(_config()).save_pretrained(path)
+    model = transformers.LlamaForSequenceClassification(_config(num_labels=1))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[WORDS.index("paris"), 0] = 2.0
+        model.model.embed_tokens.weight[WORDS.index("london"), 0] = -2.0
+        model.score.weight.zero_()
+        model.score.weight[0, 0] = 1.0
+    path = tmp_path_factory.mktemp("paris_rm")
+    model.save_pretrained(path)
     _tokenizer().save_pretrained(path)
     return str(path)
+
+
+def _last_token_score(path: str, word: str) -> float:
+    """The paris reward model's score of a text ending in `word`, computed directly from its weights."""
+    model = transformers.LlamaForSequenceClassification.from_pretrained(path)
+    with torch.no_grad():
+        x = model.model.embed_tokens.weight[WORDS.index(word)].double()
+        h = x * torch.rsqrt(x.pow(2).mean() + model.config.rms_norm_eps) * model.model.norm.weight.double()
+        return float(h @ model.score.weight[0].double())
+
+
+def test_reward_model_scores_the_known_preference_through_the_plugin(paris_rm_path):
+    rm = load_reward({"fn": "rewards.preference:RewardModelReward",
+                      "args": {"path": paris_rm_path, "batch_size": 2}})
+    # different lengths in one batch: the score is read at each row's own last token, not at padding
+    rows = [{"id": 0, "prompt": "the capital of france is ", "completion": "paris"},
+            {"id": 1, "prompt": "the capital of france is ", "completion": "london"},
+            {"id": 2, "prompt": "which ", "completion": "london is the capital of france a paris"},
+            {"id": 3, "prompt": "which ", "completion": "paris is the capital of france a london"}]
+    out = RewardRunner(rm).score(rows)
+    assert not any(out.failed)
+    paris, london = _last_token_score(paris_rm_path, "paris"), _last_token_score(paris_rm_path, "london")
+    assert paris > 3.0 and london < -3.0  # the preference the weights encode
+    assert out.scores == pytest.approx([paris, london, paris, london], abs=1e-4)
 
 
 def test_reward_model_scores_batches_consistently(rm_path):
@@ -62,8 +100,6 @@ def test_reward_model_scores_batches_consistently(rm_path):
 
 
 def test_reward_model_is_loaded_once_and_loads_from_a_recipe(rm_path):
-    from mispo.plugins import load_reward
-
     assert RewardModelReward(rm_path).model is RewardModelReward(rm_path).model
     plugin = load_reward({"fn": "rewards.preference:RewardModelReward", "args": {"path": rm_path}})
     assert plugin.model is RewardModelReward(rm_path).model
@@ -97,11 +133,57 @@ def test_judge_mapping_both_orders_and_length_penalty():
     assert not any(out.failed) and seen[-1] == 6  # one generate call for the whole batch
 
 
-def test_judge_with_a_tiny_hf_model(lm_path):
-    judge = GenerativeJudge(judge_model=lm_path, max_new_tokens=4)
-    out = asyncio.run(judge(prompt="which is the capital of france", completion="paris",
-                            reference="london"))
-    assert 0.0 <= out["win_rate"] <= 1.0 and out["judge_unreadable"] <= 2
+QUESTION = "which is the capital of france"
+
+
+@pytest.fixture(scope="module")
+def paris_judge_path(tmp_path_factory):
+    """A tiny causal LM fine-tuned here to judge "paris" better than "london" in either position:
+    "[[A]]" when Response A is paris, "[[B]]" when Response B is."""
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_config())
+    prompts = [JUDGE_TEMPLATE.format(question=QUESTION, a="paris", b="london"),
+               JUDGE_TEMPLATE.format(question=QUESTION, a="london", b="paris")]
+    verdicts = [tok.convert_tokens_to_ids("[[A]]"), tok.convert_tokens_to_ids("[[B]]")]
+    ids = torch.tensor([tok(p)["input_ids"] + [v, tok.eos_token_id] for p, v in zip(prompts, verdicts)])
+    labels = ids.clone()
+    labels[:, :-2] = -100  # learn the verdict and the end of the answer
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(500):
+        out = model(input_ids=ids, labels=labels)
+        if out.loss.item() < 1e-3:
+            break
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert out.loss.item() < 1e-3, "the tiny judge did not learn its two verdicts"
+    path = tmp_path_factory.mktemp("paris_judge")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_judge_with_a_tiny_hf_model_prefers_what_it_learned(paris_judge_path):
+    """Through the plugin path (judge_model -> HFGenerate): the response the judge prefers in both
+    orders wins 1.0, and swapping response and reference swaps the result."""
+    judge = load_reward({"fn": "rewards.preference:GenerativeJudge",
+                         "args": {"judge_model": paris_judge_path, "max_new_tokens": 4}})
+    rows = [{"id": 0, "prompt": QUESTION, "completion": "paris", "reference": "london"},
+            {"id": 1, "prompt": QUESTION, "completion": "london", "reference": "paris"}]
+    out = RewardRunner(judge).score(rows)
+    assert not any(out.failed) and out.scores == [1.0, 0.0]
+    preferred = asyncio.run(judge(prompt=QUESTION, completion="paris", reference="london"))
+    swapped = asyncio.run(judge(prompt=QUESTION, completion="london", reference="paris"))
+    assert (preferred["win_rate"], preferred["judge_unreadable"]) == (1.0, 0)
+    assert (swapped["win_rate"], swapped["judge_unreadable"]) == (0.0, 0)
+
+
+def test_judge_one_order_keeps_the_position_bias(paris_judge_path):
+    """With both_orders off, one prompt per pair (the response as A): the learned verdict alone decides."""
+    judge = GenerativeJudge(judge_model=paris_judge_path, max_new_tokens=4, both_orders=False)
+    res = judge.judge_batch([(QUESTION, "paris", "london"), (QUESTION, "london", "paris")])
+    assert [r["win_rate"] for r in res] == [1.0, 0.0]
 
 
 def test_parse_verdict_and_missing_reference():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from environments.toolcalls import MalformedCall, ToolCall, parse_tool_calls
+from rewards.toolcalls import MalformedCall, ToolCall, parse_tool_calls
 
 
 @pytest.mark.parametrize("text, name, args", [
