@@ -15,18 +15,20 @@ sampled answer is counted exactly once, under one filter or as kept:
 6. ``duplicate``  - among the answers to one prompt that passed 1-5, in input order: an answer whose
    stripped text equals an earlier kept one, and every answer after ``max_per_prompt`` were kept.
 
+The settings are `mispo.config.FiltersConfig` (recipe key `merge.filters`), which validates their ranges.
 `apply_filters` returns the kept indices and a `FilterReport` (counts per filter); `check_kept` turns
-"nothing survived" into a `FilterError` that names the filter to relax. Pure Python, standard library only.
+"nothing survived" into a `FilterError` that names the filter to relax. Pure Python.
 """
 
 from __future__ import annotations
 
-import math
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+
+from mispo.config import FiltersConfig
 
 FILTERS = ("truncated", "reward", "language", "length", "repetition", "duplicate")
 
@@ -51,58 +53,8 @@ _FIX_FIELDS = {
 }
 
 
-def _config_error(name: str, value, problem: str, fix: str) -> ValueError:
-    return ValueError(f"merge.filters.{name} {problem}, got {value!r}; fix: {fix}")
-
-
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-@dataclass
-class FilterConfig:
-    """Rejection-sampling filters, applied in this order; the first that fails names the rejection."""
-
-    drop_truncated: bool = True  # "truncated": finish_reason == "length"
-    min_reward: float = 1.0  # "reward": reward < min_reward is rejected
-    allowed_scripts: list[str] | None = None  # "language": None = the prompt's scripts
-    max_foreign_frac: float = 0.0  # "language": max share of letters in scripts not allowed
-    max_tokens: int | None = None  # "length": more than max_tokens model tokens is rejected
-    repeat_ngram: int = 8  # "repetition": n for the n-gram repetition statistic
-    max_repeat_frac: float = 0.5  # "repetition": repeat_fraction > this is rejected
-    max_per_prompt: int | None = None  # "duplicate": at most this many distinct answers per prompt
-
-    def __post_init__(self):
-        if not isinstance(self.drop_truncated, bool):
-            raise _config_error("drop_truncated", self.drop_truncated, "must be true or false",
-                                "write true or false")
-        if not _is_real(self.min_reward) or math.isnan(self.min_reward):
-            raise _config_error("min_reward", self.min_reward, "must be a number",
-                                "give the lowest reward to keep (-.inf keeps every answer)")
-        if self.allowed_scripts is not None:
-            if isinstance(self.allowed_scripts, str) or not all(
-                    isinstance(s, str) and s.strip() for s in self.allowed_scripts):
-                raise _config_error("allowed_scripts", self.allowed_scripts, "must be a list of script names",
-                                    "write a list such as [LATIN, CJK], or null for the prompt's scripts")
-            if len(self.allowed_scripts) == 0:
-                raise _config_error("allowed_scripts", self.allowed_scripts, "must not be empty",
-                                    "name the scripts, e.g. [LATIN], or null for the prompt's scripts")
-        for name in ("max_foreign_frac", "max_repeat_frac"):
-            value = getattr(self, name)
-            if not _is_real(value) or not 0.0 <= value <= 1.0:
-                raise _config_error(name, value, "must be a fraction in [0, 1]",
-                                    "use 0 to reject any, 1 to disable the filter")
-        if not _is_int(self.repeat_ngram) or self.repeat_ngram < 1:
-            raise _config_error("repeat_ngram", self.repeat_ngram, "must be an integer >= 1",
-                                "use the n-gram size in tokens (8 is the default)")
-        for name in ("max_tokens", "max_per_prompt"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
-                raise _config_error(name, value, "must be an integer >= 1 or null", "use null for no limit")
 
 
 # --------------------------------------------------------------------------- scripts
@@ -204,7 +156,7 @@ class Candidate:
     finish_reason: str  # "stop" or "length"
 
 
-def reject_reason(c: Candidate, cfg: FilterConfig) -> str | None:
+def reject_reason(c: Candidate, cfg: FiltersConfig) -> str | None:
     """The first failing filter among truncated, reward, language, length, repetition, or None.
 
     "duplicate" depends on the other answers to the prompt and is decided by `apply_filters`.
@@ -279,7 +231,7 @@ class FilterReport:
         return name, self.rejected[name]
 
 
-def apply_filters(cands: Sequence[Candidate], cfg: FilterConfig) -> tuple[list[int], FilterReport]:
+def apply_filters(cands: Sequence[Candidate], cfg: FiltersConfig) -> tuple[list[int], FilterReport]:
     """Indices of the kept candidates (in input order) and the report.
 
     Each candidate counts under exactly one filter or as kept (sampled == kept + sum(rejected)).
@@ -314,11 +266,11 @@ class FilterError(ValueError):
     that rejected the most and all counts."""
 
 
-def _current(name: str, cfg: FilterConfig) -> str:
+def _current(name: str, cfg: FiltersConfig) -> str:
     return ", ".join(f"merge.filters.{field}={getattr(cfg, field)!r}" for field in _FIX_FIELDS[name])
 
 
-def check_kept(domain: str, report: FilterReport, cfg: FilterConfig) -> None:
+def check_kept(domain: str, report: FilterReport, cfg: FiltersConfig) -> None:
     """Raise FilterError when the domain kept no answer; return None otherwise.
 
     `domain` is the domain's name ("math", reported as merge.experts.math) or its dotted recipe path

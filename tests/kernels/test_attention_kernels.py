@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mispo.models.step3p5.backends import (SequenceLayout, get_attention_backend, torch_attention,
-                                           visibility_mask)
+from mispo.models.step3p5.backends import get_attention_backend
+from mispo.models.step3p5.layout import SequenceLayout
+from mispo.models.step3p5.reference_ops import torch_attention, visibility_mask
 from mispo.models.step3p5.kernels import attention as A
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mispo.models.step3p5.backends import get_experts_backend, swiglu, torch_experts
+from mispo.models.step3p5.backends import get_experts_backend
+from mispo.models.step3p5.reference_ops import swiglu, torch_experts
 from mispo.models.step3p5.kernels import moe
 from mispo.models.step3p5.kernels import triton_moe as tk
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mispo.models.step3p5 import SequenceLayout, Step3p5ForCausalLM
-from mispo.models.step3p5.backends import masked_attention, segment_attention, torch_attention, torch_experts
+from mispo.models.step3p5.reference_ops import masked_attention, segment_attention, torch_attention, torch_experts
 from mispo.models.step3p5.modeling_step3p5 import (Step3p5Attention, Step3p5MoE, ZeroCenteredRMSNorm,
                                                    apply_rope, rope_inv_freq)
 from mispo.models.step3p5.tiny import tiny_config
@@ -77,17 +77,17 @@ def test_segment_attention_matches_the_mask_and_its_gradients(window):
 
 
 def test_many_short_packed_sequences_take_the_segment_path(monkeypatch):
-    import mispo.models.step3p5.backends as backends
+    import mispo.models.step3p5.reference_ops as reference_ops
 
-    calls, real = [], backends.segment_attention
-    monkeypatch.setattr(backends, "segment_attention", lambda *a: calls.append(1) or real(*a))
+    calls, real = [], reference_ops.segment_attention
+    monkeypatch.setattr(reference_ops, "segment_attention", lambda *a: calls.append(1) or real(*a))
     q = torch.randn(1, 128, 2, 4)
     short = SequenceLayout.build((1, 128), q.device, position_ids=torch.arange(4).repeat(32)[None])
-    backends.torch_attention(q, q, q, short, None, 0.5)
+    reference_ops.torch_attention(q, q, q, short, None, 0.5)
     assert calls == [1]  # 32 rows padded to 16: 32 * 16^2 < 128^2
     q = q[:, :32]
     one_long = SequenceLayout.build((1, 32), q.device, position_ids=torch.tensor([[0] + list(range(31))]))
-    backends.torch_attention(q, q, q, one_long, None, 0.5)
+    reference_ops.torch_attention(q, q, q, one_long, None, 0.5)
     assert calls == [1]  # lengths [1, 31] pad to 16 and 32: 16^2 + 32^2 > 32^2, so the full mask is cheaper
 
 

@@ -5,8 +5,9 @@ transformers maps `step3p5` to its own Step3p7 text config; registering ours nee
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .backends import SequenceLayout, register_attention_backend, register_experts_backend
+from .backends import register_attention_backend, register_experts_backend
 from .configuration_step3p5 import ConfigError, Step3p5Config
+from .layout import SequenceLayout
 from .modeling_step3p5 import Step3p5ForCausalLM, Step3p5Model
 
 AutoConfig.register("step3p5", Step3p5Config, exist_ok=True)

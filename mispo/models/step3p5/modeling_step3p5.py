@@ -21,8 +21,10 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .backends import SequenceLayout, get_attention_backend, get_experts_backend, swiglu
+from .backends import get_attention_backend, get_experts_backend
 from .configuration_step3p5 import AttentionSpec, Step3p5Config
+from .layout import SequenceLayout
+from .reference_ops import swiglu
 
 
 # --------------------------------------------------------------------------- building blocks

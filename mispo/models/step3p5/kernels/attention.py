@@ -35,7 +35,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..backends import SequenceLayout, torch_attention
+from ..layout import SequenceLayout
+from ..reference_ops import torch_attention
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention

@@ -34,7 +34,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..backends import torch_experts
+from ..reference_ops import torch_experts
 from . import triton_moe as tk
 
 _GEMMS = ("grouped_mm", "triton", "loop")
