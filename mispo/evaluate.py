@@ -29,8 +29,10 @@ class Evaluator:
 
         self.domains = domains
         self.tokenizer = AutoTokenizer.from_pretrained(first_checkpoint)
-        self.rollout = RolloutGroup(str(first_checkpoint), recipe.rollout, dtype=recipe.model.dtype,
-                                    seed=recipe.trainer.seed)
+        self.rollout = RolloutGroup(str(first_checkpoint), recipe.rollout,
+                                    dtype=recipe.rollout.dtype or recipe.model.dtype, seed=recipe.trainer.seed,
+                                    tensor_parallel=recipe.resources.rollout_tensor_parallel,
+                                    expert_parallel=recipe.resources.rollout_expert_parallel)
         self.loaded: Path | None = Path(first_checkpoint)
 
     def load(self, checkpoint: str | Path) -> None:

@@ -1,4 +1,5 @@
-"""`mispo generate`: sample from a Step3p5 (or any Hugging Face) checkpoint with vLLM or transformers.
+"""What `mispo generate` runs: samples from a Step3p5 (or any Hugging Face) checkpoint with vLLM or
+transformers.
 
 With no model given it writes the built-in tiny Step3p5 checkpoint to the cache folder first, so it
 runs on a fresh CPU machine with no downloads (a random tiny model prints random characters; the
@@ -8,8 +9,8 @@ point is the whole serving path: release-format checkpoint -> vLLM engine -> tok
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
+
 
 def tiny_model_dir() -> Path:
     """The built-in tiny checkpoint (the default recipe's), written once into the run cache."""
@@ -66,21 +67,3 @@ def _generate_hf(model, prompts, max_tokens, temperature, seed):
         results.append({"prompt": prompt, "text": tok.decode(new, skip_special_tokens=True),
                         "token_ids": new.tolist(), "logprobs": lps, "finish_reason": finish})
     return results
-
-
-def run(args) -> int:
-    from rich.console import Console
-
-    console = Console()
-    model = args.model or tiny_model_dir()
-    if not args.model:
-        console.print(f"[dim]no model given: using the built-in tiny Step3p5 checkpoint at {model}[/dim]")
-    start = time.time()
-    results = generate(model, args.prompt or ["12+30=", "The answer is"], engine=args.engine,
-                       max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    for r in results:
-        mean_lp = sum(r["logprobs"]) / max(len(r["logprobs"]), 1)
-        console.print(f"[bold]{r['prompt']!r}[/bold] -> {r['text']!r}  "
-                      f"({len(r['token_ids'])} tokens, {r['finish_reason']}, mean logprob {mean_lp:.3f})")
-    console.print(f"[dim]{args.engine}: {time.time() - start:.1f}s including engine start[/dim]")
-    return 0

@@ -40,10 +40,10 @@ def sft_samples(rows: list[dict], tokenizer, recipe: Recipe) -> list[Sample]:
         return out
     from environments.episode import run_episode
     from mispo.plugins import ENVIRONMENT_GROUP, load_object
-    from mispo.rollout.vllm_engine import _env_factory, chat_encoder, observation_wrapper
+    from mispo.rollout.episodes import chat_encoder, env_factory, observation_wrapper
 
-    make_env = _env_factory(load_object(recipe.rollout.environment, field="rollout.environment",
-                                        group=ENVIRONMENT_GROUP, source=recipe.source))
+    make_env = env_factory(load_object(recipe.rollout.environment, field="rollout.environment",
+                                       group=ENVIRONMENT_GROUP, source=recipe.source))
     default_wrap = observation_wrapper(tokenizer)
     out = []
     for row in rows:

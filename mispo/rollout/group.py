@@ -1,8 +1,10 @@
 """Rollout workers as Ray actors: split requests over them, broadcast weights, survive crashes.
 
-    group = RolloutGroup(model_dir, recipe.rollout, dtype="float32", seed=0)
+    group = RolloutGroup(model_dir, recipe.rollout, dtype="float32", seed=0,
+                         tensor_parallel=recipe.resources.rollout_tensor_parallel,
+                         expert_parallel=recipe.resources.rollout_expert_parallel)
     samples = group.generate(requests, n=8, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=step)
-    group.sync([put_bucket(b) for b in policy.weight_buckets(bytes)], version=step)  # weight_loader
+    group.sync([put_bucket(b) for b in policy.weight_buckets(bytes)], version=step)  # weight_transport
     group.shutdown()
 
 Requests are split into contiguous chunks, one per worker, and the Samples come back in request
@@ -38,23 +40,29 @@ def split(n: int, k: int) -> list[tuple[int, int]]:
 
 
 class RolloutGroup:
-    """`rollout_cfg.num_workers` RolloutWorker actors (num_cpus=0; one GPU each on a GPU cluster)."""
+    """`rollout_cfg.num_workers` RolloutWorker actors (num_cpus=0; an engine's GPUs each on a GPU cluster)."""
 
     def __init__(self, model_path: str, rollout_cfg: RolloutConfig, dtype: str = "float32", seed: int = 0,
                  max_retries: int = 3, restart_timeout_s: float = 300.0,
-                 options: list[dict] | None = None):
+                 options: list[dict] | None = None, tensor_parallel: int = 1, expert_parallel: bool = False,
+                 cpu_cores: list[list[int]] | None = None):
         """`options`: Ray `.options(...)` per worker (mispo.placement bundles on a GPU cluster); None: no
-        CPU reservation and one GPU per worker when the cluster has GPUs."""
+        CPU reservation and `tensor_parallel` GPUs per worker when the cluster has GPUs.
+        `tensor_parallel` / `expert_parallel`: each engine's vLLM tensor_parallel_size and
+        enable_expert_parallel (`resources.rollout_tensor_parallel` / `rollout_expert_parallel`; 1 / False
+        on CPU). `cpu_cores`: the cores each worker is pinned to (a CPU run's `cpu_split`), None = not pinned."""
         import ray
 
         if not ray.is_initialized():
             ray.init()
         if options is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+            gpus = tensor_parallel if ray.cluster_resources().get("GPU", 0) >= 1 else 0
             options = [{"num_cpus": 0, "num_gpus": gpus}] * rollout_cfg.num_workers
         actor = ray.remote(max_restarts=-1, max_task_retries=0)(RolloutWorker)
         config = rollout_cfg.model_dump()
-        self.workers = [actor.options(**options[rank]).remote(str(model_path), config, dtype, seed + rank)
+        self.workers = [actor.options(**options[rank]).remote(str(model_path), config, dtype, seed + rank,
+                                                              tensor_parallel, expert_parallel,
+                                                              cpu_cores[rank] if cpu_cores else None)
                         for rank in range(rollout_cfg.num_workers)]
         self.max_retries, self.restart_timeout_s = max_retries, restart_timeout_s
         self.buckets: list = []  # latest weights (ObjectRefs); [] = the checkpoint at model_path
@@ -69,10 +77,13 @@ class RolloutGroup:
                          max_new_tokens=max_new_tokens, seed=seed)
 
     def generate_episodes(self, requests: list[dict], env_spec: str, n: int, temperature: float, top_p: float,
-                          max_new_tokens: int, max_turns: int, seed: int | None = None) -> list[Sample]:
-        """RolloutWorker.generate_episodes over all workers (env_spec: an absolute path or a module)."""
+                          max_new_tokens: int, max_turns: int, seed: int | None = None,
+                          max_episode_tokens: int | None = None) -> list[Sample]:
+        """RolloutWorker.generate_episodes over all workers (env_spec: an absolute path or a module);
+        `max_new_tokens` per model turn, `max_episode_tokens` per episode (model + environment tokens)."""
         return self._map("generate_episodes", requests, env_spec=env_spec, n=n, temperature=temperature,
-                         top_p=top_p, max_new_tokens=max_new_tokens, max_turns=max_turns, seed=seed)
+                         top_p=top_p, max_new_tokens=max_new_tokens, max_turns=max_turns, seed=seed,
+                         max_episode_tokens=max_episode_tokens)
 
     def _map(self, method: str, requests: list[dict], **kwargs) -> list[Sample]:
         import ray
@@ -102,11 +113,11 @@ class RolloutGroup:
     # ------------------------------------------------------------------ weights
     def sync(self, buckets: list, version: int) -> float:
         """Load `buckets` into every worker; returns the slowest worker's seconds. Items are ObjectRefs
-        (best made by `weight_loader.put_bucket`) or lists of (name, tensor), which are put here; the
+        (best made by `weight_transport.put_bucket`) or lists of (name, tensor), which are put here; the
         refs are kept for crash recovery until the next sync."""
         import ray
 
-        from mispo.rollout.weight_loader import put_bucket
+        from mispo.weight_transport import put_bucket
 
         self.buckets = [b if isinstance(b, ray.ObjectRef) else put_bucket(b) for b in buckets]
         self.version = int(version)

