@@ -34,9 +34,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mispo.models.step3p5.backends import SequenceLayout, torch_attention, torch_experts  # noqa: E402
 from mispo.models.step3p5.kernels import attention as fused_attn  # noqa: E402
 from mispo.models.step3p5.kernels import moe as fused_moe  # noqa: E402
+from mispo.models.step3p5.layout import SequenceLayout  # noqa: E402
+from mispo.models.step3p5.reference_ops import torch_attention, torch_experts  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name().
 PEAKS = [("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),

@@ -1,66 +1,112 @@
-"""Token log-probabilities and entropy from logits, in chunks.
+"""Token log-probabilities and entropy from logits, in chunks, at a sampling temperature.
 
-A [B, T, V] fp32 copy of the logits (V ~ 128k) is the usual memory peak of an RL step. These
-functions work on ``chunk_size`` positions at a time in fp32 and, when a gradient is needed,
-recompute each chunk in the backward pass (activation checkpointing), so the extra memory is
-about ``chunk_size * V`` floats rather than ``B * T * V``.
-Apply the sampling temperature (``logits / T``) before calling them.
+A [N, V] fp32 copy of the logits (V = 128,896 in the release) is the usual memory peak of an RL
+step. These functions read ``chunk_size`` positions of the logits at a time, in fp32, and never
+hold an fp32 tensor larger than [chunk_size, V] (a few transient ones of that size per chunk):
+not in the forward, and not in the backward, which recomputes each chunk's softmax and writes its
+gradient straight into the logits' gradient (one tensor of the logits' own shape and dtype).
+
+They are one custom autograd function (`ChunkedLogSoftmax`) rather than activation checkpointing
+per chunk: a checkpointed slice's backward allocates a zero gradient of the *whole* logits per
+chunk, so its backward peak is two full-size gradients instead of one.
+
+Temperature: the distribution is softmax(z / temperature), the one vLLM samples from at that
+temperature; gradients are taken with respect to the raw logits z.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from mispo.algorithms.masked import masked_mean
 
-
-def _entropy_chunk(z: Tensor) -> Tensor:
-    z = z.float()
-    lse = torch.logsumexp(z, dim=-1)
-    p = torch.softmax(z, dim=-1)
-    # p * z with p == 0 and z == -inf would be nan: those terms are 0.
-    pz = torch.where(p > 0, p * z, torch.zeros((), dtype=z.dtype, device=z.device))
-    return lse - pz.sum(dim=-1)
+LOGITS_CHUNK = 1024  # positions per chunk: 1024 x 128,896 fp32 = 0.5 GiB at the release's vocabulary
 
 
-def _logprob_chunk(z: Tensor, labels: Tensor) -> Tensor:
-    z = z.float()
-    return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+def _chunk_stats(z: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """fp32 log-softmax of one chunk of logits at the temperature, and its probabilities."""
+    logp = torch.log_softmax(z.float() / temperature, dim=-1)
+    return logp, logp.exp()
 
 
-def _chunked(fn: Callable[..., Tensor], logits: Tensor, *extra: Tensor, chunk_size: int) -> Tensor:
+def _entropy(logp: Tensor, p: Tensor) -> Tensor:
+    # p log p with p == 0 (a -inf logit, e.g. a vocabulary mask) is 0, not nan.
+    return -torch.where(p > 0, p * logp, p.new_zeros(())).sum(-1)
+
+
+class ChunkedLogSoftmax(torch.autograd.Function):
+    """(logits [N, V], labels [N] or None) -> (log p(label) [N] or None, entropy [N] or None), fp32,
+    with p = softmax(logits / temperature), computed `chunk_size` rows at a time."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor | None, temperature: float, chunk_size: int,
+                with_entropy: bool):
+        n = logits.shape[0]
+        logp = None if labels is None else torch.empty(n, dtype=torch.float32, device=logits.device)
+        ent = torch.empty(n, dtype=torch.float32, device=logits.device) if with_entropy else None
+        for s in range(0, n, chunk_size):
+            chunk_logp, p = _chunk_stats(logits[s:s + chunk_size], temperature)
+            if logp is not None:
+                logp[s:s + chunk_size] = chunk_logp.gather(-1, labels[s:s + chunk_size, None]).squeeze(-1)
+            if ent is not None:
+                ent[s:s + chunk_size] = _entropy(chunk_logp, p)
+            del chunk_logp, p
+        ctx.save_for_backward(logits, labels)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor | None, grad_ent: Tensor | None):
+        logits, labels = ctx.saved_tensors
+        t, c = ctx.temperature, ctx.chunk_size
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], c):
+            logp, p = _chunk_stats(logits[s:s + c], t)
+            g = torch.zeros_like(p)  # d loss / d (z / t)
+            if grad_logp is not None:  # d log p_y / du = onehot(y) - p
+                g.sub_(p * grad_logp[s:s + c, None])
+                g.scatter_add_(-1, labels[s:s + c, None], grad_logp[s:s + c, None])
+            if grad_ent is not None:  # d H / du = -p (log p + H)
+                h = _entropy(logp, p)
+                term = torch.where(p > 0, p * (logp + h[:, None]), p.new_zeros(()))
+                g.sub_(term * grad_ent[s:s + c, None])
+                del term
+            grad[s:s + c] = g / t
+            del logp, p, g
+        return grad, None, None, None, None
+
+
+def _apply(logits: Tensor, labels: Tensor | None, temperature: float, chunk_size: int,
+           with_entropy: bool) -> tuple[Tensor | None, Tensor | None]:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     lead = logits.shape[:-1]
     flat = logits.reshape(-1, logits.shape[-1])
-    flat_extra = [e.reshape(-1) for e in extra]
-    use_ckpt = torch.is_grad_enabled() and logits.requires_grad
-    outs = []
-    for start in range(0, flat.shape[0], chunk_size):
-        args = [flat[start:start + chunk_size]] + [e[start:start + chunk_size] for e in flat_extra]
-        outs.append(checkpoint(fn, *args, use_reentrant=False) if use_ckpt else fn(*args))
-    if not outs:
-        return torch.zeros(lead, dtype=torch.float32, device=logits.device)
-    return torch.cat(outs).reshape(lead)
+    flat_labels = None if labels is None else labels.reshape(-1)
+    logp, ent = ChunkedLogSoftmax.apply(flat, flat_labels, float(temperature), chunk_size, with_entropy)
+    return (None if logp is None else logp.reshape(lead)), (None if ent is None else ent.reshape(lead))
 
 
-def entropy_from_logits(logits: Tensor, chunk_size: int = 2048) -> Tensor:
-    """H = logsumexp(z) - sum_v softmax(z)_v z_v per position: [..., V] -> [...] (fp32)."""
-    return _chunked(_entropy_chunk, logits, chunk_size=chunk_size)
+def logprobs_from_logits(logits: Tensor, labels: Tensor, chunk_size: int = LOGITS_CHUNK,
+                         temperature: float = 1.0) -> Tensor:
+    """log softmax(z / temperature)[label] per position: [..., V], [...] -> [...] (fp32)."""
+    return _apply(logits, labels, temperature, chunk_size, with_entropy=False)[0]
 
 
-def masked_entropy(logits: Tensor, mask: Tensor, chunk_size: int = 2048) -> Tensor:
+def entropy_from_logits(logits: Tensor, chunk_size: int = LOGITS_CHUNK, temperature: float = 1.0) -> Tensor:
+    """H(softmax(z / temperature)) per position: [..., V] -> [...] (fp32)."""
+    return _apply(logits, None, temperature, chunk_size, with_entropy=True)[1]
+
+
+def logprobs_and_entropy(logits: Tensor, labels: Tensor, chunk_size: int = LOGITS_CHUNK,
+                         temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Both of the above in one pass over the vocabulary: ([...], [...]) fp32."""
+    return _apply(logits, labels, temperature, chunk_size, with_entropy=True)
+
+
+def masked_entropy(logits: Tensor, mask: Tensor, chunk_size: int = LOGITS_CHUNK) -> Tensor:
     """Masked mean entropy: sum_t m_t H_t / sum_t m_t (0 for an empty mask)."""
     return masked_mean(entropy_from_logits(logits, chunk_size), mask)
-
-
-def logprobs_from_logits(logits: Tensor, labels: Tensor, chunk_size: int = 2048,
-                         temperature: Optional[float] = None) -> Tensor:
-    """log softmax(z / temperature)[label] per position: [..., V], [...] -> [...] (fp32)."""
-    if temperature is not None and temperature != 1.0:
-        logits = logits / temperature
-    return _chunked(_logprob_chunk, logits, labels, chunk_size=chunk_size)

@@ -1,6 +1,9 @@
 """The learners' models: the policy (any Hugging Face causal LM, Step3p5 included) and a critic
 made of a causal-LM backbone with a scalar value head.
 
+Packed micro-batches attend per sequence: Step3p5 through its own attention backends, every other
+model through the "mispo_packed" transformers attention implementation (`packed_attention.py`).
+
 Value head: V(prefix) = w . h_last + b, where h_last is the backbone's final (normed) hidden state.
 """
 
@@ -13,6 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import mispo.models.step3p5  # noqa: F401  (registers model_type step3p5 with the Auto classes)
+from mispo.learner.packed_attention import use_packed_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -20,6 +24,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def load_policy(path: str | Path, dtype: str = "float32", gradient_checkpointing: bool = False,
                 attn_backend: str | None = None, moe_backend: str | None = None) -> nn.Module:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    if model.config.model_type != "step3p5":  # Step3p5 packs in its own backends (attn_backend)
+        use_packed_attention(model)
     if attn_backend and hasattr(model.config, "attn_backend"):
         model.config.attn_backend = attn_backend
     if moe_backend and hasattr(model.config, "moe_backend"):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mispo.algorithms.logits import LOGITS_CHUNK, logprobs_and_entropy, logprobs_from_logits
 from mispo.batch import Sample
 
 
@@ -75,13 +76,26 @@ def response_positions(mb: PackedMicroBatch) -> list[torch.Tensor]:
     return [torch.arange(s + p - 1, s + p - 1 + n) for s, p, n in zip(mb.starts, mb.prompt_lens, mb.response_lens)]
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """[1, L] log p(input_ids[p + 1] | prefix) at every p (the last position gets 0), in fp32."""
-    logp = torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)
-    lse = torch.logsumexp(logits[0, :-1].float(), dim=-1)
-    target = logits[0, :-1].float().gather(-1, input_ids[0, 1:, None]).squeeze(-1)
-    logp[0, :-1] = target - lse
-    return logp
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0,
+                   chunk_size: int = LOGITS_CHUNK) -> torch.Tensor:
+    """[1, L] log p(input_ids[p + 1] | prefix) at every p (the last position gets 0), in fp32, with
+    p = softmax(logits / temperature). Chunked over positions (`mispo.algorithms.logits`): no fp32
+    [L, vocab] copy exists, in the forward or the backward."""
+    return token_logprobs_and_entropy(logits, input_ids, temperature, chunk_size, with_entropy=False)[0]
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0,
+                               chunk_size: int = LOGITS_CHUNK, with_entropy: bool = True
+                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs` and, in the same pass over the vocabulary, the [1, L] entropy of the
+    distribution at every position but the last (0 there); None without `with_entropy`."""
+    labels = input_ids[0, 1:]
+    if with_entropy:
+        lp, ent = logprobs_and_entropy(logits[0, :-1], labels, chunk_size, temperature)
+    else:
+        lp, ent = logprobs_from_logits(logits[0, :-1], labels, chunk_size, temperature), None
+    pad = lp.new_zeros(1)
+    return torch.cat([lp, pad])[None], (None if ent is None else torch.cat([ent, pad])[None])
 
 
 def gather_response(per_position: torch.Tensor, mb: PackedMicroBatch, length: int) -> torch.Tensor:
@@ -99,16 +113,17 @@ def last_positions(mb: PackedMicroBatch) -> torch.Tensor:
 
 @torch.no_grad()
 def response_logprobs(model, samples: list[Sample], max_tokens: int, device=None,
-                      micro: list[PackedMicroBatch] | None = None) -> torch.Tensor:
-    """[B, T] log p(response token | prefix) of every sample under `model` (T = longest response; zeros
-    past each response), fp32 on CPU; sequences packed into micro-batches of at most `max_tokens`.
-    With `micro` (one data-parallel rank's share) only those micro-batches run, and only their
-    non-padding rows are filled: the other rows stay 0."""
+                      micro: list[PackedMicroBatch] | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """[B, T] log p(response token | prefix) of every sample under softmax(`model`'s logits / temperature)
+    (T = longest response; zeros past each response), fp32 on CPU; sequences packed into micro-batches
+    of at most `max_tokens`. With `micro` (one data-parallel rank's share) only those micro-batches run,
+    and only their non-padding rows are filled: the other rows stay 0."""
     length = max(max(len(s.response_ids) for s in samples), 1)
     out = torch.zeros(len(samples), length)
     for mb in micro if micro is not None else pack_samples(samples, list(range(len(samples))), max_tokens):
         ids = mb.input_ids.to(device)
-        logits = model(input_ids=ids, position_ids=mb.position_ids.to(device)).logits
+        logits = model(input_ids=ids, position_ids=mb.position_ids.to(device), use_cache=False).logits
         if not mb.padding:
-            out[mb.rows] = gather_response(token_logprobs(logits, ids), mb, length).cpu()
+            out[mb.rows] = gather_response(token_logprobs(logits, ids, temperature), mb, length).cpu()
+        del logits  # the next micro-batch's forward does not hold this one's [L, vocab] logits too
     return out
