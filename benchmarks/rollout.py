@@ -119,7 +119,7 @@ def bench_sync(name: str, model: Path, args) -> None:
     from mispo.config import RolloutConfig
     from mispo.rollout.group import RolloutGroup
     from mispo.rollout.vllm_engine import RolloutWorker
-    from mispo.rollout.weight_loader import put_bucket
+    from mispo.weight_transport import put_bucket
 
     buckets, total = buckets_of(model, args.bucket_mb << 20)
     cfg = RolloutConfig(num_workers=1, engine_kwargs=ENGINE)

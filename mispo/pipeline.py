@@ -73,12 +73,12 @@ class Pipeline:
         return folder
 
     def warm_up(self, base: Path, out: Path) -> None:
-        from mispo.run_dir import RunDir
+        from mispo.metrics_log import MetricsLog
         from mispo.sft import run_warmup
 
         tmp = out.with_name(out.name + ".tmp")
-        log = RunDir(out.parent)  # warmup/metrics.jsonl: sft/loss per step (an interrupted warm-up restarts)
-        log.truncate_metrics(-1)
+        log = MetricsLog(out.parent)  # warmup/metrics.jsonl: sft/loss per step (an interrupted warm-up restarts)
+        log.truncate(-1)
         try:
             run_warmup(self.recipe, base, tmp, log=log.log)
         finally:

@@ -3,8 +3,16 @@
 One step:  prompts -> rollout workers (vLLM) -> rewards -> pi_old log-probs and values (learners)
            -> advantages -> MIS-PO masks -> actor and critic updates -> weight sync -> log, checkpoint.
 Rollout workers and learners are Ray actors; this driver only moves batches between them.
-In async mode the next rollouts are generated while the current batch trains, at most
-`trainer.max_staleness` optimizer steps behind the learner; MIS-PO's filters keep them safe.
+
+Sync mode (the default): a step's rollouts start after the previous step's weight sync, so every sample
+is on-policy (staleness 0). Async mode (`trainer.max_staleness: s >= 1`): the rollouts of the next s steps
+are generated while the current step trains; every sample carries the version of the weights that
+generated it, and one more than s versions behind the learner is dropped and counted (`staleness.py`).
+MIS-PO's filters handle the remaining mismatch. Each step's sampling is seeded from the run's seed and
+the step, so a resumed run draws the same prompts and samples as an uninterrupted one.
+
+Run folder: recipe.yaml, metrics.jsonl + tensorboard/ (`metrics_log.py`), checkpoints/
+(`checkpoint_store.py`), final/ (the trained policy in Hugging Face / release format).
 """
 
 from __future__ import annotations
@@ -14,90 +22,141 @@ import signal
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 import torch
 from rich.console import Console
 
-from mispo.algorithms import AdaptiveTrajBand, compute_gae, group_advantages, mis_filter, whiten_advantages
+from mispo.algorithms import AdaptiveTrajBand
 from mispo.batch import RolloutBatch
+from mispo.checkpoint_store import CheckpointStore
 from mispo.cluster import start_ray
 from mispo.config import Recipe, dump_recipe
-from mispo.domains import load_domains, split_prompts
+from mispo.cpu_split import CoreSplit, available_cores, split_cores
+from mispo.domains import draw_step, generate_step, load_domains, step_seed
+from mispo.dynamic_sampling import fill_batch
 from mispo.learner.critic_worker import CriticWorker
 from mispo.learner.data_parallel import merge_row_results
 from mispo.learner.group import LearnerGroup
 from mispo.learner.metrics import combine_partials
 from mispo.learner.policy_worker import PolicyWorker
+from mispo.metrics_log import MetricsLog
 from mispo.placement import learner_options, place_roles
 from mispo.prepare_model import starting_policy
+from mispo.prepare_update import prepare_update
 from mispo.progress import StepProgress
 from mispo.rollout.group import RolloutGroup
-from mispo.run_dir import RunDir
+from mispo.staleness import drop_stale
 
 console = Console(stderr=True)
+
+
+@dataclass
+class PendingRollout:
+    """One step's rollouts in flight: `index` numbers the rollouts of the run (its sampling seed);
+    `sampler_states` are the prompt samplers' states before its prompts were drawn (a checkpoint taken
+    while it is in flight resumes from them, so its prompts are neither lost nor repeated)."""
+
+    index: int
+    future: Future
+    sampler_states: dict
+    data_metrics: dict  # data/* once its prompts were drawn (logged with the step that trains on them)
+    generate_s: tuple[float, float] = (0.0, 0.0)  # wall-clock start and end of its generation
 
 
 class Trainer:
     def __init__(self, recipe: Recipe, output: str | Path):
         self.recipe = recipe
-        self.run = RunDir(output)
-        (self.run.path / "recipe.yaml").write_text(dump_recipe(recipe))
+        self.output = Path(output)
+        self.metrics_log = MetricsLog(self.output)
+        self.checkpoints = CheckpointStore(self.output / "checkpoints")
+        (self.output / "recipe.yaml").write_text(dump_recipe(recipe))
         r = recipe
         start_ray(r.trainer.ray_address)
         self.domains = load_domains(r)  # before any model work: bad data or plugins fail fast
         self.samplers = {d.name: d.sampler() for d in self.domains}
+        cores = CoreSplit(None, None) if r.resources.gpus_per_node else \
+            split_cores(r.resources.rollout_cores, r.trainer.mode, available_cores(), r.rollout.num_workers)
         self.policy_path = str(starting_policy(r, self._warmup))
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         self.band = AdaptiveTrajBand(target_keep=r.algorithm.adaptive_target_keep,
                                      base_bounds=tuple(r.algorithm.traj_bounds)) \
             if r.algorithm.adaptive_traj_band else None
-        common = dict(model=r.model.model_dump(), learner=r.learner.model_dump(),
-                      algorithm=r.algorithm.model_dump(), seed=r.trainer.seed)
         with_critic = r.learner.critic is not None and r.algorithm.advantage == "gae"
         self.placement = place_roles(r.resources, with_critic, r.rollout.num_workers)  # None on a CPU run
+        common = dict(model=r.model.model_dump(), learner=r.learner.model_dump(),
+                      algorithm=r.algorithm.model_dump(), seed=r.trainer.seed, cpu_cores=cores.learner)
         actor_opts, critic_opts = learner_options(self.placement, with_critic)
         ranks = r.learner.ranks  # CPU runs; a GPU run has one rank per placed GPU
         self.policy = LearnerGroup(PolicyWorker, actor_opts, self.policy_path, cpu_ranks=ranks,
-                                   max_new_tokens=max(d.max_new_tokens for d in self.domains), **common)
+                                   max_new_tokens=max(d.max_new_tokens for d in self.domains),
+                                   temperature=r.rollout.temperature, **common)
         self.critic = LearnerGroup(CriticWorker, critic_opts, self.policy_path, cpu_ranks=ranks,
                                    **common) if with_critic else None
-        self.rollout = RolloutGroup(self.policy_path, r.rollout, dtype=r.model.dtype, seed=r.trainer.seed,
-                                    options=self.placement.rollout.options if self.placement else None)
+        # pi_old is the update's own first forward when that is exact and nothing needs it beforehand
+        # (one mini-batch, no reference, no adaptive band, no critic masks, no dropout): one forward saved
+        self.fused_old_logprobs = (r.learner.actor_mini_batches == 1 and not r.learner.reference
+                                   and self.band is None and not (with_critic and r.algorithm.critic_masks)
+                                   and not self.policy.first("has_dropout"))
+        self.rollout = RolloutGroup(self.policy_path, r.rollout, dtype=r.rollout.dtype or r.model.dtype,
+                                    seed=r.trainer.seed,
+                                    options=self.placement.rollout.options if self.placement else None,
+                                    tensor_parallel=r.resources.rollout_tensor_parallel,
+                                    expert_parallel=r.resources.rollout_expert_parallel, cpu_cores=cores.rollout)
         # Rollouts run in background threads; Ray runs each worker's calls in submission order, so a
-        # weight sync submitted after a rollout is applied after it (that rollout is one step stale).
-        self.pool = ThreadPoolExecutor(max_workers=max(1, r.trainer.max_staleness), thread_name_prefix="rollout")
-        self.step = 0
+        # weight sync submitted after a rollout is applied after it (that rollout trains one step stale).
+        self.ahead = r.trainer.max_staleness if r.trainer.mode == "async" else 0
+        self.pool = ThreadPoolExecutor(max_workers=self.ahead + 1, thread_name_prefix="rollout")
+        self.step = 0  # optimizer steps taken = the learner's policy version
+        self.rollouts_started = 0
+        self._last_generate_end = None
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         r = self.recipe
         self._maybe_resume()
-        in_flight: deque = deque()
+        self.in_flight: deque[PendingRollout] = deque()
         progress = StepProgress(r.trainer.max_steps, start=self.step)
         last_eval = {}
-        interrupted = False
+        interrupted, empty_in_a_row, dropped_before = False, 0, 0.0
         previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             if self.step == 0 and r.trainer.eval_every > 0 and self.can_evaluate:
                 last_eval = self.evaluate()
-                self.run.log(0, last_eval)
+                self.metrics_log.log(0, last_eval)
             deadline = time.time() + 60 * r.trainer.time_limit_minutes if r.trainer.time_limit_minutes else None
             while self.step < r.trainer.max_steps:
-                depth = r.trainer.max_staleness if r.trainer.mode == "async" else 1
-                while len(in_flight) < depth and self.step + len(in_flight) < r.trainer.max_steps:
-                    in_flight.append(self.start_rollout())
+                # the current step's rollouts and, in async mode, those of the next `ahead` steps
+                while len(self.in_flight) <= self.ahead and self.step + len(self.in_flight) < r.trainer.max_steps:
+                    self.in_flight.append(self.start_rollout())
                 t0 = time.time()
-                samples = self.finish_rollout(in_flight.popleft())
-                metrics = self.train_step(samples)
+                rollouts, metrics = self.finish_rollout(self.in_flight.popleft())
+                t = time.time()
+                metrics.update(self.score(rollouts))
+                if r.algorithm.dynamic_sampling is not None:
+                    rollouts, filled = self.fill_batch(rollouts)
+                    metrics.update(filled)
+                metrics["time/reward_s"] = time.time() - t
+                if not any(samples for _, samples in rollouts):  # every sample too stale: draw again
+                    empty_in_a_row += 1
+                    dropped_before += metrics["rollout/dropped_stale"]
+                    if empty_in_a_row > self.ahead + 1:
+                        raise RuntimeError(f"{empty_in_a_row} rollouts in a row were all more than "
+                                           f"trainer.max_staleness = {self.ahead} versions behind the learner: "
+                                           "the rollout engines are not receiving weights")
+                    continue
+                metrics["rollout/dropped_stale"] += dropped_before  # counted with the step that follows
+                empty_in_a_row = dropped_before = 0
+                metrics.update(self.train_step(rollouts))
                 self.step += 1
                 metrics["time/step_s"] = time.time() - t0
                 if r.trainer.eval_every and self.step % r.trainer.eval_every == 0 and self.can_evaluate:
                     last_eval = self.evaluate()
                     metrics.update(last_eval)
-                self.run.log(self.step, metrics)
+                self.metrics_log.log(self.step, metrics)
                 progress.update(self.step, metrics)
                 if r.trainer.save_every and self.step % r.trainer.save_every == 0:
                     self.save()
@@ -106,8 +165,8 @@ class Trainer:
                     break
             if self.step % max(r.trainer.save_every, 1):
                 self.save()
-            self.policy.all("export", str(self.run.path / "final"))
-            self.tokenizer.save_pretrained(self.run.path / "final")  # final/ loads on its own
+            self.policy.all("export", str(self.output / "final"))
+            self.tokenizer.save_pretrained(self.output / "final")  # final/ loads on its own
         except KeyboardInterrupt:
             interrupted = True
             console.print(f"[yellow]interrupted at step {self.step}: the last complete checkpoint is kept; "
@@ -115,67 +174,87 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
             progress.close()
-            self.run.close()
+            self.metrics_log.close()
         if interrupted:
             raise KeyboardInterrupt
         return last_eval
 
     # ------------------------------------------------------------------ one step
-    def start_rollout(self) -> Future:
-        """Draw the next prompts of every domain and start generating them with the weights the
-        workers have now."""
+    def start_rollout(self) -> PendingRollout:
+        """Draw the next prompts of every domain and start generating them (in a background thread) with
+        the weights the workers have when the engine reaches them."""
+        states = {name: s.state_dict() for name, s in self.samplers.items()}
+        jobs = draw_step(self.domains, self.samplers, self.recipe.rollout.prompts_per_step, self.tokenizer)
+        pending = PendingRollout(self.rollouts_started, None, states, self._sampler_metrics())
+        pending.future = self.pool.submit(self.generate, jobs, pending)
+        self.rollouts_started += 1
+        return pending
+
+    def generate(self, jobs: list[tuple], pending: PendingRollout) -> list[tuple]:
+        """[(domain, requests)] -> [(domain, samples)], n = rollout.n_samples per request, seeded by the
+        rollout's index."""
         r = self.recipe
-        counts = split_prompts(r.rollout.prompts_per_step, [d.weight for d in self.domains])
-        jobs, first_group = [], 0
-        for domain, count in zip(self.domains, counts):
-            rows = [domain.train_rows[i] for i in self.samplers[domain.name].next_batch(count)]
-            jobs.append((domain, domain.requests(rows, self.tokenizer, first_group)))
-            first_group += count
-        return self.pool.submit(self.generate, jobs)
+        start = time.time()
+        out = generate_step(self.rollout, jobs, r.rollout.n_samples, r.rollout.temperature, r.rollout.top_p,
+                            seed=step_seed(r.trainer.seed, pending.index))
+        pending.generate_s = (start, time.time())
+        return out
 
-    def finish_rollout(self, pending: Future) -> list[tuple]:
-        return pending.result()
+    def finish_rollout(self, pending: PendingRollout) -> tuple[list[tuple], dict]:
+        """Wait for a rollout; drop its samples older than the staleness bound. Metrics: the time the
+        learner waited for it, the time the engine stood idle before it (waiting for weights), staleness."""
+        t = time.time()
+        rollouts = pending.future.result()
+        metrics = {"time/wait_rollout_s": time.time() - t,
+                   "time/generate_s": pending.generate_s[1] - pending.generate_s[0]}
+        if self._last_generate_end is not None:
+            metrics["time/rollout_idle_s"] = max(0.0, pending.generate_s[0] - self._last_generate_end)
+        self._last_generate_end = pending.generate_s[1]
+        rollouts, staleness = drop_stale(rollouts, self.step, self.ahead)
+        return rollouts, {**metrics, **staleness, **pending.data_metrics}
 
-    def generate(self, jobs: list[tuple]) -> list[tuple]:
-        """[(domain, requests)] -> [(domain, samples)], n = rollout.n_samples per request."""
-        r = self.recipe.rollout
-        return [(d, d.generate(self.rollout, requests, r.n_samples, r.temperature, r.top_p)) for d, requests in jobs]
+    def fill_batch(self, rollouts: list[tuple]) -> tuple[list[tuple], dict]:
+        """Dynamic sampling: drop the groups without reward variance, generate and score more prompts
+        now (with the engines' current weights) until the step is full or the refill cap is reached."""
+        r = self.recipe
+
+        def draw_more(count: int, first_group: int) -> list[tuple]:
+            jobs = draw_step(self.domains, self.samplers, count, self.tokenizer, first_group)
+            index, self.rollouts_started = self.rollouts_started, self.rollouts_started + 1
+            more = generate_step(self.rollout, jobs, r.rollout.n_samples, r.rollout.temperature, r.rollout.top_p,
+                                 seed=step_seed(r.trainer.seed, index))
+            more, _ = drop_stale(more, self.step, self.ahead)
+            self.score(more)
+            return more
+
+        rollouts, metrics = fill_batch(rollouts, r.rollout.prompts_per_step, r.algorithm.dynamic_sampling.max_refills,
+                                       draw_more)
+        if metrics["dynamic_sampling/cap_reached"]:
+            console.print(f"[yellow]step {self.step + 1}: dynamic sampling kept {metrics['dynamic_sampling/groups']:.0f} "
+                          f"of rollout.prompts_per_step = {r.rollout.prompts_per_step} groups after "
+                          f"algorithm.dynamic_sampling.max_refills = {r.algorithm.dynamic_sampling.max_refills} refills "
+                          f"({metrics['dynamic_sampling/dropped_groups']:.0f} groups had one reward for all samples)"
+                          "[/yellow]")
+        return rollouts, metrics
 
     def train_step(self, rollouts: list[tuple]) -> dict:
-        r, a = self.recipe, self.recipe.algorithm
+        """One update on scored rollouts [(domain, samples)]: forward, advantages and masks, updates, sync.
+        With `fused_old_logprobs` the policy's forward is skipped: the update computes pi_old and the masks."""
+        r = self.recipe
         metrics: dict = {}
-        t = time.time()
-        metrics.update(self.score(rollouts))
-        metrics["time/reward_s"] = time.time() - t
         samples = [s for _, domain_samples in rollouts for s in domain_samples]
         batch = RolloutBatch.from_samples(samples)
 
         t = time.time()
         batch_ref = ray.put(batch)
-        logp_refs = self.policy.submit("compute_logprobs", batch_ref)
+        logp_refs = [] if self.fused_old_logprobs else self.policy.submit("compute_logprobs", batch_ref)
         values_refs = self.critic.submit("compute_values", batch_ref) if self.critic else []
         for refs in (logp_refs, values_refs):  # each rank fills its own rows
             for k, v in (merge_row_results(ray.get(refs)) if refs else {}).items():
                 setattr(batch, k, v)
         metrics["time/forward_s"] = time.time() - t
 
-        mask = batch.response_mask
-        if a.advantage == "gae":
-            truncated = batch.truncated if a.bootstrap_truncated else None
-            batch.advantages, batch.returns = compute_gae(batch.rewards, batch.values, mask, a.gamma, a.lam,
-                                                          truncated=truncated, bootstrap_value=batch.bootstrap_values)
-        else:
-            seq_adv = group_advantages(batch.rewards, group_ids=batch.group_ids, method=a.advantage)
-            batch.advantages = seq_adv[:, None] * mask
-        if a.whiten_advantages:
-            batch.advantages = whiten_advantages(batch.advantages, mask)
-
-        traj_bounds = tuple(a.traj_bounds)
-        if self.band is not None:
-            traj_bounds = self.band.update(batch.old_logprobs, batch.rollout_logprobs, mask)
-            metrics.update(self.band.metrics())
-        batch.token_keep, batch.traj_keep = mis_filter(batch.old_logprobs, batch.rollout_logprobs, mask,
-                                                       tuple(a.token_bounds), traj_bounds)
+        metrics.update(prepare_update(batch, r.algorithm, self.band))
 
         t = time.time()
         batch_ref = ray.put(batch)
@@ -192,13 +271,11 @@ class Trainer:
         t = time.time()
         self.sync_weights(version=self.step + 1)
         metrics["time/weight_sync_s"] = time.time() - t
-        n_tokens = float(mask.sum())
+        n_tokens = float(batch.response_mask.sum())
         metrics.update({
             "rollout/response_len": n_tokens / len(samples),
             "rollout/truncated_frac": float(batch.truncated.float().mean()),
-            "rollout/staleness": float(self.step - min(s.version for s in samples)),
             "throughput/tokens": n_tokens,
-            **self._sampler_metrics(),
         })
         return metrics
 
@@ -213,7 +290,8 @@ class Trainer:
             for k, v in domain.score(samples).items():
                 metrics[k.replace("reward/", f"reward/{domain.name}/", 1)] = v
         every = [s.reward for _, samples in rollouts for s in samples]
-        metrics["reward/mean"] = sum(every) / len(every)
+        if every:
+            metrics["reward/mean"] = sum(every) / len(every)
         return metrics
 
     def _sampler_metrics(self) -> dict:
@@ -244,18 +322,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
-        staging = self.run.staging(self.step)
+        """Checkpoint after step `self.step`; rollouts in flight are not saved: the resumed run draws and
+        generates them again (same prompts, same seeds)."""
+        staging = self.checkpoints.staging(self.step)
         refs = self.policy.submit("save", str(staging / "policy"), "state")
         if self.critic:
             refs += self.critic.submit("save", str(staging / "critic"), "state")
         ray.get(refs)
-        state = {"step": self.step, "samplers": {name: s.state_dict() for name, s in self.samplers.items()},
+        oldest = self.in_flight[0] if self.in_flight else None
+        samplers = oldest.sampler_states if oldest else {name: s.state_dict() for name, s in self.samplers.items()}
+        state = {"step": self.step, "samplers": samplers,
+                 "rollouts_started": oldest.index if oldest else self.rollouts_started,
                  "band": self.band.state_dict() if self.band else None,
                  "python_random": list(random.getstate()[1]), "torch_random": torch.get_rng_state().tolist()}
-        self.run.commit(staging, self.step, state, keep=self.recipe.trainer.keep_checkpoints)
+        self.checkpoints.commit(staging, self.step, state, keep=self.recipe.trainer.keep_checkpoints)
 
     def _maybe_resume(self) -> None:
-        found = self.run.latest()
+        found = self.checkpoints.latest()
         if found is None:
             return
         folder, state = found
@@ -264,6 +347,7 @@ class Trainer:
             refs += self.critic.submit("load", str(folder / "critic"), "state")
         ray.get(refs)
         self.step = state["step"]
+        self.rollouts_started = state.get("rollouts_started", self.step)
         for name, sampler_state in state["samplers"].items():
             if name not in self.samplers:
                 raise ValueError(f"the checkpoint in {folder} has prompts of domain {name!r}, which this recipe "
@@ -273,7 +357,7 @@ class Trainer:
             self.band.load_state_dict(state["band"])
         random.setstate((3, tuple(state["python_random"]), None))
         torch.set_rng_state(torch.tensor(state["torch_random"], dtype=torch.uint8))
-        self.run.truncate_metrics(self.step)
+        self.metrics_log.truncate(self.step)
         self.sync_weights(version=self.step)
         console.print(f"[green]resumed from {folder} at step {self.step}[/green]")
 

@@ -388,6 +388,14 @@ for _names, _fn in ((("mispo", "mis-po"), mispo_loss), (("ppo", "grpo"), ppo_los
     register_policy_loss(*_names)(_fn)
 
 
+# The PolicyLossConfig fields each loss reads beyond the ones every loss shares (loss_agg, norm_length,
+# kl_coef, kl_estimator, entropy_coef): what a recipe's algorithm.loss_options may set for that loss.
+# MIS-PO reads none: its masks come precomputed from the recipe's algorithm bands.
+_CLIP = ("clip_eps_low", "clip_eps_high", "dual_clip_c")
+LOSS_OPTIONS = {"mispo": (), "mis-po": (), "ppo": _CLIP, "grpo": _CLIP, "gspo": ("gspo_eps_low", "gspo_eps_high"),
+                "tis": ("tis_cap", *_CLIP), "icepop": ("icepop_bounds", *_CLIP), "masked_is": ("icepop_bounds", *_CLIP),
+                "cispo": ("cispo_eps_low", "cispo_eps_high")}
+
 # Aggregation each loss was published with; a recipe's algorithm.loss_agg overrides it.
 DEFAULT_LOSS_AGG = {"gspo": "seq-mean-token-mean"}
 

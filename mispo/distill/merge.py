@@ -33,7 +33,7 @@ from rich.console import Console
 from mispo.batch import Sample
 from mispo.checkpoint_io import check_interchangeable
 from mispo.config import Recipe, RecipeError, resolve_path
-from mispo.distill.filters import Candidate, FilterConfig, apply_filters, check_kept
+from mispo.distill.filters import Candidate, apply_filters, check_kept
 from mispo.domains import Domain, domain_recipe
 from mispo.prepare_model import base_model_path
 
@@ -53,7 +53,7 @@ class Merge:
         self.student = Path(student) if student else base_model_path(recipe)
         self.experts = {name: Path(experts[name]) if experts else resolve_path(recipe, ref.checkpoint)
                         for name, ref in self.cfg.experts.items()}
-        self.filters = FilterConfig(**self.cfg.filters.model_dump())
+        self.filters = self.cfg.filters
         # 1. checks, before any engine starts
         check_interchangeable(self.student, self.experts, field="merge.experts", source=recipe.source)
         self.domains = [Domain(name, domain_recipe(recipe, name, ref), ref.weight).load()
@@ -108,10 +108,9 @@ class Merge:
         if file.exists() and counts.get(domain.name, {}).get("key") == key:
             return [_sample_from_json(line) for line in file.read_text().splitlines() if line.strip()]
         self.evaluator.load(self.experts[domain.name])
-        sampler = domain.sampler()
-        rows = [domain.train_rows[i] for i in sampler.next_batch(cfg.prompts_per_domain)]
-        samples = domain.generate(self.rollout, domain.requests(rows, self.tokenizer), cfg.samples_per_prompt,
-                                  cfg.temperature, seed=self.recipe.trainer.seed)
+        requests = domain.draw_requests(domain.sampler(), cfg.prompts_per_domain, self.tokenizer)
+        samples = domain.generate(self.rollout, requests, cfg.samples_per_prompt, cfg.temperature,
+                                  seed=self.recipe.trainer.seed)
         domain.score(samples)
         kept_idx, report = apply_filters([_candidate(s) for s in samples], self.filters)
         counts[domain.name] = {**report.to_dict(), "key": key}

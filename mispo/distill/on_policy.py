@@ -8,7 +8,8 @@ Per generated token t of a student sample on domain d (env / tool tokens exclude
 
 whose gradient at pi_theta = pi_old is -grad KL(pi_theta || pi_expert) estimated token by token
 (no credit to later tokens). The MIS-PO filters on pi_old / pi_rollout keep the engine-vs-learner
-mismatch out, as in RL. Logged: distill/reverse_kl (mean of log pi_old - log pi_expert over model
+mismatch out, as in RL. At `merge.temperature` T every log-prob (student, expert) is of softmax(logits / T),
+the distribution the engine sampled from, so the filters compare like with like. Logged: distill/reverse_kl (mean of log pi_old - log pi_expert over model
 tokens), per domain when there are several.
 """
 
@@ -23,8 +24,8 @@ import torch
 from mispo.algorithms import mis_filter
 from mispo.batch import RolloutBatch
 from mispo.cluster import single_learner_options, standalone_learner_options
-from mispo.domains import split_prompts
-from mispo.run_dir import RunDir
+from mispo.domains import draw_step, generate_step, step_seed
+from mispo.metrics_log import MetricsLog
 
 
 def distill_on_policy(merge, model_dir) -> None:
@@ -43,23 +44,21 @@ def distill_on_policy(merge, model_dir) -> None:
                                                                 weight_decay=0.0)})
     policy = LearnerGroup(PolicyWorker, standalone_learner_options(), str(merge.student), cpu_ranks=learner.ranks,
                           model=r.model.model_dump(), learner=learner.model_dump(), algorithm=algorithm.model_dump(),
-                          max_new_tokens=max(d.max_new_tokens for d in merge.domains), seed=r.trainer.seed)
+                          max_new_tokens=max(d.max_new_tokens for d in merge.domains), seed=r.trainer.seed,
+                          temperature=cfg.temperature)
     teachers = {d.name: ray.remote(TeacherWorker).options(**single_learner_options()).remote(
-        str(merge.experts[d.name]), r.model.dtype, r.learner.micro_batch_tokens) for d in merge.domains}
+        str(merge.experts[d.name]), r.model.dtype, r.learner.micro_batch_tokens, temperature=cfg.temperature)
+        for d in merge.domains}
     samplers = {d.name: d.sampler() for d in merge.domains}
-    run = RunDir(model_dir.with_name("on_policy"))
+    run = MetricsLog(model_dir.with_name("on_policy"))
     merge.evaluator.load(merge.student)
     try:
         for step in range(1, cfg.steps + 1):
             start = time.time()
-            counts = split_prompts(cfg.prompts_per_step, [d.weight for d in merge.domains])
-            parts = []
-            for d, count in zip(merge.domains, counts):
-                rows = [d.train_rows[i] for i in samplers[d.name].next_batch(count)]
-                samples = d.generate(merge.rollout, d.requests(rows, merge.tokenizer), cfg.samples_per_prompt,
-                                     cfg.temperature, seed=r.trainer.seed + 1000 * step)
-                if samples:
-                    parts.append((d.name, samples))
+            jobs = draw_step(merge.domains, samplers, cfg.prompts_per_step, merge.tokenizer)
+            parts = [(d.name, samples) for d, samples in generate_step(
+                merge.rollout, jobs, cfg.samples_per_prompt, cfg.temperature, seed=step_seed(r.trainer.seed, step))
+                if samples]
             batch = RolloutBatch.from_samples([s for _, samples in parts for s in samples])
             logp = merge_row_results(policy.all("compute_logprobs", ray.put(batch)))  # each rank its rows
             batch.old_logprobs = logp["old_logprobs"]

@@ -14,32 +14,22 @@ import torch
 
 from mispo.algorithms import value_loss
 from mispo.batch import RolloutBatch
-from mispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
-from mispo.learner.data_parallel import rank_share
-from mispo.learner.engine import accumulate, build_engine, init_distributed
-from mispo.learner.models import ValueModel
-from mispo.learner.packing import PackedMicroBatch, gather_response, last_positions
 from mispo.learner.metrics import combine_partials, mean_metrics, mini_batches
+from mispo.learner.models import ValueModel
+from mispo.learner.packing import gather_response, last_positions
+from mispo.learner.worker_base import LearnerWorker
 
 
-class CriticWorker:
+class CriticWorker(LearnerWorker):
+    """Owns the value model's DeepSpeed engine; set-up, `micro_batches`, `save` and `load` are
+    `LearnerWorker`'s."""
+
     def __init__(self, model_path: str, model: dict, learner: dict, algorithm: dict, rank: int = 0,
-                 world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int = 29600, seed: int = 0):
-        self.model_cfg, self.learner_cfg = ModelConfig(**model), LearnerConfig(**learner)
-        self.algo = AlgorithmConfig(**algorithm)
-        if self.learner_cfg.num_threads:
-            torch.set_num_threads(self.learner_cfg.num_threads)
-        init_distributed(rank, world_size, master_addr, master_port)
-        self.rank, self.world_size = rank, world_size
-        torch.manual_seed(seed)
+                 world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int = 29600, seed: int = 0,
+                 cpu_cores: list[int] | None = None):
+        super().__init__(model, learner, algorithm, rank, world_size, master_addr, master_port, seed, cpu_cores)
         module = ValueModel.load(model_path, self.model_cfg.dtype, self.model_cfg.gradient_checkpointing)
-        self.engine = build_engine(module, self.learner_cfg.critic, self.learner_cfg.zero_stage, self.model_cfg.dtype)
-        self.generator = torch.Generator().manual_seed(seed + 1)
-        self.device = self.engine.device
-
-    def micro_batches(self, samples: list) -> list[PackedMicroBatch]:
-        """This rank's packed micro-batches of the samples."""
-        return rank_share(samples, self.rank, self.world_size, self.learner_cfg.micro_batch_tokens)
+        self.build(module, self.learner_cfg.critic, generator_seed=seed + 1)
 
     def _values(self, mb):
         return self.engine(mb.input_ids.to(self.device), mb.position_ids.to(self.device))  # [1, L]
@@ -81,7 +71,7 @@ class CriticWorker:
                     old_values=sub.values.to(self.device) if self.algo.value_clip else None,
                     clip_range=self.algo.value_clip, keep_mask=keep, num_tokens=num_tokens,
                     num_seqs=float(len(mini)))
-                accumulate(self.engine, loss * (0.0 if mb.padding else self.world_size), last=i == len(micro) - 1)
+                self.backward(loss, mb, last=i == len(micro) - 1)
                 if not mb.padding:
                     pieces.append({k: float(v) for k, v in metrics.items()})
             if pieces:
@@ -91,11 +81,3 @@ class CriticWorker:
         out["critic/lr"] = self.engine.get_lr()[0]
         out["time/critic_train_s"] = time.time() - start
         return out
-
-    def save(self, directory: str, tag: str) -> None:
-        self.engine.save_checkpoint(directory, tag=tag, client_state={"generator": self.generator.get_state()})
-
-    def load(self, directory: str, tag: str) -> None:
-        _, client = self.engine.load_checkpoint(directory, tag=tag)
-        if client and "generator" in client:
-            self.generator.set_state(client["generator"])

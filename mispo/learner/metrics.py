@@ -17,7 +17,7 @@ def mini_batches(n: int, count: int, generator: torch.Generator) -> list[list[in
 
 # Losses normalised by the whole mini-batch's token count: each micro-batch (and each rank) holds a
 # partial sum of them, so they add up over micro-batches and ranks instead of averaging.
-PARTIAL_SUM_METRICS = frozenset({"actor/pg_loss", "actor/loss", "critic/vf_loss"})
+PARTIAL_SUM_METRICS = frozenset({"actor/pg_loss", "actor/loss", "critic/vf_loss", "actor/kl_to_old"})
 
 
 def mean_metrics(parts: list[dict]) -> dict:

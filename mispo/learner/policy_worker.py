@@ -18,38 +18,38 @@ from pathlib import Path
 
 import torch
 
-from mispo.algorithms import PolicyLossConfig, PolicyLossInputs, compute_policy_loss, entropy_from_logits
+from mispo.algorithms import PolicyLossConfig, PolicyLossInputs, compute_policy_loss
 from mispo.algorithms.policy_losses import default_loss_agg
 from mispo.batch import RolloutBatch
-from mispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
-from mispo.learner.data_parallel import rank_share
+from mispo.config import AlgorithmConfig
+from mispo.learner.engine import average_over_ranks, full_parameters
 from mispo.learner.metrics import combine_partials, mean_metrics, mini_batches
-from mispo.learner.engine import accumulate, average_over_ranks, build_engine, full_parameters, init_distributed
 from mispo.learner.models import load_policy
-from mispo.learner.packing import PackedMicroBatch, gather_response, response_logprobs, token_logprobs
+from mispo.learner.packing import (PackedMicroBatch, gather_response, response_logprobs, token_logprobs,
+                                   token_logprobs_and_entropy)
+from mispo.learner.worker_base import LearnerWorker
+from mispo.weight_transport import bucketize, put_bucket
 
 
 def policy_loss_config(algo: AlgorithmConfig, max_new_tokens: int) -> PolicyLossConfig:
-    options = dict(loss_agg=algo.loss_agg or default_loss_agg(algo.policy_loss), token_bounds=tuple(algo.token_bounds), traj_bounds=tuple(algo.traj_bounds),
+    options = dict(loss_agg=algo.loss_agg or default_loss_agg(algo.policy_loss), token_bounds=tuple(algo.token_bounds),
+                   traj_bounds=tuple(algo.traj_bounds), traj_stat_includes_rejected=algo.traj_stat_includes_rejected,
                    kl_coef=algo.kl_coef, entropy_coef=algo.entropy_coef, clip_eps_low=algo.clip_eps,
                    clip_eps_high=algo.clip_eps, norm_length=float(max_new_tokens))
     options.update(algo.loss_options)
     return PolicyLossConfig(**options)
 
 
-class PolicyWorker:
-    """Owns the policy's DeepSpeed engine (and an optional frozen reference model for KL)."""
+class PolicyWorker(LearnerWorker):
+    """Owns the policy's DeepSpeed engine (and an optional frozen reference model for KL); set-up,
+    `micro_batches`, `save` and `load` are `LearnerWorker`'s."""
 
     def __init__(self, model_path: str, model: dict, learner: dict, algorithm: dict, max_new_tokens: int,
                  rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int = 29500,
-                 seed: int = 0):
-        self.model_cfg, self.learner_cfg = ModelConfig(**model), LearnerConfig(**learner)
-        self.algo = AlgorithmConfig(**algorithm)
-        if self.learner_cfg.num_threads:
-            torch.set_num_threads(self.learner_cfg.num_threads)
-        init_distributed(rank, world_size, master_addr, master_port)
-        self.rank, self.world_size = rank, world_size
-        torch.manual_seed(seed)
+                 seed: int = 0, cpu_cores: list[int] | None = None, temperature: float = 1.0):
+        """`temperature`: the rollouts' sampling temperature; every log-prob is of softmax(logits / T), the
+        distribution the engine sampled from (its log-probs are processed ones)."""
+        super().__init__(model, learner, algorithm, rank, world_size, master_addr, master_port, seed, cpu_cores)
         module = load_policy(model_path, self.model_cfg.dtype, self.model_cfg.gradient_checkpointing,
                              self.model_cfg.attn_backend, self.model_cfg.moe_backend)
         if self.model_cfg.freeze_router:
@@ -58,22 +58,28 @@ class PolicyWorker:
         if self.model_cfg.lora is not None:  # only the adapters train; syncs and exports are merged
             from mispo.learner.lora import apply_lora
             module = apply_lora(module, self.model_cfg.lora.model_dump())
-        self.engine = build_engine(module, self.learner_cfg.actor, self.learner_cfg.zero_stage, self.model_cfg.dtype)
+        self.build(module, self.learner_cfg.actor, generator_seed=seed)
         self.reference = None
         if self.learner_cfg.reference:
             self.reference = load_policy(model_path, self.model_cfg.dtype).eval().requires_grad_(False)
             self.reference.to(self.engine.device)  # the frozen copy scores on the learner's device
         self.loss_config = policy_loss_config(self.algo, max_new_tokens)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.device = self.engine.device
+        self.temperature = temperature
+
+    def has_dropout(self) -> bool:
+        """Whether a train-mode forward is random (a dropout module or a config `*dropout` above 0): then
+        the update's first forward is not pi_old, and `train` needs batch.old_logprobs."""
+        module = self.engine.module
+        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules()):
+            return True
+        config = getattr(module, "config", None)
+        values = config.to_dict().items() if config is not None else ()
+        return any(k.endswith("dropout") and isinstance(v, (int, float)) and v > 0 for k, v in values)
 
     # ------------------------------------------------------------------ forward passes
-    def micro_batches(self, samples: list) -> list[PackedMicroBatch]:
-        """This rank's packed micro-batches of the samples."""
-        return rank_share(samples, self.rank, self.world_size, self.learner_cfg.micro_batch_tokens)
-
     def _forward_logits(self, model, mb: PackedMicroBatch) -> torch.Tensor:
-        return model(input_ids=mb.input_ids.to(self.device), position_ids=mb.position_ids.to(self.device)).logits
+        return model(input_ids=mb.input_ids.to(self.device), position_ids=mb.position_ids.to(self.device),
+                     use_cache=False).logits
 
     @torch.no_grad()
     def compute_logprobs(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
@@ -81,14 +87,19 @@ class PolicyWorker:
         outside this rank's share are 0."""
         self.engine.eval()
         tokens, micro = self.learner_cfg.micro_batch_tokens, self.micro_batches(batch.samples)
-        out = {"old_logprobs": response_logprobs(self.engine, batch.samples, tokens, self.device, micro)}
+        t = self.temperature
+        out = {"old_logprobs": response_logprobs(self.engine, batch.samples, tokens, self.device, micro, t)}
         if self.reference is not None:
-            out["ref_logprobs"] = response_logprobs(self.reference, batch.samples, tokens, self.device, micro)
+            out["ref_logprobs"] = response_logprobs(self.reference, batch.samples, tokens, self.device, micro, t)
         return out
 
     # ------------------------------------------------------------------ update
     def train(self, batch: RolloutBatch) -> dict[str, float]:
-        """One pass over the batch in `actor_mini_batches` optimizer steps; returns averaged metrics."""
+        """One pass over the batch in `actor_mini_batches` optimizer steps; returns averaged metrics.
+        Without batch.old_logprobs (one mini-batch only) the first forward provides pi_old: it runs at the
+        rollout-time weights, so pi_old = sg(pi_theta) there and the loss computes the MIS-PO masks."""
+        if batch.old_logprobs is None and self.learner_cfg.actor_mini_batches != 1:
+            raise ValueError("PolicyWorker.train without old_logprobs needs learner.actor_mini_batches = 1")
         self.engine.train()
         start = time.time()
         parts, grad_norms = [], []
@@ -98,7 +109,7 @@ class PolicyWorker:
             micro, pieces = self.micro_batches(mini.samples), []
             for i, mb in enumerate(micro):
                 loss, metrics = self._micro_loss(mini, mb, num_tokens)
-                accumulate(self.engine, loss * (0.0 if mb.padding else self.world_size), last=i == len(micro) - 1)
+                self.backward(loss, mb, last=i == len(micro) - 1)
                 if not mb.padding:
                     pieces.append(metrics)
             if pieces:
@@ -120,20 +131,27 @@ class PolicyWorker:
         length = sub.response_mask.shape[1]
         ids = mb.input_ids.to(self.device)
         logits = self._forward_logits(self.engine, mb)
-        logp = gather_response(token_logprobs(logits, ids), mb, length)
-        with torch.set_grad_enabled(self.loss_config.entropy_coef > 0):  # a bonus needs its gradient
-            ent = gather_response(entropy_from_logits(logits[0].float())[None], mb, length)
+        logp_all, ent_all = token_logprobs_and_entropy(logits, ids, self.temperature)
+        logp = gather_response(logp_all, mb, length)
+        ent = gather_response(ent_all, mb, length)
+        if self.loss_config.entropy_coef == 0:
+            ent = ent.detach()  # a metric only
         d = self.device
+        mask = sub.response_mask.to(d)
+        logp_old = sub.old_logprobs.to(d) if sub.old_logprobs is not None else logp.detach()
+        with torch.no_grad():  # KL(pi_theta || pi_old) = E_old[r log r], r = pi_theta / pi_old
+            log_r = (logp - logp_old) * mask
+            kl_to_old = float((torch.exp(log_r) * log_r * mask).sum() / max(num_tokens, 1.0))
         inputs = PolicyLossInputs(
-            logp=logp, logp_old=sub.old_logprobs.to(d), advantages=sub.advantages.to(d),
-            mask=sub.response_mask.to(d), logp_rollout=sub.rollout_logprobs.to(d),
+            logp=logp, logp_old=logp_old, advantages=sub.advantages.to(d),
+            mask=mask, logp_rollout=sub.rollout_logprobs.to(d),
             logp_ref=sub.ref_logprobs.to(d) if sub.ref_logprobs is not None else None, entropy=ent,
             token_keep=sub.token_keep.to(d) if sub.token_keep is not None else None,
             traj_keep=sub.traj_keep.to(d) if sub.traj_keep is not None else None,
             num_tokens=num_tokens, num_seqs=float(len(mini)),
         )
         loss, metrics = compute_policy_loss(self.algo.policy_loss, inputs, self.loss_config)
-        return loss, {k: float(v) for k, v in metrics.items()}
+        return loss, {**{k: float(v) for k, v in metrics.items()}, "actor/kl_to_old": kl_to_old}
 
     def sft_step(self, samples: list) -> dict[str, float]:
         """One optimizer step of supervised fine-tuning: token-mean cross-entropy of the response
@@ -149,7 +167,7 @@ class PolicyWorker:
             logp = gather_response(token_logprobs(self._forward_logits(self.engine, mb), ids), mb,
                                    sub.response_mask.shape[1])
             loss = -(logp * sub.response_mask.to(self.device)).sum() / max(num_tokens, 1.0)
-            accumulate(self.engine, loss * (0.0 if mb.padding else self.world_size), last=i == len(micro) - 1)
+            self.backward(loss, mb, last=i == len(micro) - 1)
             total += 0.0 if mb.padding else loss.item()
         self.engine.step()
         return {"sft/loss": total, "sft/lr": self.engine.get_lr()[0]}  # this rank's part of the loss
@@ -165,7 +183,6 @@ class PolicyWorker:
             copy = self.learner_cfg.zero_stage == 3  # gathered tensors are freed when the context exits
             state = {k: (v.detach().cpu().clone() if copy else v.detach().cpu())
                      for k, v in self._state_dict(module).items()} if self.rank == 0 else {}
-        from mispo.rollout.weight_loader import bucketize
         return bucketize(state.items(), bucket_bytes)
 
     def _state_dict(self, module) -> dict[str, torch.Tensor]:
@@ -177,7 +194,6 @@ class PolicyWorker:
     def weight_bucket_refs(self, bucket_bytes: int = 256 << 20) -> list:
         """`weight_buckets` put into the Ray object store from here (one copy, read zero-copy by the
         rollout workers); returns the ObjectRefs ([] on ranks other than 0)."""
-        from mispo.rollout.weight_loader import put_bucket
         return [put_bucket(b) for b in self.weight_buckets(bucket_bytes)]
 
     def update_router_bias(self, rate: float) -> None:
@@ -189,15 +205,6 @@ class PolicyWorker:
     def routing_stats(self) -> dict[str, float]:
         from mispo.models.step3p5.moe_utils import routing_stats
         return routing_stats(self.engine.module)
-
-    def save(self, directory: str, tag: str) -> None:
-        """DeepSpeed checkpoint (weights, optimizer, scheduler) plus the generator state (every rank)."""
-        self.engine.save_checkpoint(directory, tag=tag, client_state={"generator": self.generator.get_state()})
-
-    def load(self, directory: str, tag: str) -> None:
-        _, client = self.engine.load_checkpoint(directory, tag=tag)
-        if client and "generator" in client:
-            self.generator.set_state(client["generator"])
 
     def export(self, directory: str) -> str:
         """Write the policy as a Hugging Face / release-format checkpoint (with LoRA: merged). Every rank

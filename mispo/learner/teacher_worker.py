@@ -15,13 +15,16 @@ from mispo.learner.packing import response_logprobs
 
 class TeacherWorker:
     def __init__(self, model_path: str, dtype: str = "float32", micro_batch_tokens: int = 4096,
-                 num_threads: int = 0):
+                 num_threads: int = 0, temperature: float = 1.0):
+        """`temperature`: log-probs are of softmax(logits / T), the student's sampling distribution's form."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_policy(model_path, dtype).to(self.device).eval().requires_grad_(False)
         self.micro_batch_tokens = micro_batch_tokens
+        self.temperature = temperature
 
     def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """[B, T] log p_teacher of each response token (zeros past each response), fp32 on CPU."""
-        return response_logprobs(self.model, batch.samples, self.micro_batch_tokens, self.device)
+        return response_logprobs(self.model, batch.samples, self.micro_batch_tokens, self.device,
+                                 temperature=self.temperature)

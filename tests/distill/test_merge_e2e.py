@@ -19,7 +19,7 @@ TINY = {"hidden_size": 128, "num_hidden_layers": 4, "sliding_window": 64}  # the
 
 def mispo(args, cache, timeout=900):
     env = {**os.environ, "MISPO_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
-    return subprocess.run([sys.executable, "-m", "mispo.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mispo", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

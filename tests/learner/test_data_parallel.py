@@ -111,7 +111,7 @@ def one_step(policy, critic, batch):
 
 
 def weights(policy) -> dict:
-    from mispo.rollout.weight_loader import resolve
+    from mispo.weight_transport import resolve
 
     return {k: v.clone() for ref in policy.first("weight_bucket_refs") for k, v in resolve(ref)}
 

@@ -66,6 +66,37 @@ def test_packed_logprobs_equal_unpacked_forward(workers):
 
 
 @pytest.mark.slow  # starts DeepSpeed engines
+def test_values_are_read_before_each_response_token_and_at_the_end(workers):
+    """With a non-zero value head, V(s_t) of response token t is the head at position p + t - 1 (the
+    prefix before it) and V(s_T) the head at the last token, each as an unpacked forward computes it."""
+    _, critic = workers
+    samples = make_samples()
+    batch = RolloutBatch.from_samples(samples)
+    module = critic.engine.module
+    head = module.value_head
+    saved = {k: v.clone() for k, v in head.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    try:
+        with torch.no_grad():  # restored below: the optimizer's master copy still holds `saved`
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g))
+            head.bias.fill_(0.25)
+        got = critic.compute_values(batch)
+        for i, s in enumerate(samples):
+            ids = torch.tensor([s.prompt_ids + s.response_ids])
+            with torch.no_grad():
+                h = module.backbone(input_ids=ids, output_hidden_states=True).hidden_states[-1][0].float()
+                v = h @ head.weight[0].float() + head.bias[0].float()  # [len(ids)]: V after each token
+            p, n = len(s.prompt_ids), len(s.response_ids)
+            torch.testing.assert_close(got["values"][i, :n], v[p - 1: p + n - 1], atol=1e-5, rtol=1e-5)
+            assert torch.all(got["values"][i, n:] == 0)
+            torch.testing.assert_close(got["bootstrap_values"][i], v[p + n - 1], atol=1e-5, rtol=1e-5)
+        assert got["values"][batch.response_mask.bool()].abs().min() > 0  # the check can tell positions apart
+    finally:
+        with torch.no_grad():
+            head.load_state_dict(saved)
+
+
+@pytest.mark.slow  # starts DeepSpeed engines
 def test_train_step_raises_logprob_of_advantaged_tokens(workers):
     policy, critic = workers
     samples = make_samples()
@@ -73,15 +104,12 @@ def test_train_step_raises_logprob_of_advantaged_tokens(workers):
     before = policy.compute_logprobs(batch)["old_logprobs"]
     batch.old_logprobs = before
     batch.rollout_logprobs = before.clone()  # on-policy: MIS-PO keeps everything
-    batch.response_mask = batch.response_mask
     values = critic.compute_values(batch)
     batch.values, batch.bootstrap_values = values["values"], values["bootstrap_values"]
-    assert torch.all(batch.values == 0)  # zero-initialised value head
     adv = torch.where(batch.rewards[:, None] > 0, 1.0, -1.0) * batch.response_mask
     batch.advantages = adv
-    batch.advantages, batch.returns = adv, compute_gae(batch.rewards, batch.values, batch.response_mask,
-                                                       truncated=batch.truncated,
-                                                       bootstrap_value=batch.bootstrap_values)[1]
+    batch.returns = compute_gae(batch.rewards, batch.values, batch.response_mask, truncated=batch.truncated,
+                                bootstrap_value=batch.bootstrap_values)[1]
     metrics = policy.train(batch)
     assert metrics["mispo/token_keep_frac"] == pytest.approx(1.0)
     assert metrics["actor/grad_norm"] > 0

@@ -26,7 +26,7 @@ def _samples(n=4, seed=0):
 def _bare_worker(model, entropy_coef: float) -> PolicyWorker:
     """A PolicyWorker whose 'engine' is the plain module (what _micro_loss needs of it: a forward)."""
     w = PolicyWorker.__new__(PolicyWorker)
-    w.engine, w.device = model, torch.device("cpu")
+    w.engine, w.device, w.temperature = model, torch.device("cpu"), 1.0
     w.algo = AlgorithmConfig(entropy_coef=entropy_coef)
     w.loss_config = policy_loss_config(w.algo, max_new_tokens=5)
     w.learner_cfg, w.model_cfg = LearnerConfig(micro_batch_tokens=1000), ModelConfig()
@@ -94,3 +94,42 @@ def test_gspo_averages_per_sequence_by_default():
     assert policy_loss_config(AlgorithmConfig(policy_loss="gspo"), 8).loss_agg == "seq-mean-token-mean"
     assert policy_loss_config(AlgorithmConfig(policy_loss="mispo"), 8).loss_agg == "token-mean"
     assert policy_loss_config(AlgorithmConfig(policy_loss="gspo", loss_agg="token-mean"), 8).loss_agg == "token-mean"
+
+
+@pytest.mark.parametrize("loss_name", ["mispo", "ppo"])
+def test_fused_pi_old_equals_a_separate_forward(tiny_checkpoint, loss_name):
+    """Without batch.old_logprobs the update's own forward is pi_old and the loss computes the MIS-PO
+    masks: the same loss, masks and gradient as a separate pi_old forward plus prepare_update's masks."""
+    from mispo.learner.models import load_policy
+    from mispo.learner.packing import response_logprobs
+    from mispo.prepare_update import prepare_update
+
+    model = load_policy(str(tiny_checkpoint), "float32")
+    samples = _samples()
+    mb = pack_samples(samples, list(range(len(samples))), max_tokens=1000)[0]
+    old = response_logprobs(model, samples, 1000)
+    g = torch.Generator().manual_seed(1)
+    for i, s in enumerate(samples):  # an engine that disagrees: some tokens and sequences get filtered
+        s.rollout_logprobs = (old[i, :5] + 0.6 * torch.randn(5, generator=g)).tolist()
+    algo = AlgorithmConfig(policy_loss=loss_name, advantage="grpo", token_bounds=[0.6, 1.6], traj_bounds=[0.8, 1.25])
+
+    def loss_and_grad(precomputed: bool):
+        batch = RolloutBatch.from_samples(samples)
+        batch.old_logprobs = old.clone() if precomputed else None
+        prepare_update(batch, algo)
+        assert (batch.token_keep is None) == (not precomputed)
+        w = _bare_worker(model, 0.0)
+        w.algo, w.loss_config = algo, policy_loss_config(algo, max_new_tokens=5)
+        model.zero_grad()
+        loss, metrics = w._micro_loss(batch, mb, float(batch.response_mask.sum()))
+        loss.backward()
+        return loss.item(), metrics, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    loss_a, metrics_a, grad_a = loss_and_grad(True)
+    loss_b, metrics_b, grad_b = loss_and_grad(False)
+    if loss_name == "mispo":
+        assert 0 < metrics_a["mispo/keep_frac"] < 1  # the filters act in this batch
+        assert metrics_b["mispo/keep_frac"] == pytest.approx(metrics_a["mispo/keep_frac"])
+    assert loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-7)
+    assert grad_a.abs().max() > 0
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-7)

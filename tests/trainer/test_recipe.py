@@ -103,11 +103,11 @@ def test_max_model_len_has_one_owner():
             load_recipe(None, [f"rollout.engine_kwargs={{{key}: 7}}"])
 
 
-def test_train_module_runs_as_the_train_command(tmp_path):
+def test_python_m_mispo_runs_the_train_command(tmp_path):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "mispo.train_cli", str(tmp_path / "missing.yaml")],
+    done = subprocess.run([sys.executable, "-m", "mispo", "train", str(tmp_path / "missing.yaml")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     said = " ".join((done.stdout + done.stderr).split())  # the console wraps long lines

@@ -43,7 +43,7 @@ def test_register_is_idempotent_and_cpu_only(monkeypatch, is_cpu):
 
 @pytest.mark.parametrize("limit", [0.0, 0.37, 7.0])
 def test_routed_experts_op_matches_training_reference(limit):
-    from mispo.models.step3p5.backends import torch_experts
+    from mispo.models.step3p5.reference_ops import torch_experts
     from mispo.models.step3p5.vllm_model import routed_experts
 
     gen = torch.Generator().manual_seed(0)

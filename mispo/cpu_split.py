@@ -1,0 +1,60 @@
+"""How a CPU run shares the machine's cores between the rollout engines and the learners.
+
+`resources.rollout_cores: k` pins the rollout engines to k cores (split evenly over rollout.num_workers)
+and the learners to the others (torch threads = their core count). 0 (the default) decides by mode:
+sync shares every core with every role (generation and updates never run at the same time), async
+gives the rollouts half the cores, rounded up, so generating the next steps does not thrash the update
+running beside it. A machine with one core always shares it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from mispo.config import RecipeError
+
+
+@dataclass(frozen=True)
+class CoreSplit:
+    rollout: list[list[int]] | None  # the cores of each rollout worker; None = not pinned
+    learner: list[int] | None  # the cores every learner rank may use; None = not pinned
+
+
+def available_cores() -> list[int]:
+    """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def split_cores(rollout_cores: int, mode: str, cores: list[int], workers: int) -> CoreSplit:
+    """The split for `rollout_cores` (0 = by mode) over `cores`, with `workers` rollout engines."""
+    if rollout_cores == 0:
+        if mode == "sync" or len(cores) < 2:
+            return CoreSplit(None, None)
+        rollout_cores = max(workers, (len(cores) + 1) // 2)
+        if rollout_cores >= len(cores):
+            return CoreSplit(None, None)  # too few cores to give every engine and the learners their own
+    if rollout_cores >= len(cores):
+        raise RecipeError(f"resources.rollout_cores = {rollout_cores} leaves no core for the learners: this machine "
+                          f"gives the run {len(cores)} ({_ranges(cores)}); fix: at most {len(cores) - 1}, or 0 to "
+                          "decide by trainer.mode")
+    if rollout_cores < workers:
+        raise RecipeError(f"resources.rollout_cores = {rollout_cores} is fewer than rollout.num_workers = {workers}; "
+                          "fix: at least one core per rollout worker")
+    ours, theirs = cores[:rollout_cores], cores[rollout_cores:]
+    bounds = [round(i * rollout_cores / workers) for i in range(workers + 1)]  # near-equal, contiguous
+    return CoreSplit([ours[bounds[i]:bounds[i + 1]] for i in range(workers)], theirs)
+
+
+def pin_process(cores: list[int] | None) -> None:
+    """Run this process (and torch's intra-op threads) on `cores` only; None leaves it as it is."""
+    if not cores:
+        return
+    import torch
+
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(len(cores))
+
+
+def _ranges(cores: list[int]) -> str:
+    return ",".join(str(c) for c in cores)

@@ -1,0 +1,52 @@
+"""The driver's math between the learners' forward and their update, a pure function of the batch and
+the recipe's `algorithm:` section (testable without Ray or engines).
+
+    advantages:  GAE (gamma, lambda; truncated responses bootstrapped from V(s_T) when
+                 `bootstrap_truncated`) or group-normalised sequence rewards broadcast over the response
+    whitening:   optional, over response tokens
+    MIS-PO:      token_keep = 1[token_bounds[0] <= pi_old / pi_rollout <= token_bounds[1]] per token,
+                 traj_keep  = 1[traj_bounds[0] <= geo-mean ratio <= traj_bounds[1]] per sequence
+                 (geo-mean over all response tokens, or over the token-kept ones when
+                 `traj_stat_includes_rejected` is false; the band adapted per step when
+                 `adaptive_traj_band`)
+"""
+
+from __future__ import annotations
+
+from mispo.algorithms import AdaptiveTrajBand, compute_gae, group_advantages, whiten_advantages
+from mispo.algorithms.filters import mis_filter_detailed
+from mispo.batch import RolloutBatch
+
+
+def prepare_update(batch: RolloutBatch, algorithm, band: AdaptiveTrajBand | None = None) -> dict:
+    """Set batch.advantages (and batch.returns with GAE), batch.token_keep and batch.traj_keep from
+    batch.rewards, values, old_logprobs and rollout_logprobs; returns the band's metrics (if any).
+    Without batch.old_logprobs (pi_old computed inside the update) the masks are left to the loss."""
+    a, mask, metrics = algorithm, batch.response_mask, {}
+    if a.advantage == "gae":
+        truncated = batch.truncated if a.bootstrap_truncated else None
+        batch.advantages, batch.returns = compute_gae(batch.rewards, batch.values, mask, a.gamma, a.lam,
+                                                      truncated=truncated, bootstrap_value=batch.bootstrap_values)
+    else:
+        seq_adv = group_advantages(batch.rewards, group_ids=batch.group_ids, method=a.advantage)
+        batch.advantages = seq_adv[:, None] * mask
+    if a.whiten_advantages:
+        batch.advantages = whiten_advantages(batch.advantages, mask)
+
+    if batch.old_logprobs is None:
+        if band is not None:
+            raise ValueError("the adaptive trajectory band needs batch.old_logprobs before the update")
+        batch.token_keep = batch.traj_keep = None
+        return metrics
+    traj_bounds = tuple(a.traj_bounds)
+    if band is not None:
+        token_keep = None
+        if not a.traj_stat_includes_rejected:
+            token_keep = mis_filter_detailed(batch.old_logprobs, batch.rollout_logprobs, mask,
+                                             tuple(a.token_bounds), traj_bounds).token_keep
+        traj_bounds = band.update(batch.old_logprobs, batch.rollout_logprobs, mask, token_keep)
+        metrics.update(band.metrics())
+    result = mis_filter_detailed(batch.old_logprobs, batch.rollout_logprobs, mask, tuple(a.token_bounds),
+                                 traj_bounds, a.traj_stat_includes_rejected)
+    batch.token_keep, batch.traj_keep = result.token_keep, result.traj_keep
+    return metrics

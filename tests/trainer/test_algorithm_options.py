@@ -1,0 +1,42 @@
+"""algorithm: every option has one owner and an effect: loss_options that the chosen loss ignores, or that
+the recipe sets elsewhere, are errors naming the field."""
+
+import pytest
+
+from mispo.config import RecipeError, load_recipe
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["algorithm.loss_options={traj_bounds: [0.9, 1.1]}"], "loss_options.traj_bounds is set by algorithm.traj_bounds"),
+    (["algorithm.loss_options={traj_stat_includes_rejected: false}"],
+     "is set by algorithm.traj_stat_includes_rejected"),
+    (["algorithm.loss_options={tis_cap: 3.0}"], "tis_cap has no effect with policy_loss = 'mispo'"),
+    (["algorithm.policy_loss=gspo", "algorithm.advantage=grpo", "algorithm.loss_options={dual_clip_c: 2.0}"],
+     "dual_clip_c has no effect with policy_loss = 'gspo'"),
+    (["algorithm.clip_eps=0.3"], "clip_eps has no effect with policy_loss = 'mispo'"),
+    (["algorithm.policy_loss=nope"], "not a known loss"),
+])
+def test_options_without_effect_are_refused(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, overrides)
+
+
+def test_options_the_loss_reads_are_accepted():
+    r = load_recipe(None, ["algorithm.policy_loss=tis", "algorithm.loss_options={tis_cap: 3.0, kl_estimator: k3}",
+                           "algorithm.clip_eps=0.3", "algorithm.traj_stat_includes_rejected=false"])
+    assert r.algorithm.loss_options == {"tis_cap": 3.0, "kl_estimator": "k3"}
+    assert r.algorithm.traj_stat_includes_rejected is False
+
+
+def test_a_dumped_recipe_loads_again():
+    """Workers and pipeline stages rebuild sections from dumps: every default must pass validation."""
+    from mispo.config import AlgorithmConfig, TrainerConfig, dump_recipe
+
+    assert AlgorithmConfig(**AlgorithmConfig().model_dump()) == AlgorithmConfig()
+    assert TrainerConfig(**TrainerConfig().model_dump()) == TrainerConfig()
+    r = load_recipe(None, ["algorithm.policy_loss=tis", "algorithm.advantage=grpo", "algorithm.clip_eps=0.3"])
+    import yaml
+
+    again = load_recipe(None, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+                               for k, v in [("algorithm", r.algorithm.model_dump(mode="json"))]])
+    assert again.algorithm == r.algorithm and dump_recipe(r)
