@@ -31,7 +31,10 @@ def check_stale_locks(root: Path, max_age_s: float = STALE_LOCK_S, now: float | 
     """Raise if an extension build lock under `root` is older than `max_age_s` (its build died)."""
     now = time.time() if now is None else now
     for lock in sorted(root.glob("**/lock")):
-        age = now - lock.stat().st_mtime
+        try:
+            age = now - lock.stat().st_mtime
+        except FileNotFoundError:  # a build beside us (another learner rank) finished and removed it
+            continue
         if age > max_age_s:
             raise RuntimeError(f"a DeepSpeed op build lock is {age / 60:.0f} minutes old: {lock}. An earlier build "
                                f"was interrupted and every learner would wait on it forever; fix: if no build is "

@@ -30,3 +30,11 @@ def test_builds_go_to_a_folder_of_this_installation(monkeypatch):
     assert extensions_dir() != here and extensions_dir().parent == here.parent
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere")
     assert str(extensions_dir()) == "/somewhere"
+
+
+def test_a_lock_removed_while_checking_is_no_error(tmp_path):
+    """Another rank's build removes its lock between the listing and the stat (a broken link is such a
+    lock: listed, gone when read); seen in CI with two learner ranks starting together."""
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "deepspeed_shm_comm" / "lock").symlink_to(tmp_path / "gone")
+    check_stale_locks(tmp_path)
