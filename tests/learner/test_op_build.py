@@ -32,9 +32,23 @@ def test_builds_go_to_a_folder_of_this_installation(monkeypatch):
     assert str(extensions_dir()) == "/somewhere"
 
 
-def test_a_lock_removed_while_checking_is_no_error(tmp_path):
-    """Another rank's build removes its lock between the listing and the stat (a broken link is such a
-    lock: listed, gone when read); seen in CI with two learner ranks starting together."""
-    (tmp_path / "deepspeed_shm_comm").mkdir()
-    (tmp_path / "deepspeed_shm_comm" / "lock").symlink_to(tmp_path / "gone")
+def test_a_lock_removed_while_checking_is_no_error(tmp_path, monkeypatch):
+    """Another rank's build removes its lock between the listing and the stat (seen in CI with two
+    learner ranks starting together): the lock is gone by the time it is read."""
+    import pathlib
+
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    stat, calls = pathlib.Path.stat, []
+
+    def removed_after_listing(self, *args, **kwargs):
+        if self == lock:
+            calls.append(self)
+            if len(calls) == 2:  # the glob's existence check was the first: the other build finishes now
+                os.unlink(self)
+        return stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "stat", removed_after_listing)
     check_stale_locks(tmp_path)
+    assert len(calls) == 2 and not lock.exists()  # it was listed, then read after its removal
