@@ -29,7 +29,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PROMPT, RESPONSE = 40, 128
-LLAMA = dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1376, num_attention_heads=8)
 
 
 def matmul_flops(size: int, dtype) -> float:
@@ -44,20 +43,6 @@ def matmul_flops(size: int, dtype) -> float:
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2 * size**3 / best
-
-
-def write_llama(path: Path) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from mispo.models.step3p5.tiny import tiny_tokenizer, tiny_vocab
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tiny_vocab()), max_position_embeddings=1024, tie_word_embeddings=False,
-                         **LLAMA)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def model_flops_per_token(model, seq_len: int) -> float:
@@ -118,11 +103,13 @@ def main() -> None:
     sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
     import torch
 
+    from benchmarks.vs_trl import CONFIGS, write_model  # the same random model as vs_trl's "medium"
+
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="learner_flops_") as tmp:
-        model_dir = write_llama(Path(tmp) / "llama")
+        model_dir = write_model(CONFIGS["medium"], Path(tmp) / "llama")
         for dtype in (["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]):
             peak = matmul_flops(args.matmul_size, getattr(torch, dtype))
             got = learner_flops(model_dir, dtype, args.micro_batch_tokens, args.sequences, args.repeats)

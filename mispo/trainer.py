@@ -193,12 +193,16 @@ class Trainer:
     def generate(self, jobs: list[tuple], pending: PendingRollout) -> list[tuple]:
         """[(domain, requests)] -> [(domain, samples)], n = rollout.n_samples per request, seeded by the
         rollout's index."""
-        r = self.recipe
         start = time.time()
-        out = generate_step(self.rollout, jobs, r.rollout.n_samples, r.rollout.temperature, r.rollout.top_p,
-                            seed=step_seed(r.trainer.seed, pending.index))
+        out = self._sample(jobs, pending.index)
         pending.generate_s = (start, time.time())
         return out
+
+    def _sample(self, jobs: list[tuple], index: int) -> list[tuple]:
+        """The recipe's sampling of [(domain, requests)], seeded by the rollout index."""
+        r = self.recipe
+        return generate_step(self.rollout, jobs, r.rollout.n_samples, r.rollout.temperature, r.rollout.top_p,
+                             seed=step_seed(r.trainer.seed, index))
 
     def finish_rollout(self, pending: PendingRollout) -> tuple[list[tuple], dict]:
         """Wait for a rollout; drop its samples older than the staleness bound. Metrics: the time the
@@ -221,8 +225,7 @@ class Trainer:
         def draw_more(count: int, first_group: int) -> list[tuple]:
             jobs = draw_step(self.domains, self.samplers, count, self.tokenizer, first_group)
             index, self.rollouts_started = self.rollouts_started, self.rollouts_started + 1
-            more = generate_step(self.rollout, jobs, r.rollout.n_samples, r.rollout.temperature, r.rollout.top_p,
-                                 seed=step_seed(r.trainer.seed, index))
+            more = self._sample(jobs, index)
             more, _ = drop_stale(more, self.step, self.ahead)
             self.score(more)
             return more
