@@ -12,6 +12,7 @@ from __future__ import annotations
 from .arithmetic import ArithmeticTask
 from .base import Task
 from .calculator import CalculatorTask
+from .chain import ChainTask
 from .humaneval import HumanEvalTask
 
 TASKS: dict[str, Task] = {}
@@ -34,6 +35,7 @@ def get_task(name: str) -> Task:
 
 register_task(ArithmeticTask())
 register_task(CalculatorTask())
+register_task(ChainTask())
 register_task(HumanEvalTask())
 
-__all__ = ["Task", "TASKS", "get_task", "register_task", "ArithmeticTask", "CalculatorTask", "HumanEvalTask"]
+__all__ = ["Task", "TASKS", "get_task", "register_task", "ArithmeticTask", "CalculatorTask", "ChainTask", "HumanEvalTask"]

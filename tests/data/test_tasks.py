@@ -99,3 +99,48 @@ def test_calculator_sft_answer_fraction_mixes_in_bare_final_answers():
         assert f"<expression>{r['prompt'][8:-1]}</expression>" in r["tool_call"]  # every episode calls the tool
         assert r["completion"] in (f"<answer>{r['answer']}</answer>", r["answer"])
     assert get_task("calculator").sft_rows(50, 0) == get_task("calculator").sft_rows(50, 0, sft_answer_fraction=1.0)
+
+
+# ------------------------------------------------------------------ builtin:chain
+def _chain_value(prompt: str) -> int:
+    tokens = re.findall(r"\d+|[-+*]", prompt.rstrip("="))
+    value = int(tokens[0])
+    for op, b in zip(tokens[1::2], tokens[2::2]):
+        value = {"+": value + int(b), "-": value - int(b), "*": value * int(b)}[op]
+    return value
+
+
+@pytest.mark.parametrize("opts", [{}, {"operations": "+-*", "terms": 4, "digits": [1, 2]}])
+def test_chain_rows_are_correct_and_disjoint(opts):
+    task = get_task("chain")
+    train = task.train_rows(500, 0, **opts)
+    evals = task.eval_rows(30, 0, **opts)
+    terms = task.options(opts)["terms"]
+    for row in train + evals:
+        assert len(re.findall(r"[-+*]", row["prompt"])) == terms - 1
+        assert row["answer"] == str(_chain_value(row["prompt"]))
+        assert _chain_value(row["prompt"]) >= 0  # '-' never goes below zero without `negative`
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
+
+
+def test_chain_worked_completion_shows_running_values_and_scores_one():
+    task = get_task("chain")
+    assert task.steps("4+7+2") == "4+7=11,11+2=13"
+    assert task.steps("12-3*2") == "12-3=9,9*2=18"  # left to right: running values, not precedence
+    rows = task.sft_rows(40, 0)
+    for row in rows:
+        assert row["completion"] == f"{task.steps(row['prompt'][:-1])}\\boxed{{{row['answer']}}}"
+        assert rewards.math.score(completion=row["completion"], answer=row["answer"])["score"] == 1.0
+        assert len(row["completion"]) >= 18  # tens of tokens under the char tokenizer
+
+
+def test_chain_weak_completions_score_zero_and_bad_terms_fail():
+    task = get_task("chain")
+    rows = task.sft_rows(200, 0, sft_boxed_fraction=0.3)
+    weak = [r for r in rows if "boxed" not in r["completion"]]
+    assert 0.5 < len(weak) / len(rows) < 0.9
+    assert all(rewards.math.score(completion=r["completion"], answer=r["answer"])["score"] == 0.0 for r in weak)
+    with pytest.raises(ValueError, match="data.builtin.terms"):
+        task.train_rows(5, 0, terms=1)
+    with pytest.raises(ValueError, match="no '/'"):
+        task.train_rows(5, 0, operations="+/")

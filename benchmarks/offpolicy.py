@@ -1,0 +1,300 @@
+"""The off-policy study: each policy loss under each train/inference mismatch, several seeds.
+
+    python benchmarks/offpolicy.py                  # the grid (about an hour on 2 cores)
+    python benchmarks/offpolicy.py --quick          # smoke test: 2 algorithms x 1 condition x 1 seed, 2 steps
+    python benchmarks/offpolicy.py --algorithms mispo,ppo --conditions bf16 --seeds 0,1,2
+
+Task: builtin:chain (sums of three one-digit numbers answered with running sums and a \\boxed{}
+answer, ~25 tokens), on the tiny Step3p5 MoE (hidden 128, 4 layers, 8 experts top-2) after a
+cached supervised warm-up whose data is 30% boxed, 70% bare answers (rewards.math scores those 0):
+RL has a format to fix and sums to get right. Every cell is one `python -m mispo train` subprocess
+on the recipe `recipe(algorithm, condition, seed)` builds; only the keys below differ between cells.
+
+Algorithms (each as published; one learning rate, shared):
+    mispo           MIS-PO, fixed bands (token [0.5, 2], trajectory [0.996, 1.001]), critic (GAE)
+    mispo_adaptive  MIS-PO, the trajectory band adapted to keep ~80%, critic
+    ppo             PPO clip 0.2, critic
+    grpo            PPO clip 0.2 on group-normalised advantages, no critic
+    grpo_ds         grpo with DAPO dynamic sampling (zero-variance groups dropped and refilled)
+    gspo            sequence-level ratio and clip, group advantages
+    tis             PPO clip times the truncated rollout correction min(pi_old / pi_rollout, 2)
+    icepop          PPO clip, tokens whose pi_old / pi_rollout leaves [0.5, 5] masked out
+
+Conditions:
+    fp32     on-policy: fp32 learner and fp32 vLLM rollouts, sync (the ratios differ only by kernels)
+    bf16     vLLM rollouts in bfloat16 against the fp32 learner, sync
+    stale4   fp32, trainer.mode async with max_staleness 4 (rollouts up to 4 versions old)
+    stale8   the same with max_staleness 8 (not in the default grid: --conditions stale8)
+
+Per run: final held-out accuracy (greedy, 50 problems never trained on), reward area under the
+curve (mean of reward/mean over the steps), grad-norm p99 and spikes (steps whose pre-clip grad norm
+exceeds 5x the median of the steps before it; from step 4), the loss's own keep / unclipped fraction,
+mean |log pi_old / pi_rollout| and the mean staleness. Cells: mean and spread (min..max) over seeds.
+
+Writes benchmarks/results/offpolicy.json (every run's curves and the table) and offpolicy.png
+(rows: conditions; columns: reward, held-out accuracy, grad norm, |log ratio|, kept tokens; seed
+bands). Runs
+land in --work (default runs/offpolicy/<condition>/<algorithm>/seed<k>); a finished run is reused,
+so an interrupted study continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results" / "offpolicy.json"
+PLOT = HERE / "results" / "offpolicy.png"
+SPIKE_FACTOR = 5.0
+SPIKE_HISTORY = 3  # steps of history before a spike can be counted
+SAVED_KEYS = ("step", "reward/mean", "eval/accuracy", "actor/grad_norm_max", "actor/kl_to_old",
+              "mismatch/log_ratio_abs_mean", "mispo/keep_frac", "mispo/traj_keep_frac", "icepop/keep_frac",
+              "ppo/clip_frac", "gspo/clip_frac", "rollout/staleness", "rollout/dropped_stale", "time/step_s")
+
+ALGORITHMS: dict[str, dict] = {
+    "mispo": {"policy_loss": "mispo", "advantage": "gae"},
+    "mispo_adaptive": {"policy_loss": "mispo", "advantage": "gae", "adaptive_traj_band": True},
+    "ppo": {"policy_loss": "ppo", "advantage": "gae"},
+    "grpo": {"policy_loss": "grpo", "advantage": "grpo"},
+    "grpo_ds": {"policy_loss": "grpo", "advantage": "grpo", "dynamic_sampling": {"max_refills": 2}},
+    "gspo": {"policy_loss": "gspo", "advantage": "grpo"},
+    "tis": {"policy_loss": "tis", "advantage": "grpo"},
+    "icepop": {"policy_loss": "icepop", "advantage": "grpo"},
+}
+CONDITIONS: dict[str, dict] = {
+    "fp32": {},
+    "bf16": {"rollout": {"dtype": "bfloat16"}},
+    "stale4": {"trainer": {"mode": "async", "max_staleness": 4}},
+    "stale8": {"trainer": {"mode": "async", "max_staleness": 8}},
+}
+DEFAULT_CONDITIONS = ("fp32", "bf16", "stale4")
+# the loss's own fraction of tokens it trains on (kept by a filter, or not clipped)
+KEEP_METRIC = {"mispo": ("mispo/keep_frac", False), "icepop": ("icepop/keep_frac", False),
+               "gspo": ("gspo/clip_frac", True)}
+
+
+def recipe(algorithm: str, condition: str, seed: int, steps: int, warmup_steps: int, lr: float) -> dict:
+    """The recipe of one cell; everything but `algorithm`, the condition's keys and the seed is shared."""
+    out = {
+        "name": f"offpolicy-{condition}-{algorithm}-{seed}",
+        "model": {"path": "builtin:tiny", "tiny": {"hidden_size": 128, "num_hidden_layers": 4, "sliding_window": 64}},
+        "warmup": {"steps": warmup_steps, "lr": 3.0e-3, "batch_size": 32, "data": "builtin:chain"},
+        "data": {"train": "builtin:chain", "eval": "builtin:chain", "eval_size": 50,
+                 "builtin": {"eval_fraction": 0.2, "sft_boxed_fraction": 0.3}},
+        "rollout": {"engine_kwargs": {"kv_cache_memory_bytes": 268435456}, "prompts_per_step": 8, "n_samples": 8,
+                    "max_new_tokens": 40, "temperature": 1.0},
+        "reward": {"plugins": [{"fn": "rewards.math:score"}]},
+        # a response cut at 40 tokens has failed to answer: it keeps its reward (0), no bootstrap
+        "algorithm": {"bootstrap_truncated": False, **ALGORITHMS[algorithm]},
+        "learner": {"zero_stage": 2, "micro_batch_tokens": 8192, "actor_mini_batches": 2, "critic_mini_batches": 2,
+                    "actor": {"lr": lr, "warmup_steps": 2, "weight_decay": 0.0},
+                    "critic": {"lr": lr, "warmup_steps": 2, "weight_decay": 0.0}},
+        "trainer": {"max_steps": steps, "eval_every": max(steps // 4, 1), "save_every": 0, "seed": seed},
+    }
+    for section, keys in CONDITIONS[condition].items():
+        out[section] = {**out[section], **keys}
+    return out
+
+
+def run_cell(algorithm: str, condition: str, seed: int, args: argparse.Namespace) -> list[dict]:
+    """Train one cell (or reuse a finished run in its folder); its metrics.jsonl rows."""
+    import yaml
+
+    folder = args.work / condition / algorithm / f"seed{seed}"
+    metrics = folder / "run" / "metrics.jsonl"
+    if metrics.exists():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        if len([r for r in rows if "time/step_s" in r]) == args.steps:
+            return rows
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(
+        recipe(algorithm, condition, seed, args.steps, args.warmup_steps, args.lr), sort_keys=False))
+    cmd = [sys.executable, "-m", "mispo", "train", str(folder / "recipe.yaml"), "--output", str(folder / "run")]
+    with open(folder / "train.log", "w") as log:
+        done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
+                              stderr=subprocess.STDOUT)
+    if done.returncode:
+        tail = "\n".join((folder / "train.log").read_text().splitlines()[-30:])
+        raise RuntimeError(f"{condition}/{algorithm}/seed{seed}: mispo train exited with {done.returncode}; "
+                           f"the end of {folder / 'train.log'}:\n{tail}")
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- statistics (pure)
+def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of every row that has `key`."""
+    return [(int(r["step"]), float(r[key])) for r in rows if key in r]
+
+
+def spikes(values: list[float], factor: float = SPIKE_FACTOR, history: int = SPIKE_HISTORY) -> int:
+    """Values above `factor` x the median of all values before them (counted once `history` exist)."""
+    return sum(1 for i in range(history, len(values)) if values[i] > factor * statistics.median(values[:i]))
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between order statistics."""
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (pos - lo)
+
+
+def keep_series(rows: list[dict], algorithm: str) -> list[tuple[int, float]]:
+    """(step, share of tokens the loss trains on: kept by its filter, or not clipped)."""
+    key, inverted = KEEP_METRIC.get(ALGORITHMS[algorithm]["policy_loss"], ("ppo/clip_frac", True))
+    return [(step, 1.0 - v if inverted else v) for step, v in series(rows, key)]
+
+
+def keep_fraction(rows: list[dict], algorithm: str) -> float | None:
+    """Mean over steps of keep_series."""
+    values = [v for _, v in keep_series(rows, algorithm)]
+    return sum(values) / len(values) if values else None
+
+
+def run_summary(rows: list[dict], algorithm: str) -> dict:
+    """The per-run numbers of the table (see the module docstring)."""
+    steps = [r for r in rows if "time/step_s" in r]
+    mean = lambda key: (sum(v for _, v in series(steps, key)) / max(len(series(steps, key)), 1)  # noqa: E731
+                        if series(steps, key) else None)
+    grads = [v for _, v in series(steps, "actor/grad_norm_max")]
+    evals = series(rows, "eval/accuracy")
+    return {"final_eval": evals[-1][1] if evals else None, "first_eval": evals[0][1] if evals else None,
+            "reward_auc": mean("reward/mean"), "grad_p99": percentile(grads, 99) if grads else None,
+            "spikes": spikes(grads), "keep": keep_fraction(steps, algorithm),
+            "traj_keep": mean("mispo/traj_keep_frac"), "log_ratio": mean("mismatch/log_ratio_abs_mean"),
+            "staleness": mean("rollout/staleness"), "dropped_stale": sum(v for _, v in series(steps, "rollout/dropped_stale")),
+            "s_per_step": mean("time/step_s")}
+
+
+def cell_summary(runs: list[dict]) -> dict:
+    """Mean, min and max over seeds of every number of run_summary."""
+    out = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs if r[key] is not None]
+        out[key] = ({"mean": sum(values) / len(values), "min": min(values), "max": max(values)} if values else None)
+    return out
+
+
+# --------------------------------------------------------------------------- report
+def fmt(stat: dict | None, digits: int = 2) -> str:
+    if stat is None:
+        return "-"
+    if stat["min"] == stat["max"]:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ({stat['min']:.{digits}f}..{stat['max']:.{digits}f})"
+
+
+def table(results: dict) -> str:
+    """A markdown table: one row per (condition, algorithm)."""
+    lines = ["| condition | algorithm | held-out acc (start -> end) | reward AUC | grad p99 | spikes | kept tokens | "
+             "traj keep | mean abs log ratio | staleness |", "|" + "---|" * 10]
+    for condition, cells in results.items():
+        for algorithm, cell in cells.items():
+            s = cell["summary"]
+            ratio = "-" if s["log_ratio"] is None else f"{s['log_ratio']['mean']:.1e}"
+            lines.append(f"| {condition} | {algorithm} | {fmt(s['first_eval'])} -> {fmt(s['final_eval'])} | "
+                         f"{fmt(s['reward_auc'])} | {fmt(s['grad_p99'], 1)} | {fmt(s['spikes'], 1)} | {fmt(s['keep'])} | "
+                         f"{fmt(s['traj_keep'])} | {ratio} | {fmt(s['staleness'], 1)} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> Path:
+    """Rows: conditions; columns: reward, held-out accuracy, grad norm (log), |log ratio| (log), kept tokens; a line
+    per algorithm (mean over seeds) with its min..max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("reward/mean", "reward", False), ("eval/accuracy", "held-out accuracy", False),
+              ("actor/grad_norm_max", "grad norm (pre-clip)", True),
+              ("mismatch/log_ratio_abs_mean", "mean |log pi_old/pi_rollout|", True),
+              ("keep", "kept / unclipped tokens", False)]
+    fig, axes = plt.subplots(len(results), len(panels), figsize=(4 * len(panels), 2.8 * len(results)), squeeze=False)
+    for i, (condition, cells) in enumerate(results.items()):
+        for j, (key, label, log) in enumerate(panels):
+            ax = axes[i][j]
+            for algorithm, cell in cells.items():
+                curves = [dict(keep_series(run["rows"], algorithm) if key == "keep" else series(run["rows"], key))
+                          for run in cell["runs"]]
+                steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+                if not steps:
+                    continue
+                values = [[c[s] for c in curves] for s in steps]
+                mean = [sum(v) / len(v) for v in values]
+                line, = ax.plot(steps, mean, label=algorithm, lw=1.2)
+                ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
+                                alpha=0.15, lw=0)
+            if log:
+                ax.set_yscale("log")
+            ax.set_title(f"{condition}: {label}", fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=7, ncols=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def names(value: str, known: dict) -> list[str]:
+    out = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in out if v not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {unknown[0]!r}; known: {', '.join(known)}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algorithms", type=lambda v: names(v, ALGORITHMS), default=list(ALGORITHMS))
+    parser.add_argument("--conditions", type=lambda v: names(v, CONDITIONS), default=list(DEFAULT_CONDITIONS))
+    parser.add_argument("--seeds", type=lambda v: [int(s) for s in v.split(",")], default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--warmup-steps", type=int, default=1000, help="supervised warm-up steps (cached per seed)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="actor and critic learning rate, every algorithm")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "offpolicy")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--plot", type=Path, default=PLOT)
+    parser.add_argument("--quick", action="store_true", help="mispo and grpo, bf16, seed 0, 2 steps, 50 warm-up steps")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.algorithms, args.conditions, args.seeds = ["mispo", "grpo"], ["bf16"], [0]
+        args.steps, args.warmup_steps = 2, 50
+    cells = [(c, a, s) for c in args.conditions for a in args.algorithms for s in args.seeds]
+    print(f"{len(cells)} runs: {args.conditions} x {args.algorithms} x seeds {args.seeds}, {args.steps} steps; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+    results: dict[str, dict] = {}
+    start = time.perf_counter()
+    for k, (condition, algorithm, seed) in enumerate(cells, 1):
+        t = time.perf_counter()
+        rows = run_cell(algorithm, condition, seed, args)
+        cell = results.setdefault(condition, {}).setdefault(algorithm, {"runs": []})
+        kept = [{k: r[k] for k in SAVED_KEYS if k in r} for r in rows]
+        cell["runs"].append({"seed": seed, "summary": run_summary(rows, algorithm), "rows": kept})
+        print(f"[{k}/{len(cells)}] {condition}/{algorithm}/seed{seed}: {time.perf_counter() - t:.0f} s, "
+              f"final eval {cell['runs'][-1]['summary']['final_eval']}", flush=True)
+    for cells_of in results.values():
+        for cell in cells_of.values():
+            cell["summary"] = cell_summary([r["summary"] for r in cell["runs"]])
+    text = table(results)
+    print(text)
+    print(f"{len(cells)} runs in {time.perf_counter() - start:.0f} s")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"note": "python benchmarks/offpolicy.py; see its docstring",
+                                       "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                                       "table": text, "results": results}) + "\n")
+    print(f"written to {args.output} and {plot(results, args.plot)}")
+
+
+if __name__ == "__main__":
+    main()
