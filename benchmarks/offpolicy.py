@@ -44,13 +44,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.mispo_run import train  # noqa: E402
+
 RESULTS = HERE / "results" / "offpolicy.json"
 PLOT = HERE / "results" / "offpolicy.png"
 SPIKE_FACTOR = 5.0
@@ -106,26 +108,14 @@ def recipe(algorithm: str, condition: str, seed: int, steps: int, warmup_steps: 
 
 def run_cell(algorithm: str, condition: str, seed: int, args: argparse.Namespace) -> list[dict]:
     """Train one cell (or reuse a finished run in its folder); its metrics.jsonl rows."""
-    import yaml
-
     folder = args.work / condition / algorithm / f"seed{seed}"
     metrics = folder / "run" / "metrics.jsonl"
     if metrics.exists():
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
         if len([r for r in rows if "time/step_s" in r]) == args.steps:
             return rows
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "recipe.yaml").write_text(yaml.safe_dump(
-        recipe(algorithm, condition, seed, args.steps, args.warmup_steps, args.lr), sort_keys=False))
-    cmd = [sys.executable, "-m", "mispo", "train", str(folder / "recipe.yaml"), "--output", str(folder / "run")]
-    with open(folder / "train.log", "w") as log:
-        done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
-                              stderr=subprocess.STDOUT)
-    if done.returncode:
-        tail = "\n".join((folder / "train.log").read_text().splitlines()[-30:])
-        raise RuntimeError(f"{condition}/{algorithm}/seed{seed}: mispo train exited with {done.returncode}; "
-                           f"the end of {folder / 'train.log'}:\n{tail}")
-    return [json.loads(line) for line in metrics.read_text().splitlines()]
+    return train(recipe(algorithm, condition, seed, args.steps, args.warmup_steps, args.lr), folder,
+                 f"{condition}/{algorithm}/seed{seed}")
 
 
 # --------------------------------------------------------------------------- statistics (pure)
@@ -162,8 +152,11 @@ def keep_fraction(rows: list[dict], algorithm: str) -> float | None:
 def run_summary(rows: list[dict], algorithm: str) -> dict:
     """The per-run numbers of the table (see the module docstring)."""
     steps = [r for r in rows if "time/step_s" in r]
-    mean = lambda key: (sum(v for _, v in series(steps, key)) / max(len(series(steps, key)), 1)  # noqa: E731
-                        if series(steps, key) else None)
+
+    def mean(key: str) -> float | None:
+        values = [v for _, v in series(steps, key)]
+        return sum(values) / len(values) if values else None
+
     grads = [v for _, v in series(steps, "actor/grad_norm_max")]
     evals = series(rows, "eval/accuracy")
     return {"final_eval": evals[-1][1] if evals else None, "first_eval": evals[0][1] if evals else None,

@@ -38,7 +38,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -233,18 +232,9 @@ def mispo_recipe(setup: Setup, model_dir: Path, prompts: Path, steps: int, dtype
 def run_mispo(setup: Setup, model_dir: Path, prompts: Path, steps: int, dtype: str, mode: str,
               work: Path) -> list[dict]:
     """`mispo train` for `steps` steps in a subprocess; one {"s", "tokens"} per step from metrics.jsonl."""
-    import yaml
+    from benchmarks.mispo_run import train
 
-    recipe, out, log = work / "mispo.yaml", work / "mispo_run", work / "mispo.log"
-    recipe.write_text(yaml.safe_dump(mispo_recipe(setup, model_dir, prompts, steps, dtype, mode), sort_keys=False))
-    cmd = [sys.executable, "-m", "mispo", "train", str(recipe), "--output", str(out)]
-    with open(log, "w") as f:
-        done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=f,
-                              stderr=subprocess.STDOUT)
-    if done.returncode:
-        tail = "\n".join(log.read_text().splitlines()[-40:])
-        raise RuntimeError(f"mispo train exited with {done.returncode}; the end of its log:\n{tail}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = train(mispo_recipe(setup, model_dir, prompts, steps, dtype, mode), work / "mispo", "mispo train")
     rows = [r for r in rows if "time/step_s" in r]
     if len(rows) != steps:
         raise RuntimeError(f"mispo: expected {steps} logged steps, got {len(rows)}")
