@@ -202,6 +202,10 @@ class LearnerConfig(Section):
     reference: bool = False  # a frozen reference model for KL
     ranks: int = Field(1, ge=1, description="data-parallel ranks per learner role on a CPU run (gloo); a GPU run "
                                            "takes them from resources.actor_gpus / critic_gpus")
+    expert_parallel: int = Field(1, ge=1, description="Step3p5 policy: expert-parallel ranks; each holds "
+                                                     "num_experts / expert_parallel routed experts and tokens move "
+                                                     "to them by all-to-all (experts outside ZeRO-3's gathering); "
+                                                     "must divide the policy learner's ranks and the expert count")
 
 
 class TrainerConfig(Section):
