@@ -43,14 +43,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def warmup_schedule(warmup_steps: int):
+    """The lr factor after s steps: min(1, (s + 1) / (warmup_steps + 1)), linear warm-up to constant."""
+    warmup = max(warmup_steps, 0)
+    return lambda s: min(1.0, (s + 1) / (warmup + 1))
+
+
 def build_engine(model: nn.Module, optim: OptimConfig, zero_stage: int, dtype: str):
     """A DeepSpeed engine with AdamW and linear warm-up to a constant learning rate."""
     import deepspeed
 
     optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
                                   fused=torch.cuda.is_available())
-    warmup = max(optim.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(optim.warmup_steps))
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,

@@ -146,6 +146,7 @@ class Step3p5MoE(nn.Module):
     s = sigmoid(x.float() @ gate.weight.float().T); ids = topk(s + router_bias, K);
     w = s[ids] / sum(s[ids]) * moe_router_scaling_factor; out = sum_k w_k * Expert_{ids_k}(x).
     router_bias is an fp32 buffer: loss-free balancing moves it, gradients never do.
+    Expert parallel (`expert_parallel.py`): the experts are this rank's block and tokens move by all-to-all.
     """
 
     def __init__(self, config: Step3p5Config, layer_idx: int):
@@ -160,6 +161,7 @@ class Step3p5MoE(nn.Module):
         self.up_proj = StackedExpertWeight(e, i, h)
         self.down_proj = StackedExpertWeight(e, h, i)
         self.last_routing: Routing | None = None
+        self.expert_shard = None  # set by expert_parallel.shard_moe: this rank's experts, outside parameters()
 
     def route(self, x: torch.Tensor) -> Routing:
         logits = x.float() @ self.gate.weight.float().T
@@ -180,8 +182,13 @@ class Step3p5MoE(nn.Module):
         routing = self.route(flat)
         self.last_routing = routing
         experts = get_experts_backend(self.config.moe_backend, x.device)
-        out = experts(flat, routing.topk_ids, routing.topk_weights, self.gate_proj.weight,
-                      self.up_proj.weight, self.down_proj.weight, self.limit)
+        if self.expert_shard is not None:  # expert parallel: tokens travel to the ranks holding their experts
+            from .expert_parallel import expert_parallel_experts
+            out = expert_parallel_experts(flat, routing.topk_ids, routing.topk_weights, self.expert_shard,
+                                          experts, self.limit)
+        else:
+            out = experts(flat, routing.topk_ids, routing.topk_weights, self.gate_proj.weight,
+                          self.up_proj.weight, self.down_proj.weight, self.limit)
         return out.reshape(shape)
 
 

@@ -38,9 +38,16 @@ def ep_group_balance_loss(routing: Routing, num_groups: int) -> torch.Tensor:
     return num_groups * (f_group.detach() * p_group).sum()
 
 
-def model_balance_loss(model: nn.Module, num_groups: int) -> torch.Tensor:
-    """Mean EP-group balance loss over the MoE layers of the model's last forward."""
-    losses = [ep_group_balance_loss(m.last_routing, num_groups) for m in moe_layers(model) if m.last_routing]
+def model_balance_loss(model: nn.Module, num_groups: int | None = None) -> torch.Tensor:
+    """Mean EP-group balance loss over the MoE layers of the model's last forward. The groups default to
+    the real expert-parallel ranks of a sharded model (`expert_parallel.shard_moe`); unsharded, pass G."""
+    layers = moe_layers(model)
+    if num_groups is None:
+        shards = [m.expert_shard for m in layers if m.expert_shard is not None]
+        if not shards:
+            raise ValueError("num_groups is needed for a model without expert parallelism (G expert groups)")
+        num_groups = shards[0].size
+    losses = [ep_group_balance_loss(m.last_routing, num_groups) for m in layers if m.last_routing]
     if not losses:
         raise RuntimeError("no MoE routing recorded: run a forward pass first")
     return torch.stack(losses).mean()
