@@ -6,7 +6,7 @@
 
 Task: builtin:chain (sums of three one-digit numbers answered with running sums and a \\boxed{}
 answer, ~25 tokens), on the tiny Step3p5 MoE (hidden 128, 4 layers, 8 experts top-2) after a
-cached supervised warm-up whose data is 30% boxed, 70% bare answers (rewards.math scores those 0):
+cached supervised warm-up whose data is 30% boxed, 70% bare answers (the strict boxed-only rewards.math scores those 0):
 RL has a format to fix and sums to get right. Every cell is one `python -m mispo train` subprocess
 on the recipe `recipe(algorithm, condition, seed)` builds; only the keys below differ between cells.
 
@@ -93,7 +93,7 @@ def recipe(algorithm: str, condition: str, seed: int, steps: int, warmup_steps: 
                  "builtin": {"eval_fraction": 0.2, "sft_boxed_fraction": 0.3}},
         "rollout": {"engine_kwargs": {"kv_cache_memory_bytes": 268435456}, "prompts_per_step": 8, "n_samples": 8,
                     "max_new_tokens": 40, "temperature": 1.0},
-        "reward": {"plugins": [{"fn": "rewards.math:score"}]},
+        "reward": {"plugins": [{"fn": "rewards.math:scorer", "args": {"boxed_only": True}, "name": "math"}]},
         # a response cut at 40 tokens has failed to answer: it keeps its reward (0), no bootstrap
         "algorithm": {"bootstrap_truncated": False, **ALGORITHMS[algorithm]},
         "learner": {"zero_stage": 2, "micro_batch_tokens": 8192, "actor_mini_batches": 2, "critic_mini_batches": 2,

@@ -1,7 +1,8 @@
-"""Rollout speed: RolloutWorker against raw vLLM, and weight-sync time through the Ray object store.
+"""Rollout speed: RolloutWorker against raw vLLM, and weight-sync time: Ray object store and broadcast.
 
     python benchmarks/rollout.py                   # tiny model; sync also for hidden 512, 8 layers
     python benchmarks/rollout.py --prompts 128 --n 8 --max-new-tokens 128 --skip-sync
+    python benchmarks/rollout.py --skip-generate    # weight sync only
     VLLM_ENABLE_V1_MULTIPROCESSING=1 python benchmarks/rollout.py   # engine core in its own process
 
 Generation (goal: ratio >= 0.9): one engine, one prompt set, the same seeds, so both paths make
@@ -16,6 +17,11 @@ by the driver (`put_bucket`'s numpy layout, and plain `ray.put` of torch tensors
 `RolloutGroup.sync` to a 1-worker group (the actor resolves the refs and loads them through
 vLLM's layerwise reload); baseline: the same in-memory buckets loaded into an engine in this
 process (`RolloutWorker.update_weights`, no object store). Best of --reps after a warm-up sync.
+Broadcast (`RolloutGroup.sync_broadcast`, `mispo.weight_broadcast` over gloo): a sender actor standing
+in for learner rank 0 (`PolicyWorker.broadcast_weights` without DeepSpeed: the same buckets sent, then
+put in the object store for crash recovery) broadcasts to the worker's vLLM engine. Link: a plain gloo
+broadcast of one tensor of the model's size between two other actors; `bytes / link` is the time the
+wire alone would take, and the sync's multiple of it is what flattening, loading and the protocol add.
 """
 
 from __future__ import annotations
@@ -113,6 +119,54 @@ def bench_generate(model: Path, args) -> None:
     worker.shutdown()
 
 
+class Sender:
+    """Learner rank 0's side of a broadcast sync, without DeepSpeed (PolicyWorker.broadcast_weights)."""
+
+    def __init__(self, model: str, bucket_bytes: int):
+        self.buckets, self.total = buckets_of(Path(model), bucket_bytes)
+
+    def send(self, group: dict) -> list:
+        from mispo.weight_broadcast import join, send_buckets
+        from mispo.weight_transport import put_bucket
+
+        send_buckets(join(group, 0, "cpu"), self.buckets)
+        return [put_bucket(b) for b in self.buckets]
+
+
+class LinkPeer:
+    """One end of the link baseline: a plain broadcast of one uint8 tensor over a 2-member gloo group."""
+
+    def broadcast(self, group: dict, rank: int, nbytes: int) -> float:
+        import torch
+
+        from mispo.weight_broadcast import join
+
+        member = join(group, rank, "cpu")
+        tensor = (torch.ones if rank == 0 else torch.empty)(nbytes, dtype=torch.uint8)
+        member.broadcast(tensor[:1])  # both ends ready
+        t = time.perf_counter()
+        member.broadcast(tensor)
+        seconds = time.perf_counter() - t
+        assert rank == 0 or bool(tensor[-1] == 1)
+        return seconds
+
+
+def bench_link(nbytes: int, reps: int) -> float:
+    """Best seconds of a gloo broadcast of `nbytes` between two processes (Ray actors)."""
+    import ray
+
+    from mispo.weight_broadcast import Rendezvous
+
+    rendezvous = Rendezvous(ray.util.get_node_ip_address())
+    group = rendezvous.group(2, "gloo")
+    peers = [ray.remote(num_cpus=0)(LinkPeer).remote() for _ in range(2)]
+    best = min(max(ray.get([p.broadcast.remote(group, r, nbytes) for r, p in enumerate(peers)]))
+               for _ in range(reps + 1))
+    for p in peers:
+        ray.kill(p)
+    return best
+
+
 def bench_sync(name: str, model: Path, args) -> None:
     import ray
 
@@ -137,7 +191,18 @@ def bench_sync(name: str, model: Path, args) -> None:
             syncs.append(time.perf_counter() - t)
             del refs
         timings[layout] = [min(x) for x in (puts, syncs, loads)]
+    sender = ray.remote(num_cpus=0)(Sender).remote(str(model), args.bucket_mb << 20)
+    send = lambda g: [sender.send.remote(g)]  # noqa: E731
+    group.sync_broadcast(send, 0)  # warm-up (and the group's forming)
+    casts, cast_loads = [], []
+    for version in range(1, args.reps + 1):
+        ray.get(group.buckets)  # the sender's object-store copy is done (in a run it overlaps the rollouts)
+        t = time.perf_counter()
+        cast_loads.append(group.sync_broadcast(send, version))
+        casts.append(time.perf_counter() - t)
     group.shutdown()
+    ray.kill(sender)
+    link = bench_link(total, args.reps)
     local = RolloutWorker(str(model), cfg.model_dump())
     base = min([local.update_weights(buckets, v) for v in range(args.reps + 1)][1:])  # [0]: warm-up
     local.shutdown()
@@ -147,6 +212,11 @@ def bench_sync(name: str, model: Path, args) -> None:
     for layout, (put, sync, load) in timings.items():
         print(f"  {layout:30s} {put * 1e3:7.1f} {sync * 1e3:7.1f} {load * 1e3:8.1f} {(put + sync) * 1e3:7.1f}"
               f"  {(put + sync) / base:.2f}x  ({total / 1e9 / (put + sync):.2f} GB/s)")
+    cast, cast_load = min(casts), min(cast_loads)
+    print(f"  {'broadcast (gloo)':30s} {'':7s} {cast * 1e3:7.1f} {cast_load * 1e3:8.1f} {cast * 1e3:7.1f}"
+          f"  {cast / base:.2f}x  ({total / 1e9 / cast:.2f} GB/s)")
+    print(f"  link: gloo broadcast of one {total / 2**20:.1f} MiB tensor between two processes: "
+          f"{link * 1e3:.1f} ms ({total / 1e9 / link:.2f} GB/s); broadcast sync = {cast / link:.1f}x bytes / link")
     print(f"  baseline: the same in-memory buckets loaded in this process: {base * 1e3:.1f} ms")
 
 
@@ -160,6 +230,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--bucket-mb", type=int, default=64)
     parser.add_argument("--skip-sync", action="store_true")
+    parser.add_argument("--skip-generate", action="store_true")
     args = parser.parse_args()
 
     import ray
@@ -169,7 +240,8 @@ def main() -> None:
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory() as tmp:
         tiny = write_tiny_checkpoint(Path(tmp) / "tiny", seed=0, init_scale=0.2)
-        bench_generate(tiny, args)
+        if not args.skip_generate:
+            bench_generate(tiny, args)
         if not args.skip_sync:
             bigger = write_tiny_checkpoint(Path(tmp) / "h512", seed=0, hidden_size=512, num_hidden_layers=8)
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -121,28 +121,6 @@ def write_prompts(path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- TRL
-class _Backbone:
-    """`Step3p5ForCausalLM` seen as a Hugging Face backbone: (input_ids, attention_mask) -> last_hidden_state."""
-
-    def __init__(self, lm):
-        self.lm = lm
-
-    def __call__(self, input_ids, attention_mask=None, **kwargs):
-        from transformers.modeling_outputs import BaseModelOutput
-
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
-        return BaseModelOutput(last_hidden_state=out.hidden_states[-1])
-
-
-def expose_backbone(model) -> None:
-    """Let TRL's fused LM head call a Step3p5 model. TRL calls `model.base_model(input_ids, attention_mask=...)`
-    and reads `.last_hidden_state`; Step3p5Model.forward takes a SequenceLayout instead, so `base_model` is
-    pointed at the whole model's own forward (final-normed hidden states, logits of one position only).
-    Set outside nn.Module's registry: the wrapper holds the model and must not become its submodule."""
-    object.__setattr__(model, "trl_backbone", _Backbone(model))
-    model.base_model_prefix = "trl_backbone"
-
-
 def run_trl(setup: Setup, model_dir: Path, prompts: Path, steps: int, dtype: str, work: Path) -> list[dict]:
     """TRL's GRPOTrainer for `steps` steps; one {"s", "tokens"} per step."""
     import gc
@@ -187,9 +165,7 @@ def run_trl(setup: Setup, model_dir: Path, prompts: Path, steps: int, dtype: str
         scale_rewards="group", logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, log_level="warning",
     )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if setup.family == "step3p5":
-        expose_backbone(model)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # Step3p5 too: a HF citizen
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
                           processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[StepTimer()])
     trainer.remove_callback(PrinterCallback)  # the per-step log dicts

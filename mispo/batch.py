@@ -8,6 +8,7 @@ re-tokenised text. Response-aligned tensors are [B, T] with T the longest respon
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
 
@@ -28,6 +29,7 @@ class Sample:
     version: int = 0  # optimizer step of the weights that sampled it
     reward: float = 0.0
     reward_info: dict = field(default_factory=dict)
+    routed_experts: Any = None  # routing replay: the engine's expert ids [seq_len, layers, K] (uint8/16 array)
 
     @property
     def truncated(self) -> bool:

@@ -1,4 +1,4 @@
-"""The `mispo` command line: one function per command (train, sft, merge, generate, plan), run by `main`,
+"""The `mispo` command line: one function per command (train, sft, merge, generate, plan, eval), run by `main`,
 which turns a user error (an invalid recipe, data, plugin or merge filter, or a run folder that refuses
 the command) into `error: <message>` on stderr and exit code 2, and Ctrl-C into exit code 130.
 
@@ -41,19 +41,43 @@ def _print_scores(results: dict[str, dict[str, float]]) -> None:
 
 # --------------------------------------------------------------------------- the commands
 def train(args) -> int:
-    """`mispo train RECIPE [key=value ...] [--output DIR] [--resume]`: RL with MIS-PO, or the stages of
-    a `pipeline:` recipe (rerunning it continues where it stopped, no --resume needed)."""
+    """`mispo train RECIPE [key=value ...] [--output DIR] [--resume] [--verbose]`: RL with MIS-PO, or the
+    stages of a `pipeline:` recipe (rerunning it continues where it stopped, no --resume needed). The
+    libraries' output goes to DIR/logs/run.log unless --verbose (`mispo.run_log`)."""
     from mispo.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     output = Path(args.output or Path("runs") / recipe.name)
-    if recipe.pipeline is not None:
-        return _train_pipeline(recipe, output)
-    if (output / "checkpoints" / "latest").exists() and not args.resume:
+    if recipe.pipeline is None and (output / "checkpoints" / "latest").exists() and not args.resume:
         raise UsageError(f"{output} already holds a run; pass --resume to continue it, or choose another --output")
+    start = time.time()
+    log_file = None if args.verbose else _quiet_run(output, recipe.trainer.ray_address)
+    try:
+        if recipe.pipeline is not None:
+            return _train_pipeline(recipe, output, start)
+        return _train_rl(recipe, output, start)
+    except Exception as exc:
+        if log_file is not None and not isinstance(exc, _user_errors()):
+            _stderr().print(f"[dim]the run's full log (libraries, Ray actors): {log_file}[/dim]")
+        raise
+
+
+def _quiet_run(output: Path, ray_address: str | None) -> Path:
+    """Library logging of this process and the output of every Ray worker into output/logs/run.log."""
+    from mispo.cluster import start_ray
+    from mispo.run_log import quiet_driver, run_log_file
+
+    log_file = run_log_file(output)
+    quiet_driver(log_file)
+    start_ray(ray_address, log_file=log_file)
+    _stderr().print(f"[dim]library output: {log_file} (--verbose prints it here)[/dim]")
+    return log_file
+
+
+def _train_rl(recipe, output: Path, start: float) -> int:
     from mispo.trainer import Trainer
 
-    start, trainer = time.time(), None
+    trainer = None
     try:
         trainer = Trainer(recipe, output)
         final = trainer.fit()
@@ -65,10 +89,9 @@ def train(args) -> int:
     return 0
 
 
-def _train_pipeline(recipe, output: Path) -> int:
+def _train_pipeline(recipe, output: Path, start: float) -> int:
     from mispo.pipeline import Pipeline
 
-    start = time.time()
     try:
         results = Pipeline(recipe, output).run()
     except KeyboardInterrupt:
@@ -180,6 +203,48 @@ def plan(args) -> int:
     return 0
 
 
+def evaluate(args) -> int:
+    """`mispo eval RECIPE [key=value ...] [--model DIR] [--samples K] [--json PATH]`: greedy accuracy and
+    pass@k (K samples per prompt at rollout.temperature; see mispo.evaluate) of a checkpoint on the
+    recipe's eval rows, per domain, on one vLLM engine. --model: any Hugging Face checkpoint folder or hub
+    name (default: the recipe's model.path). Printed as a table and written as JSON to --json (default:
+    DIR/eval_<recipe name>.json when --model is a local folder, else ./eval_<recipe name>.json)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from mispo.config import load_recipe
+
+    if args.samples < 1:
+        raise UsageError(f"--samples = {args.samples}: pass@k needs at least 1 sample per prompt")
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.model:
+        model = args.model
+    else:
+        from mispo.prepare_model import base_model_path
+
+        model = str(base_model_path(recipe))
+    local = args.model is not None and Path(args.model).is_dir()
+    out = Path(args.json) if args.json else (Path(args.model) if local else Path(".")) / f"eval_{recipe.name}.json"
+    from mispo.evaluate import evaluate_model, k_values
+
+    start = time.time()
+    report = evaluate_model(recipe, model, args.samples)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    table = Table(title=f"{recipe.name}: {model}",
+                  caption=f"pass@k from {args.samples} samples per prompt at temperature {recipe.rollout.temperature}")
+    ks = k_values(args.samples)
+    for col in ["domain", "rows", "greedy", *(f"pass@{k}" for k in ks)]:
+        table.add_column(col, justify="left" if col == "domain" else "right")
+    for name, r in report["domains"].items():
+        table.add_row(name, str(r["eval_rows"]), f"{r['greedy_accuracy']:.3f}", *(f"{r[f'pass@{k}']:.3f}" for k in ks))
+    Console().print(table)
+    _stderr().print(f"done in {time.time() - start:.0f}s: {out}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parsing and running
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mispo", description="RL post-training of LLMs with MIS-PO")
@@ -190,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=20")
     p.add_argument("--output", "-o", help="run folder (default: runs/<recipe name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print Ray's, vLLM's and DeepSpeed's output here (default: in <output>/logs/run.log)")
     p.set_defaults(func=train)
 
     p = sub.add_parser("sft", help="supervised fine-tuning of model.path on the recipe's sft: data")
@@ -218,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. resources.actor_gpus=64")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     p.set_defaults(func=plan)
+
+    p = sub.add_parser("eval", help="greedy accuracy and pass@k of a checkpoint on the recipe's eval sets")
+    p.add_argument("recipe", help="recipe YAML whose data.eval (per domain) is the eval set")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.eval_size=200")
+    p.add_argument("--model", "-m", help="checkpoint folder or hub name (default: the recipe's model.path)")
+    p.add_argument("--samples", "-k", type=int, default=4, help="samples per prompt for pass@k (default 4)")
+    p.add_argument("--json", help="where to write the results (default: MODEL/eval_<recipe name>.json for a "
+                                  "local --model folder, else ./eval_<recipe name>.json)")
+    p.set_defaults(func=evaluate)
     return parser
 
 

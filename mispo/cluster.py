@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 
-def start_ray(address: str | None = None) -> None:
+def start_ray(address: str | None = None, log_file: Path | None = None) -> None:
     """Connect to the Ray cluster at `address`, or start a local one (no dashboard); no-op when connected.
-    On a machine without CUDA, actors get DS_ACCELERATOR=cpu so DeepSpeed uses its CPU accelerator."""
+    On a machine without CUDA, actors get DS_ACCELERATOR=cpu so DeepSpeed uses its CPU accelerator.
+    `log_file` (a quiet run, `mispo.run_log`): every worker of this job writes its stdout and stderr there
+    instead of streaming it to the driver, and Ray's driver logger leaves stderr (`quiet_driver` sends it
+    to the file); None: everything is printed here, each worker's lines prefixed "(Actor pid=...)"."""
     import ray
-    import torch
+
+    from mispo.run_log import worker_runtime_env
 
     if ray.is_initialized():
         return
-    env = None if torch.cuda.is_available() else {"env_vars": {"DS_ACCELERATOR": "cpu"}}
-    ray.init(address=address, include_dashboard=False, log_to_driver=True, runtime_env=env)
+    env = {"env_vars": deepspeed_env()}
+    if log_file is not None:
+        quiet = worker_runtime_env(log_file)
+        env = {**quiet, "env_vars": {**env["env_vars"], **quiet["env_vars"]}}
+    ray.init(address=address, include_dashboard=False, log_to_driver=log_file is None,
+             configure_logging=log_file is None, runtime_env=env)
+
+
+def deepspeed_env() -> dict[str, str]:
+    """DS_ACCELERATOR=cpu on a machine without CUDA (DeepSpeed's CPU accelerator, named rather than detected)."""
+    import torch
+
+    return {} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu"}
 
 
 def free_port() -> int:

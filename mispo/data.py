@@ -30,7 +30,9 @@ class DataError(ValueError):
 def load_rows(spec: str | None, recipe_source: str | None, split: Literal["train", "eval", "sft"],
               config: DataConfig, n: int | None = None, on_invalid: Literal["raise", "skip"] = "raise",
               ) -> list[dict]:
-    """Rows of ``spec``: ``builtin:<task>`` (mispo.tasks) or a .jsonl / .json / .parquet file.
+    """Rows of ``spec``: ``builtin:<task>`` (mispo.tasks), a .jsonl / .json / .parquet file, a folder
+    written by ``datasets``' ``save_to_disk``, or a hub dataset ``hf:NAME[:CONFIG][@SPLIT]`` (see
+    ``parse_hf_spec``; needs the hub, or ``HF_HUB_OFFLINE=1`` and a cached copy).
 
     Files are read with ``datasets``, found relative to the cwd or else to the recipe's folder;
     columns are renamed by ``config.fields`` ({ours: theirs}) and ``config.prompt_field`` (that
@@ -46,8 +48,12 @@ def load_rows(spec: str | None, recipe_source: str | None, split: Literal["train
         return []
     if spec.startswith("builtin:"):
         return _builtin_rows(spec.removeprefix("builtin:"), split, config, n)
-    path = _resolve(spec, recipe_source, split)
-    rows = _read_file(path, config.prompt_field)
+    if spec.startswith("hf:"):
+        path = Path(spec)  # names the source in messages
+        rows = _read_hub(spec, split)
+    else:
+        path = _resolve(spec, recipe_source, split)
+        rows = _read_saved(path, split) if path.is_dir() else _read_file(path, config.prompt_field)
     mapping = _mapping(config)
     rows = _rename(rows, mapping, path)
     if n is None and split == "eval":
@@ -90,14 +96,30 @@ def _builtin_rows(name: str, split: str, config: DataConfig, n: int | None) -> l
     raise ValueError(f"split must be 'train', 'eval' or 'sft', not {split!r}")
 
 
+def _key(split: str) -> str:
+    """The recipe field that names a split's data."""
+    return {"train": "data.train", "eval": "data.eval"}.get(split, "warmup.data")
+
+
+LOCAL_FIX = ("point it at a local .jsonl / .json / .parquet file or a datasets.save_to_disk folder "
+             "(relative to the cwd or the recipe)")
+
+
 def _resolve(spec: str, recipe_source: str | None, split: str) -> Path:
-    key = {"train": "data.train", "eval": "data.eval"}.get(split, "warmup.data")
+    key = _key(split)
     path = Path(spec)
     if not path.exists() and recipe_source is not None and (Path(recipe_source).parent / spec).exists():
         path = Path(recipe_source).parent / spec
     if not path.exists():
         raise DataError(f"{key} = {spec!r}: no such file; fix: give a .jsonl / .json / .parquet path "
-                        "(relative to the cwd or the recipe) or builtin:<task>")
+                        "or a datasets.save_to_disk folder (relative to the cwd or the recipe), "
+                        "hf:NAME[:CONFIG][@SPLIT] or builtin:<task>")
+    if path.is_dir():
+        if not any((path / f).exists() for f in SAVED_MARKERS):
+            raise DataError(f"{key} = {spec!r} is a folder but not one written by datasets' save_to_disk (no "
+                            f"{' / '.join(SAVED_MARKERS)}); fix: give a data file, or hf:{spec} to read the folder's "
+                            "data files with datasets.load_dataset")
+        return path
     if _format(path) is None:
         raise DataError(f"{key} = {spec!r}: unknown format {path.suffix!r}; "
                         "fix: use .jsonl, .json or .parquet")
@@ -122,6 +144,83 @@ def _read_file(path: Path, prompt_field: str) -> list[dict]:
             _diagnose_json(path, prompt_field)
         raise DataError(f"{path}: cannot be read as {_format(path)} ({type(exc).__name__}: {exc}); fix: "
                         "check that the file is valid and each column has one type in every row") from None
+    return ds.to_list()
+
+
+# --------------------------------------------------------------------------- hub and saved datasets
+DEFAULT_SPLITS = {"train": "train", "eval": "test", "sft": "train"}  # when the spec names none
+SAVED_MARKERS = ("dataset_dict.json", "state.json")  # a DatasetDict / a Dataset written by save_to_disk
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def parse_hf_spec(spec: str, split: str = "train") -> tuple[str, str | None, str]:
+    """``hf:NAME[:CONFIG][@SPLIT]`` -> ``(NAME, CONFIG or None, SPLIT)``, as ``datasets.load_dataset(NAME,
+    CONFIG, split=SPLIT)`` takes them; SPLIT defaults to ``DEFAULT_SPLITS[split]`` (train, or test for eval)
+    and may slice (``train[:1000]``). ``hf:openai/gsm8k:main@train`` -> ``("openai/gsm8k", "main", "train")``."""
+    body = spec.removeprefix("hf:")
+    body, at, ds_split = body.rpartition("@") if "@" in body else (body, "", DEFAULT_SPLITS[split])
+    name, _, config = body.partition(":")
+    if not name or (at and not ds_split) or (":" in body and not config):
+        raise DataError(f"{_key(split)} = {spec!r}: expected hf:NAME[:CONFIG][@SPLIT], e.g. "
+                        "hf:openai/gsm8k:main@train")
+    return name, config or None, ds_split
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached (a HEAD request to it, HUB_PROBE_TIMEOUT_S at most), or None."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as exc:  # DNS, refused, timeout, proxy: all mean "not reachable from here"
+        return f"{constants.ENDPOINT} is unreachable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _read_hub(spec: str, split: str) -> list[dict]:
+    """Rows of a hub dataset (or of a local folder of data files named as NAME) through datasets.load_dataset.
+    Without the hub this fails within seconds, not after datasets' retries: the hub is probed first unless
+    HF_HUB_OFFLINE is set (then datasets reads only its cache)."""
+    import datasets
+
+    name, config, ds_split = parse_hf_spec(spec, split)
+    key = _key(split)
+    local = Path(name).exists()
+    if not local and not _hub_offline() and (why := _hub_unreachable()):
+        raise DataError(f"{key} = {spec!r}: cannot load the hub dataset: {why}; fix: {LOCAL_FIX}, or set "
+                        "HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache")
+    try:
+        ds = datasets.load_dataset(name, config, split=ds_split)
+    except Exception as exc:
+        offline = " (HF_HUB_OFFLINE is set: only cached datasets load)" if _hub_offline() and not local else ""
+        raise DataError(f"{key} = {spec!r}: datasets.load_dataset({name!r}, {config!r}, split={ds_split!r}) "
+                        f"failed{offline}: {type(exc).__name__}: {exc}; fix: check the name, config and split, "
+                        f"or {LOCAL_FIX}") from None
+    return ds.to_list()
+
+
+def _read_saved(path: Path, split: str) -> list[dict]:
+    """Rows of a save_to_disk folder: a Dataset, or a DatasetDict's ``DEFAULT_SPLITS[split]`` split."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise DataError(f"{path}: datasets.load_from_disk failed ({type(exc).__name__}: {exc}); fix: give a "
+                        "folder written by save_to_disk, or a data file") from None
+    if isinstance(ds, datasets.DatasetDict):
+        want = DEFAULT_SPLITS[split]
+        if want not in ds:
+            raise DataError(f"{_key(split)} = {str(path)!r}: the saved DatasetDict has splits {sorted(ds)}, not "
+                            f"{want!r}; fix: point at the split's own folder ({path}/<split>)")
+        ds = ds[want]
     return ds.to_list()
 
 

@@ -9,7 +9,9 @@ the recipe. A multi-domain recipe lists single-domain recipe files:
 
 and each step draws `rollout.prompts_per_step` prompts split over the domains by weight. A domain
 scores its answers with its reward plugins (single turn) or lets its environment play and score
-multi-turn episodes; `max_new_tokens` and `max_turns` are the domain recipe's.
+multi-turn episodes (an `openai_agent` environment is an agent function played against the run's
+OpenAI-compatible endpoint, `agent_server`: mispo.rollout.agent_episodes); `max_new_tokens` and
+`max_turns` are the domain recipe's.
 
     domains = load_domains(recipe)                          # rows loaded, rewards checked
     samples = domains[0].generate(rollout_group, requests, n=8, temperature=1.0)
@@ -37,6 +39,8 @@ class Domain:
     train_rows: list[dict] = field(default_factory=list, repr=False)
     eval_rows: list[dict] = field(default_factory=list, repr=False)
     reward: object | None = field(default=None, repr=False)  # RewardRunner; None with an environment
+    agent: object | None = field(default=None, repr=False)  # environment_kind openai_agent: the agent function
+    agent_server: object | None = field(default=None, repr=False)  # its endpoint (the run's ChatServer)
 
     @property
     def environment(self) -> str | None:
@@ -52,6 +56,11 @@ class Domain:
         if with_train:
             self.train_rows = load_rows(r.data.train, r.source, "train", r.data)
         self.eval_rows = load_rows(r.data.eval, r.source, "eval", r.data) if r.data.eval else []
+        if r.rollout.environment_kind == "openai_agent" and self.agent is None:
+            from mispo.plugins import ENVIRONMENT_GROUP, load_object
+
+            self.agent = load_object(r.rollout.environment, field="rollout.environment", source=r.source,
+                                     group=ENVIRONMENT_GROUP)
         if not self.environment and self.reward is None:
             from mispo.plugins import load_reward
             from mispo.reward_runner import RewardRunner
@@ -85,6 +94,16 @@ class Domain:
         if not requests:
             return []
         top_p = top_p if temperature > 0 else 1.0
+        if self.agent is not None:
+            from mispo.rollout.agent_episodes import play_agent_episodes
+
+            if self.agent_server is None:
+                raise RuntimeError(f"domain {self.name!r} plays openai_agent episodes but has no endpoint; fix: "
+                                   "start one with mispo.rollout.agent_episodes.serve_agents (the trainer does)")
+            ro = self.recipe.rollout
+            return play_agent_episodes(rollout, self.agent_server, self.agent, requests, n=n, temperature=temperature,
+                                       top_p=top_p, max_new_tokens=self.max_new_tokens, max_turns=ro.max_turns,
+                                       max_episode_tokens=ro.max_episode_tokens, seed=seed)
         if self.environment:
             return rollout.generate_episodes(requests, self.environment, n=n, temperature=temperature, top_p=top_p,
                                              max_new_tokens=self.max_new_tokens,
@@ -100,6 +119,9 @@ class Domain:
             return {}
         if self.reward is None:
             metrics = {"reward/mean": sum(s.reward for s in samples) / len(samples)}
+            if self.agent is not None:  # calls per episode; calls left out of the sample (history rewritten)
+                metrics["rollout/agent_calls"] = sum(s.reward_info["calls"] for s in samples) / len(samples)
+                metrics["rollout/agent_dropped_calls"] = float(sum(s.reward_info["dropped_calls"] for s in samples))
         else:
             batch = [{**s.row, "prompt": s.row.get("prompt", s.prompt_text), "completion": s.response_text}
                      for s in samples]

@@ -11,8 +11,9 @@ generated it, and one more than s versions behind the learner is dropped and cou
 MIS-PO's filters handle the remaining mismatch. Each step's sampling is seeded from the run's seed and
 the step, so a resumed run draws the same prompts and samples as an uninterrupted one.
 
-Run folder: recipe.yaml, metrics.jsonl + tensorboard/ (`metrics_log.py`), checkpoints/
-(`checkpoint_store.py`), final/ (the trained policy in Hugging Face / release format).
+Run folder: recipe.yaml, metrics.jsonl + tensorboard/ and the other `trainer.loggers` (`metrics_log.py`),
+checkpoints/ (`checkpoint_store.py`), final/ (the trained policy in Hugging Face / release format), and
+logs/run.log (the libraries' and Ray workers' output of a quiet `mispo train`, `run_log.py`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from mispo.placement import learner_options, place_roles
 from mispo.prepare_model import starting_policy
 from mispo.prepare_update import prepare_update
 from mispo.progress import StepProgress
+from mispo.rollout.agent_episodes import serve_agents
 from mispo.rollout.group import RolloutGroup
 from mispo.staleness import drop_stale
 
@@ -70,7 +72,7 @@ class Trainer:
     def __init__(self, recipe: Recipe, output: str | Path):
         self.recipe = recipe
         self.output = Path(output)
-        self.metrics_log = MetricsLog(self.output)
+        self.metrics_log = MetricsLog(self.output, recipe.trainer.loggers, config=recipe.model_dump(mode="json"))
         self.checkpoints = CheckpointStore(self.output / "checkpoints")
         (self.output / "recipe.yaml").write_text(dump_recipe(recipe))
         r = recipe
@@ -108,6 +110,8 @@ class Trainer:
                                     expert_parallel=r.resources.rollout_expert_parallel, cpu_cores=cores.rollout)
         # Rollouts run in background threads; Ray runs each worker's calls in submission order, so a
         # weight sync submitted after a rollout is applied after it (that rollout trains one step stale).
+        # openai_agent domains: the run's OpenAI-compatible endpoint on a loopback port, stopped in shutdown
+        self.agent_server = serve_agents(self.domains, self.tokenizer, r.rollout.max_model_len)
         self.ahead = r.trainer.max_staleness if r.trainer.mode == "async" else 0
         self.pool = ThreadPoolExecutor(max_workers=self.ahead + 1, thread_name_prefix="rollout")
         self.step = 0  # optimizer steps taken = the learner's policy version
@@ -306,7 +310,16 @@ class Trainer:
                 "data/epoch": min(p["data/epoch"] for p in parts)}
 
     def sync_weights(self, version: int) -> None:
-        self.rollout.sync(self.policy.first("weight_bucket_refs"), version)
+        """The policy's weights into the rollout engines (`resources.weight_sync`): through the object store,
+        or broadcast by learner rank 0 (every learner rank takes part: ZeRO-3 gathers)."""
+        from mispo.weight_broadcast import sync_backend
+
+        backend = sync_backend(self.recipe.resources)
+        if backend is None:
+            self.rollout.sync(self.policy.first("weight_bucket_refs"), version)
+        else:
+            send = lambda group: self.policy.submit("broadcast_weights", group)  # noqa: E731
+            self.rollout.sync_broadcast(send, version, backend)
 
     # ------------------------------------------------------------------ evaluation
     @property
@@ -379,3 +392,5 @@ class Trainer:
             self.placement.remove()
         for d in self.domains:
             d.close()
+        if self.agent_server is not None:
+            self.agent_server.stop()

@@ -4,14 +4,18 @@
     refs = [put_bucket(b) for b in buckets]               # into the Ray object store, zero-copy layout
     weights = resolve(ref)                                # engine side: back to [(name, tensor)]
     blob = pack(weights)                                  # safetensors bytes for vLLM's multiprocess RPC
+    meta, flat = flatten(bucket)                          # one flat uint8 tensor, for weight_broadcast
+    weights = unflatten(meta, received_flat)              # views into it, in the bucket's order
 
 A bucket is a list of (release name, tensor). On its way it may take three other forms, all of which
 `resolve` accepts: the object-store layout (`to_store`: numpy byte views, which Ray stores out of band),
-`pack`ed safetensors bytes, or a Ray ObjectRef to either of them or to a plain list.
+`pack`ed safetensors bytes, or a Ray ObjectRef to either of them or to a plain list. For a broadcast
+it travels as `flatten`'s (metadata, one flat uint8 tensor); metadata is JSON-able, [name, dtype, shape].
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -85,3 +89,44 @@ def pack(bucket: Bucket) -> bytes:
     from safetensors.torch import save
 
     return save({name: t.detach().contiguous().clone() for name, t in bucket})  # clone: no shared storage
+
+
+ALIGN = 16  # bytes: each tensor of a flat bucket starts at a multiple (a dtype view needs its size to divide it)
+
+
+def layout(meta: list) -> tuple[list[int], int]:
+    """Byte offsets of `meta`'s tensors in a flat bucket and its total size: tensor i takes
+    numel_i * itemsize_i bytes from offset_i, each offset rounded up to a multiple of ALIGN."""
+    offsets, end = [], 0
+    for _, dtype, shape in meta:
+        start = -(-end // ALIGN) * ALIGN
+        offsets.append(start)
+        end = start + math.prod(shape) * getattr(torch, dtype).itemsize
+    return offsets, end
+
+
+def flatten(bucket: Iterable[tuple[str, torch.Tensor]]) -> tuple[list, torch.Tensor]:
+    """A bucket as (metadata [[name, dtype, shape], ...], one flat uint8 tensor of `layout(meta)`'s size on
+    the bucket's device): the form a broadcast sends (one copy of the bytes)."""
+    bucket = [(name, t.detach()) for name, t in bucket]
+    meta = [[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in bucket]
+    offsets, total = layout(meta)
+    device = bucket[0][1].device if bucket else torch.device("cpu")
+    flat = torch.empty(total, dtype=torch.uint8, device=device)
+    for (_, t), start in zip(bucket, offsets):
+        raw = t.contiguous().reshape(-1).view(torch.uint8)
+        flat[start:start + raw.numel()].copy_(raw)
+    return meta, flat
+
+
+def unflatten(meta: list, flat: torch.Tensor) -> Bucket:
+    """`flatten`'s inverse: (name, tensor) views into `flat` (no copy), in the bucket's order."""
+    offsets, total = layout(meta)
+    if flat.dtype != torch.uint8 or flat.numel() != total:
+        raise ValueError(f"flat bucket of {flat.numel()} {flat.dtype} elements; its metadata needs "
+                         f"{total} uint8")
+    out = []
+    for (name, dtype, shape), start in zip(meta, offsets):
+        dt = getattr(torch, dtype)
+        out.append((name, flat[start:start + math.prod(shape) * dt.itemsize].view(dt).reshape(shape)))
+    return out

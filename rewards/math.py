@@ -1,11 +1,16 @@
-"""Math reward: is the completion's last ``\\boxed{}`` answer equivalent to the row's ``answer``?
+"""Math reward: is the completion's answer equivalent to the row's ``answer``?
 
 ``score(prompt, completion, answer, **row) -> {"score": 1.0 | 0.0, "has_answer": 0 | 1, "timeout": 0 | 1}``
 
-- The prediction is the content of the *last* ``\\boxed{...}`` (or ``\\fbox{...}``); no box means
-  score 0 (``has_answer`` 0).
-- The gold ``answer`` may be a number (``12``), plain text (``"3/4"``, ``"0.5"``) or LaTeX
-  (``"\\frac{1}{2}"``, ``"(1, 2]"``, ``"\\{1, 2\\}"``, ``"x = 3"``), with or without ``$``/``\\boxed``.
+- The prediction is found as math-verify's usual extraction does, in this order: the content of the
+  *last* ``\\boxed{...}`` (or ``\\fbox{...}``); else the usual answer phrases ("the final answer is
+  42", "Answer: 42", LaTeX after them); else the last plain LaTeX / number / expression of the text.
+  Nothing found: score 0, ``has_answer`` 0.
+- ``scorer(boxed_only=True)`` is the strict variant for recipes that teach the format: only the last
+  box counts, any other answer scores 0 (recipe: ``{fn: rewards.math:scorer, args: {boxed_only: true}}``).
+- The gold ``answer`` may be a number (``12``), plain text (``"3/4"``, ``"0.5"``), LaTeX
+  (``"\\frac{1}{2}"``, ``"(1, 2]"``, ``"\\{1, 2\\}"``, ``"x = 3"``), with or without ``$``/``\\boxed``, or a
+  GSM8K-style worked solution ending in ``#### 72`` (the text after the last ``####`` is the gold).
 - Equivalence is decided by math-verify (sympy): numbers, fractions, intervals, sets, equations.
 - Each parse / comparison is limited to ``timeout_s`` seconds (row field, default 5); a timed-out
   comparison scores 0 with ``timeout`` 1. math-verify's timeout is a SIGALRM, usable only in a
@@ -50,63 +55,104 @@ def last_boxed(text: str) -> str | None:
     return None  # unclosed box: no answer
 
 
-def _parse(latex: str, timeout: int):
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+def _configs(boxes: bool):
+    """math-verify's extraction targets; boxes=False leaves boxes out (they were looked for already)."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
 
-    cfg = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
-    return parse(latex, extraction_config=cfg, parsing_timeout=timeout)
+    return [LatexExtractionConfig(boxed_match_priority=0 if boxes else -1), ExprExtractionConfig()]
+
+
+def _parse(latex: str, timeout: int):
+    from math_verify import parse
+
+    return parse(latex, extraction_config=_configs(True), parsing_timeout=timeout)
 
 
 def parse_gold(answer, timeout: int = 5):
-    """Parse a gold answer given as a number, plain text or LaTeX; raise ValueError if impossible."""
+    """Parse a gold answer given as a number, plain text, LaTeX or a GSM8K solution ("... #### 72");
+    raise ValueError if impossible."""
     text = str(answer).strip()
+    if "####" in text:
+        text = text.rpartition("####")[2].strip()
     candidates = [text] if ("\\boxed" in text or "$" in text) else ["\\boxed{" + text + "}", text]
     for cand in candidates:
         parsed = _parse(cand, timeout)
         if parsed:
             return parsed
-    raise ValueError(f"cannot parse the gold answer {text!r}; fix the row's 'answer' field")
+    raise ValueError(f"cannot parse the gold answer {str(answer)!r}; fix the row's 'answer' field")
 
 
-def verify_local(gold, pred: str, timeout: int = 5) -> bool:
-    """Compare in this thread (signal-based timeouts: main thread only, else pass timeout=0)."""
+def extract_prediction(completion: str, timeout: int | None = 5, boxed_only: bool = False) -> list:
+    """The completion's parsed answer (math-verify objects; [] = no answer), in the order of the module
+    docstring: the last box, else (unless ``boxed_only``) answer phrases, else the last expression."""
+    from math_verify import parse
+
+    box = last_boxed(completion)
+    if box is not None:
+        return _parse("\\boxed{" + box + "}", timeout)
+    if boxed_only:
+        return []
+    return parse(completion or "", extraction_config=_configs(False), fallback_mode="no_fallback",
+                 parsing_timeout=timeout)
+
+
+def verify_local(gold, completion: str, timeout: int = 5, boxed_only: bool = False) -> list[bool]:
+    """``[has_answer, equal]`` computed in this thread (signal-based timeouts: main thread only, else
+    pass timeout=0)."""
     from math_verify import verify
 
-    if str(gold).strip() == pred.strip():
-        return True
     t = timeout if timeout > 0 else None
-    gold_parsed = parse_gold(gold, t)
-    pred_parsed = _parse("\\boxed{" + pred + "}", t)
-    if not pred_parsed:
-        return False
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=t))
+    box = last_boxed(completion)
+    if box is not None and str(gold).strip() == box:
+        return [True, True]
+    pred = extract_prediction(completion, t, boxed_only)
+    if not pred:
+        return [False, False]
+    return [True, bool(verify(parse_gold(gold, t), pred, timeout_seconds=t))]
 
 
-def equivalent(gold, pred: str, timeout: int = 5) -> tuple[bool, bool]:
-    """``(equal, timed_out)`` for a gold answer and a predicted answer (box content)."""
+def check(gold, completion: str, timeout: int = 5, boxed_only: bool = False) -> tuple[bool, bool, bool]:
+    """``(has_answer, equal, timed_out)`` of a completion against a gold answer."""
     if threading.current_thread() is threading.main_thread():
         from math_verify.errors import TimeoutException
 
         try:
-            return verify_local(gold, pred, timeout), False
+            has, ok = verify_local(gold, completion, timeout, boxed_only)
+            return has, ok, False
         except TimeoutException:
-            return False, True
+            return True, False, True
     try:  # math-verify arms its own alarms in the worker; the deadline is the backstop
-        return bool(workers.call("rewards.math:verify_local", str(gold), pred, timeout,
-                                 deadline_s=4.0 * timeout + 5.0)), False
+        has, ok = workers.call("rewards.math:verify_local", str(gold), completion, timeout, boxed_only,
+                               deadline_s=4.0 * timeout + 5.0)
+        return bool(has), bool(ok), False
     except workers.WorkerTimeout:
-        return False, True
+        return True, False, True
     except workers.WorkerError as exc:
         raise ValueError(str(exc)) from None
 
 
-def score(prompt: str = "", completion: str = "", answer=None, **row) -> dict:
-    """1.0 if the last boxed answer equals ``answer`` (see module docstring), else 0.0."""
+def equivalent(gold, pred: str, timeout: int = 5) -> tuple[bool, bool]:
+    """``(equal, timed_out)`` for a gold answer and a predicted answer (an expression, e.g. box content)."""
+    _, ok, timed_out = check(gold, "\\boxed{" + pred + "}", timeout, boxed_only=True)
+    return ok, timed_out
+
+
+def score(prompt: str = "", completion: str = "", answer=None, *, boxed_only: bool = False, **row) -> dict:
+    """1.0 if the completion's answer equals ``answer`` (see module docstring), else 0.0."""
     if answer is None or (isinstance(answer, str) and not answer.strip()):
         raise ValueError("math reward needs the row field 'answer' (the gold answer); "
                          "fix the dataset or the recipe's field mapping")
-    pred = last_boxed(completion)
-    if pred is None:
-        return {"score": 0.0, "has_answer": 0, "timeout": 0}
-    ok, timed_out = equivalent(answer, pred, int(row.get("timeout_s", 5)))
-    return {"score": float(ok), "has_answer": 1, "timeout": int(timed_out)}
+    has, ok, timed_out = check(answer, completion or "", int(row.get("timeout_s", 5)), boxed_only)
+    return {"score": float(ok), "has_answer": int(has), "timeout": int(timed_out)}
+
+
+def scorer(boxed_only: bool = False):
+    """``score`` with options, for a recipe's ``reward.plugins`` entry
+    ``{fn: rewards.math:scorer, args: {boxed_only: true}}`` (the plugin factory form)."""
+    if not isinstance(boxed_only, bool):
+        raise ValueError(f"rewards.math:scorer: boxed_only must be true or false, got {boxed_only!r}")
+
+    def math_score(prompt: str = "", completion: str = "", answer=None, **row) -> dict:
+        return score(prompt, completion, answer, boxed_only=boxed_only, **row)
+
+    return math_score

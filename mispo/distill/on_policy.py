@@ -23,7 +23,7 @@ import torch
 
 from mispo.algorithms import mis_filter
 from mispo.batch import RolloutBatch
-from mispo.cluster import single_learner_options, standalone_learner_options
+from mispo.cluster import standalone_learner_options
 from mispo.domains import draw_step, generate_step, step_seed
 from mispo.metrics_log import MetricsLog
 
@@ -46,9 +46,10 @@ def distill_on_policy(merge, model_dir) -> None:
                           model=r.model.model_dump(), learner=learner.model_dump(), algorithm=algorithm.model_dump(),
                           max_new_tokens=max(d.max_new_tokens for d in merge.domains), seed=r.trainer.seed,
                           temperature=cfg.temperature)
-    teachers = {d.name: ray.remote(TeacherWorker).options(**single_learner_options()).remote(
-        str(merge.experts[d.name]), r.model.dtype, r.learner.micro_batch_tokens, temperature=cfg.temperature)
-        for d in merge.domains}
+    teachers = {d.name: LearnerGroup(TeacherWorker, standalone_learner_options(), str(merge.experts[d.name]),
+                                     r.model.dtype, r.learner.micro_batch_tokens, cpu_ranks=learner.ranks,
+                                     temperature=cfg.temperature, zero_stage=r.learner.zero_stage)
+                for d in merge.domains}  # sharded over the ranks under ZeRO-3, like the student
     samplers = {d.name: d.sampler() for d in merge.domains}
     run = MetricsLog(model_dir.with_name("on_policy"))
     merge.evaluator.load(merge.student)
@@ -65,7 +66,7 @@ def distill_on_policy(merge, model_dir) -> None:
             teacher, metrics, row = torch.zeros_like(batch.old_logprobs), {}, 0
             for name, samples in parts:
                 rows = list(range(row, row + len(samples)))
-                sub = ray.get(teachers[name].compute_logprobs.remote(batch.select(rows)))
+                sub = sum(teachers[name].all("compute_logprobs", ray.put(batch.select(rows))))  # ranks' rows
                 teacher[rows, : sub.shape[1]] = sub
                 if len(parts) > 1:
                     metrics[f"distill/{name}/reverse_kl"] = _reverse_kl(batch.select(rows).old_logprobs, sub,
@@ -88,8 +89,8 @@ def distill_on_policy(merge, model_dir) -> None:
     finally:
         run.close()
         policy.kill()
-        for actor in teachers.values():
-            ray.kill(actor)
+        for group in teachers.values():
+            group.kill()
 
 
 def _reverse_kl(logp_student: torch.Tensor, logp_teacher: torch.Tensor, mask: torch.Tensor) -> float:

@@ -13,6 +13,7 @@ import torch
 
 from mispo.algorithms.logits import LOGITS_CHUNK, logprobs_and_entropy, logprobs_from_logits
 from mispo.batch import Sample
+from mispo.models.step3p5.routing_replay import replay_routing
 
 
 @dataclass
@@ -24,6 +25,7 @@ class PackedMicroBatch:
     prompt_lens: list[int]
     response_lens: list[int]
     padding: bool = False  # a data-parallel filler: run it (collectives need it), weight its loss 0
+    routed_experts: torch.Tensor | None = None  # routing replay: [L, layers, K] expert ids, -1 = route freely
 
     @property
     def num_tokens(self) -> int:
@@ -68,7 +70,21 @@ def _pack(samples: list[Sample], rows: list[int], padding: bool = False) -> Pack
         rlens.append(len(s.response_ids))
         ids.extend(seq)
         pos.extend(range(len(seq)))
-    return PackedMicroBatch(torch.tensor([ids]), torch.tensor([pos]), rows, starts, plens, rlens, padding)
+    return PackedMicroBatch(torch.tensor([ids]), torch.tensor([pos]), rows, starts, plens, rlens, padding,
+                            _packed_routing([samples[r] for r in rows]))
+
+
+def _packed_routing(samples: list[Sample]) -> torch.Tensor | None:
+    """The samples' routing records end to end ([L, layers, K]; None when no sample carries one)."""
+    records = [s.routed_experts for s in samples]
+    first = next((r for r in records if r is not None), None)
+    if first is None:
+        return None
+    from mispo.models.step3p5.routing_replay import routed_rows
+
+    _, layers, k = first.shape
+    return torch.cat([routed_rows(r if r is not None else torch.empty(0, layers, k), len(s.prompt_ids) +
+                                  len(s.response_ids), layers, k) for s, r in zip(samples, records)])
 
 
 def response_positions(mb: PackedMicroBatch) -> list[torch.Tensor]:
@@ -122,7 +138,8 @@ def response_logprobs(model, samples: list[Sample], max_tokens: int, device=None
     out = torch.zeros(len(samples), length)
     for mb in micro if micro is not None else pack_samples(samples, list(range(len(samples))), max_tokens):
         ids = mb.input_ids.to(device)
-        logits = model(input_ids=ids, position_ids=mb.position_ids.to(device), use_cache=False).logits
+        with replay_routing(model, mb.routed_experts):
+            logits = model(input_ids=ids, position_ids=mb.position_ids.to(device), use_cache=False).logits
         if not mb.padding:
             out[mb.rows] = gather_response(token_logprobs(logits, ids, temperature), mb, length).cpu()
         del logits  # the next micro-batch's forward does not hold this one's [L, vocab] logits too

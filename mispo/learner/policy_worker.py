@@ -23,11 +23,13 @@ from mispo.algorithms.policy_losses import default_loss_agg
 from mispo.batch import RolloutBatch
 from mispo.config import AlgorithmConfig
 from mispo.learner.engine import average_over_ranks, full_parameters
+from mispo.learner.frozen_model import frozen_model
 from mispo.learner.metrics import combine_partials, mean_metrics, mini_batches
 from mispo.learner.models import load_policy
 from mispo.learner.packing import (PackedMicroBatch, gather_response, response_logprobs, token_logprobs,
                                    token_logprobs_and_entropy)
 from mispo.learner.worker_base import LearnerWorker
+from mispo.models.step3p5.routing_replay import replay_routing
 from mispo.weight_transport import bucketize, put_bucket
 
 
@@ -58,11 +60,20 @@ class PolicyWorker(LearnerWorker):
         if self.model_cfg.lora is not None:  # only the adapters train; syncs and exports are merged
             from mispo.learner.lora import apply_lora
             module = apply_lora(module, self.model_cfg.lora.model_dump())
+        self.experts = None  # expert parallel: this rank's routed experts, outside DeepSpeed
+        if self.learner_cfg.expert_parallel > 1:
+            from mispo.learner.expert_parallel import ShardedExperts
+            if self.model_cfg.lora is not None:
+                raise ValueError("learner.expert_parallel with model.lora: the adapters cover the experts DeepSpeed "
+                                 "no longer holds; fix: remove one of them")
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+            self.experts = ShardedExperts(module, self.learner_cfg.expert_parallel, rank, world_size,
+                                          self.learner_cfg.actor, device or torch.device("cpu"))
         self.build(module, self.learner_cfg.actor, generator_seed=seed)
         self.reference = None
-        if self.learner_cfg.reference:
-            self.reference = load_policy(model_path, self.model_cfg.dtype).eval().requires_grad_(False)
-            self.reference.to(self.engine.device)  # the frozen copy scores on the learner's device
+        if self.learner_cfg.reference:  # frozen; sharded over the ranks like the actor under ZeRO-3
+            self.reference = frozen_model(model_path, self.model_cfg.dtype, self.learner_cfg.zero_stage,
+                                          self.engine.device, self.model_cfg.attn_backend, self.model_cfg.moe_backend)
         self.loss_config = policy_loss_config(self.algo, max_new_tokens)
         self.temperature = temperature
 
@@ -78,8 +89,9 @@ class PolicyWorker(LearnerWorker):
 
     # ------------------------------------------------------------------ forward passes
     def _forward_logits(self, model, mb: PackedMicroBatch) -> torch.Tensor:
-        return model(input_ids=mb.input_ids.to(self.device), position_ids=mb.position_ids.to(self.device),
-                     use_cache=False).logits
+        with replay_routing(model, mb.routed_experts):  # R3: the engine's experts, when the samples carry them
+            return model(input_ids=mb.input_ids.to(self.device), position_ids=mb.position_ids.to(self.device),
+                         use_cache=False).logits
 
     @torch.no_grad()
     def compute_logprobs(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
@@ -89,7 +101,7 @@ class PolicyWorker(LearnerWorker):
         tokens, micro = self.learner_cfg.micro_batch_tokens, self.micro_batches(batch.samples)
         t = self.temperature
         out = {"old_logprobs": response_logprobs(self.engine, batch.samples, tokens, self.device, micro, t)}
-        if self.reference is not None:
+        if self.reference is not None:  # the actor's micro-batches: under ZeRO-3 the same count on every rank
             out["ref_logprobs"] = response_logprobs(self.reference, batch.samples, tokens, self.device, micro, t)
         return out
 
@@ -114,10 +126,9 @@ class PolicyWorker(LearnerWorker):
                     pieces.append(metrics)
             if pieces:
                 parts.append(combine_partials(pieces))
-            self.engine.step()
-            norm = self.engine.get_global_grad_norm()
+            norm = self._optimizer_step()
             if norm is not None:
-                grad_norms.append(float(norm))
+                grad_norms.append(norm)
         out = mean_metrics(parts)
         if grad_norms:
             out["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
@@ -153,6 +164,17 @@ class PolicyWorker(LearnerWorker):
         loss, metrics = compute_policy_loss(self.algo.policy_loss, inputs, self.loss_config)
         return loss, {**{k: float(v) for k, v in metrics.items()}, "actor/kl_to_old": kl_to_old}
 
+    def _optimizer_step(self) -> float | None:
+        """One optimizer step at the mini-batch boundary: DeepSpeed's, then the expert shards' (clipped by
+        the whole model's norm); returns the gradient norm (None when DeepSpeed reports none)."""
+        if self.experts is not None:
+            self.experts.reduce_grads()
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        if self.experts is not None:
+            return self.experts.step(float(norm or 0.0))
+        return None if norm is None else float(norm)
+
     def sft_step(self, samples: list) -> dict[str, float]:
         """One optimizer step of supervised fine-tuning: token-mean cross-entropy of the response
         tokens whose loss_mask is 1 (prompts are context only)."""
@@ -169,7 +191,7 @@ class PolicyWorker(LearnerWorker):
             loss = -(logp * sub.response_mask.to(self.device)).sum() / max(num_tokens, 1.0)
             self.backward(loss, mb, last=i == len(micro) - 1)
             total += 0.0 if mb.padding else loss.item()
-        self.engine.step()
+        self._optimizer_step()
         return {"sft/loss": total, "sft/lr": self.engine.get_lr()[0]}  # this rank's part of the loss
 
     # ------------------------------------------------------------------ weights and checkpoints
@@ -181,8 +203,11 @@ class PolicyWorker(LearnerWorker):
         module = self.engine.module
         with full_parameters(module, self.learner_cfg.zero_stage):
             copy = self.learner_cfg.zero_stage == 3  # gathered tensors are freed when the context exits
+            experts = self.experts.full_state() if self.experts is not None else {}  # EP: every rank gathers
             state = {k: (v.detach().cpu().clone() if copy else v.detach().cpu())
                      for k, v in self._state_dict(module).items()} if self.rank == 0 else {}
+        if self.rank == 0:
+            state.update(experts)
         return bucketize(state.items(), bucket_bytes)
 
     def _state_dict(self, module) -> dict[str, torch.Tensor]:
@@ -191,10 +216,33 @@ class PolicyWorker(LearnerWorker):
         from mispo.learner.lora import merged_state_dict
         return merged_state_dict(module)
 
+    def save(self, directory: str, tag: str) -> None:
+        super().save(directory, tag)
+        if self.experts is not None:
+            self.experts.save(directory, tag)
+
+    def load(self, directory: str, tag: str) -> None:
+        super().load(directory, tag)
+        if self.experts is not None:
+            self.experts.load(directory, tag)
+
     def weight_bucket_refs(self, bucket_bytes: int = 256 << 20) -> list:
         """`weight_buckets` put into the Ray object store from here (one copy, read zero-copy by the
         rollout workers); returns the ObjectRefs ([] on ranks other than 0)."""
         return [put_bucket(b) for b in self.weight_buckets(bucket_bytes)]
+
+    def broadcast_weights(self, group: dict, bucket_bytes: int = 256 << 20) -> list:
+        """`weight_buckets` (every rank calls it: ZeRO-3 gathers) broadcast by rank 0 to the rollout engines'
+        vLLM workers over the sync group `group` (`mispo.weight_broadcast`; rank 0 of that group, apart from
+        the learners' own), then put into the object store for a restarted engine's re-sync; returns those
+        ObjectRefs ([] on ranks other than 0)."""
+        from mispo.weight_broadcast import join, send_buckets
+
+        buckets = self.weight_buckets(bucket_bytes)
+        if self.rank != 0:
+            return []
+        send_buckets(join(group, 0, self.device), buckets)
+        return [put_bucket(b) for b in buckets]
 
     def update_router_bias(self, rate: float) -> None:
         """Loss-free balancing step on the routing of the last forward (no-op on non-MoE models); with
@@ -210,11 +258,15 @@ class PolicyWorker(LearnerWorker):
         """Write the policy as a Hugging Face / release-format checkpoint (with LoRA: merged). Every rank
         calls it (ZeRO-3 gathers the shards); rank 0 writes."""
         with full_parameters(self.engine.module, self.learner_cfg.zero_stage):
+            experts = self.experts.full_state() if self.experts is not None else None  # EP: every rank gathers
             if self.rank == 0:
                 Path(directory).mkdir(parents=True, exist_ok=True)
                 if self.model_cfg.lora is not None:
                     from mispo.learner.lora import export_merged
                     export_merged(self.engine.module, directory)
+                elif experts is not None:
+                    state = {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
+                    self.engine.module.save_pretrained(directory, state_dict={**state, **experts})
                 else:
                     self.engine.module.save_pretrained(directory)
         return directory

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 
+from mispo.algorithms.logits import LOGITS_CHUNK
 from mispo.plan.shape import LayerShape, ModelShape
 from mispo.plan.units import GiB
 
@@ -56,6 +57,25 @@ def model_state_bytes(params: int, largest_layer: int, gpus: int, zero_stage: in
     return {"weights": w, "grads": max(total - w - o, 0.0), "optimizer": o, "host": host if offload else 0.0}
 
 
+def expert_parallel_state_bytes(params: int, routed: int, largest_dense: int, gpus: int, expert_parallel: int,
+                                zero_stage: int, bf16: bool, offload: bool = False,
+                                gpus_per_node: int = 0) -> dict[str, float]:
+    """Per-GPU model states with the routed experts resident (learner.expert_parallel = EP over N = gpus ranks):
+        non-expert P_o = params - routed:  model_state_bytes(P_o, L_o, N, zero_stage, ...)   (DeepSpeed's ZeRO over
+                                           all N; L_o = the largest non-expert module, gathered whole at stage 3)
+        experts P_e = routed / EP:         what `learner/expert_parallel.ShardedExperts` holds: every replica of
+                                           the expert-data-parallel group keeps whole states (stage-0 accounting:
+                                           bf16 weights 2 P_e, grads 2 P_e + fp32 4 P_e at the step, fp32 master
+                                           + moments 12 P_e; float32: 4, 4, 8), on the GPU (resources.
+                                           offload_optimizer moves DeepSpeed's states only). Sharding them over
+                                           the group (ZeRO-1: 12 P_e / D) is not built yet.
+    """
+    ranks = max(gpus, 1)
+    dense = model_state_bytes(params - routed, largest_dense, ranks, zero_stage, bf16, offload, gpus_per_node)
+    experts = model_state_bytes(routed // expert_parallel, 0, ranks // expert_parallel, 0, bf16)
+    return {k: dense[k] + (experts[k] if k != "host" else 0.0) for k in dense}
+
+
 def _nodes_split(gpus: int, gpus_per_node: int) -> tuple[int, float]:
     """(nodes, gpus per node) of a role spanning `gpus` GPUs."""
     gpn = gpus_per_node or max(gpus, 1)
@@ -99,20 +119,39 @@ def layer_activation_elems(layer: LayerShape, hidden: int) -> int:
     return attn + ffn
 
 
+# fp32 [chunk, V] tensors alive at the peak of ChunkedLogSoftmax's backward (mispo/algorithms/logits.py): log p,
+# p and the chunk's gradient g, then the entropy term's p log p and its torch.where output, + the p > 0 mask (1 byte).
+# On CPU benchmarks/logprob_memory.py measures 4.75: the gradient's last chunk is not yet written (untouched pages).
+LOGITS_CHUNK_TRANSIENTS = 5.25
+
+
+def logits_bytes(tokens: int, vocab: int, dtype_bytes: int, chunk: int = LOGITS_CHUNK, sliced: bool = True) -> float:
+    """Peak bytes of one micro-batch's logits as the learner computes log-probs + entropy and their backward
+    (`mispo.algorithms.logits`, chunked): T tokens, V vocabulary, b = the logits' dtype bytes, c = min(chunk, T):
+        T V b                            the logits, held through the backward
+        + max(T V b + 5.25 c V 4,        their gradient + the chunk's fp32 transients (LOGITS_CHUNK_TRANSIENTS)
+              2 T V b)                   `sliced`: learner.packing reads logits[0, :-1]; autograd pads that
+                                         slice's gradient back to [1, T, V], two gradients for a moment
+    No fp32 [T, V] copy: a naive log_softmax(logits.float()) holds several (benchmarks/logprob_memory.py)."""
+    tv_b = float(tokens) * vocab * dtype_bytes
+    chunked = tv_b + LOGITS_CHUNK_TRANSIENTS * min(chunk, tokens) * vocab * 4
+    return tv_b + (max(chunked, 2 * tv_b) if sliced else chunked)
+
+
 def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, checkpointing: bool, logits: bool) -> float:
     """Peak activation bytes of one packed micro-batch of T tokens (b = dtype bytes, A_l = layer_activation_elems):
         without gradient checkpointing:  T b sum_l A_l
         with (one checkpoint per layer): T b (n_layers h + 2 max_l A_l)   (layer inputs kept; the layer being
                                          recomputed holds its activations and their gradients)
-        + the policy's logits:           T V (b + 16)   (bf16 logits, two fp32 copies the log-softmax backward
-                                         keeps, two fp32 temporaries at its peak); the critic reads 1 position.
+        + the policy's logits:           logits_bytes(T, V, b): the logits, their gradient and O(chunk x V)
+                                         fp32 transients; the critic reads 1 position.
     """
     per_layer = [layer_activation_elems(layer, shape.hidden) for layer in shape.layers]
     if checkpointing:
         body = tokens * dtype_bytes * (len(per_layer) * shape.hidden + 2 * max(per_layer))
     else:
         body = tokens * dtype_bytes * sum(per_layer)
-    return float(body + (tokens * shape.vocab * (dtype_bytes + 16) if logits else 0))
+    return float(body + (logits_bytes(tokens, shape.vocab, dtype_bytes) if logits else 0))
 
 
 # --------------------------------------------------------------------------- rollout memory

@@ -3,14 +3,16 @@ make a role fit (see the package docstring for the roles and the budgets)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mispo.config import Recipe, RecipeError, load_recipe
-from mispo.plan.memory import (activation_bytes, host_memory_bytes, kv_bytes_per_sequence, kv_bytes_per_token,
-                               model_state_bytes, rollout_weight_bytes)
+from mispo.plan.comm import StepTraffic, all_to_all_bytes, expert_sync_bytes, zero_bytes
+from mispo.plan.memory import (activation_bytes, expert_parallel_state_bytes, host_memory_bytes,
+                               kv_bytes_per_sequence, kv_bytes_per_token, model_state_bytes, rollout_weight_bytes)
 from mispo.plan.shape import ModelShape, model_shape
 from mispo.plan.units import GiB, fmt_count, fmt_gib, fmt_kib
 
@@ -79,11 +81,17 @@ class _Ctx:
 
 
 def _learner_parts(ctx: _Ctx, params: int, gpus: int, zero_stage: int, offload: bool, checkpointing: bool,
-                   logits: bool) -> dict[str, float]:
-    r = ctx.recipe
-    states = model_state_bytes(params, ctx.shape.largest_layer_params, gpus, zero_stage,
-                               bf16=r.model.dtype == "bfloat16", offload=offload,
-                               gpus_per_node=r.resources.gpus_per_node)
+                   logits: bool, ep: int = 1) -> dict[str, float]:
+    """Model states (ZeRO over `gpus`; with ep > 1 the routed experts resident, num_experts / ep per GPU) and
+    the activations of one micro-batch."""
+    r, shape = ctx.recipe, ctx.shape
+    bf16, gpn = r.model.dtype == "bfloat16", r.resources.gpus_per_node
+    if ep > 1:
+        states = expert_parallel_state_bytes(params, shape.routed_params, shape.largest_dense_layer_params, gpus, ep,
+                                             zero_stage, bf16, offload, gpn)
+    else:
+        states = model_state_bytes(params, shape.largest_layer_params, gpus, zero_stage, bf16=bf16, offload=offload,
+                                   gpus_per_node=gpn)
     states["activations"] = activation_bytes(ctx.shape, ctx.tokens, ctx.dtype_bytes, checkpointing, logits)
     return states
 
@@ -95,17 +103,19 @@ def _reference_bytes(ctx: _Ctx, gpus: int, zero_stage: int) -> float:
 
 
 def _learner_total(ctx: _Ctx, role: str, gpus: int, zero_stage: int, offload: bool,
-                   checkpointing: bool) -> tuple[float, float]:
+                   checkpointing: bool, ep: int = 1) -> tuple[float, float]:
     """(GPU bytes per GPU, host bytes per node) of a learner role under the given settings."""
-    parts = _learner_parts(ctx, _role_params(ctx, role), gpus, zero_stage, offload, checkpointing, role == "actor")
+    parts = _learner_parts(ctx, _role_params(ctx, role), gpus, zero_stage, offload, checkpointing, role == "actor",
+                           ep)
     host = parts.pop("host")
     extra = _reference_bytes(ctx, gpus, zero_stage) if role == "actor" and ctx.recipe.learner.reference else 0.0
     return sum(parts.values()) + extra, host
 
 
-def _learner_fits(ctx: _Ctx, role: str, gpus: int, zero_stage: int, offload: bool, checkpointing: bool) -> bool:
+def _learner_fits(ctx: _Ctx, role: str, gpus: int, zero_stage: int, offload: bool, checkpointing: bool,
+                  ep: int = 1) -> bool:
     """GPU total within the budget, and offloaded states within resources.cpu_memory_gb (when set)."""
-    gpu, host = _learner_total(ctx, role, gpus, zero_stage, offload, checkpointing)
+    gpu, host = _learner_total(ctx, role, gpus, zero_stage, offload, checkpointing, ep)
     cpu = ctx.recipe.resources.cpu_memory_gb
     return gpu <= ctx.budget and not (cpu and host > cpu * GiB)
 
@@ -115,50 +125,64 @@ def _role_params(ctx: _Ctx, role: str) -> int:
     return ctx.shape.learner_params + (ctx.shape.hidden + 1 if role == "critic" else 0)
 
 
-def _min_gpus(ctx: _Ctx, role: str, zero_stage: int, offload: bool, checkpointing: bool) -> int | None:
-    """Fewest GPUs (up to MAX_GPUS_SEARCHED) with which the role fits; None when none does.
-    The total only falls as GPUs are added, so a binary search finds it."""
-    def fits(n: int) -> bool:
-        return _learner_fits(ctx, role, n, zero_stage, offload, checkpointing)
+def _min_gpus(ctx: _Ctx, role: str, zero_stage: int, offload: bool, checkpointing: bool, ep: int = 1) -> int | None:
+    """Fewest GPUs (a multiple of ep, up to MAX_GPUS_SEARCHED) with which the role fits; None when none does.
+    The total only falls as GPUs are added, so a binary search (over multiples of ep) finds it."""
+    def fits(k: int) -> bool:
+        return _learner_fits(ctx, role, k * ep, zero_stage, offload, checkpointing, ep)
 
-    if not fits(MAX_GPUS_SEARCHED):
+    top = MAX_GPUS_SEARCHED // ep
+    if not fits(top):
         return None
-    lo, hi = 1, MAX_GPUS_SEARCHED
+    lo, hi = 1, top
     while lo < hi:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
-    return lo
+    return lo * ep
 
 
-def _round_to_nodes(n: int, gpus_per_node: int) -> int:
-    return n if n <= gpus_per_node or not gpus_per_node else math.ceil(n / gpus_per_node) * gpus_per_node
+def _round_to_nodes(n: int, gpus_per_node: int, multiple: int = 1) -> int:
+    """n rounded up to whole nodes (when it spans more than one) and to a multiple of `multiple`."""
+    n = n if n <= gpus_per_node or not gpus_per_node else math.ceil(n / gpus_per_node) * gpus_per_node
+    return math.ceil(n / multiple) * multiple
+
+
+def _ep_options(ctx: _Ctx, role: str) -> list[int]:
+    """Expert-parallel sizes the actor's fix search tries: with EP on, 1, the recipe's, and its 2x, 4x, 8x that
+    divide the expert count (resident experts shrink only with a larger EP); with EP off, 1 only."""
+    ep = ctx.recipe.learner.expert_parallel if role == "actor" else 1
+    if ep == 1:
+        return [1]
+    return [1] + [ep * m for m in (1, 2, 4, 8) if ctx.shape.num_experts % (ep * m) == 0]
 
 
 def learner_fixes(ctx: _Ctx, role: str, gpus: int) -> list[str]:
     """Up to three changes that make the role fit, fewest extra GPUs and fewest changed settings first:
-    every combination of {ZeRO-3, gradient checkpointing, optimizer offload} with the fewest GPUs it needs."""
+    every combination of {ZeRO-3, gradient checkpointing, optimizer offload} (and, with expert parallelism,
+    of expert-parallel sizes) with the fewest GPUs it needs."""
     r = ctx.recipe
     stage, ckpt, offload = r.learner.zero_stage, r.model.gradient_checkpointing, r.resources.offload_optimizer
+    ep_now = r.learner.expert_parallel if role == "actor" else 1
     key = f"resources.{role}_gpus"
     if ctx.cpu_run:
         options = [] if ckpt else ["model.gradient_checkpointing=true"]
         return options + ["lower learner.micro_batch_tokens", "a GPU cluster (resources.gpus_per_node, "
                           f"{key}); run `mispo plan` again to size it"]
     found = []
-    for s in sorted({stage, 3}):
-        for c in sorted({ckpt, True}):
-            for o in sorted({offload, True}):
-                n = _min_gpus(ctx, role, s, o, c)
-                if n is None:
-                    continue
-                changes = ([f"learner.zero_stage={s}"] * (s != stage)
-                           + ["model.gradient_checkpointing=true"] * (c != ckpt)
-                           + ["resources.offload_optimizer=true"] * (o != offload))
-                need = max(_round_to_nodes(n, r.resources.gpus_per_node), gpus)
-                if need > gpus:
-                    changes.append(f"{key}={need}")
-                total = _learner_total(ctx, role, need, s, o, c)[0]
-                found.append((need > gpus, need, len(changes), " + ".join(changes), total))
+    for s, c, o, e in itertools.product(sorted({stage, 3}), sorted({ckpt, True}), sorted({offload, True}),
+                                        _ep_options(ctx, role)):
+        n = _min_gpus(ctx, role, s, o, c, e)
+        if n is None:
+            continue
+        changes = ([f"learner.zero_stage={s}"] * (s != stage)
+                   + ["model.gradient_checkpointing=true"] * (c != ckpt)
+                   + ["resources.offload_optimizer=true"] * (o != offload)
+                   + [f"learner.expert_parallel={e}"] * (e != ep_now))
+        need = max(_round_to_nodes(n, r.resources.gpus_per_node, e), math.ceil(gpus / e) * e)
+        if need > gpus:
+            changes.append(f"{key}={need}")
+        total = _learner_total(ctx, role, need, s, o, c, e)[0]
+        found.append((need > gpus, need, len(changes), " + ".join(changes), total))
     found.sort()
     out = [f"{text}: {fmt_gib(total)} per GPU" for _, _, _, text, total in found[:3] if text]
     if not out:
@@ -167,20 +191,67 @@ def learner_fixes(ctx: _Ctx, role: str, gpus: int) -> list[str]:
     return out
 
 
+def step_traffic(ctx: _Ctx, gpus: int) -> StepTraffic:
+    """The policy update's work per GPU per step: every sequence at max_model_len (an upper bound), packed
+    micro_batch_tokens // max_model_len to a micro-batch, one epoch over learner.actor_mini_batches."""
+    r = ctx.recipe
+    sequences = math.ceil(r.rollout.prompts_per_step * r.rollout.n_samples / gpus)
+    per_micro = max(ctx.tokens // ctx.seq_len, 1)
+    return StepTraffic(gpus=gpus, micro_batches=math.ceil(sequences / per_micro), tokens=sequences * ctx.seq_len,
+                       optimizer_steps=r.learner.actor_mini_batches,
+                       passes=3 if r.model.gradient_checkpointing else 2, dtype_bytes=ctx.dtype_bytes)
+
+
+def layout_comparison(ctx: _Ctx, gpus: int, ep: int) -> dict[str, Any]:
+    """The actor with the recipe's ZeRO alone (EP 1) and with the routed experts resident over `ep` ranks:
+    memory per GPU and communication per GPU per training step (mispo/plan/comm.py)."""
+    r, shape = ctx.recipe, ctx.shape
+    stage, ckpt, offload = r.learner.zero_stage, r.model.gradient_checkpointing, r.resources.offload_optimizer
+    t = step_traffic(ctx, gpus)
+    moe = shape.moe_layers
+    rows = []
+    for e in (1, ep):
+        total = _learner_total(ctx, "actor", gpus, stage, offload, ckpt, e)[0]
+        if e == 1:
+            comm = {"zero": zero_bytes(shape.learner_params, stage, t), "all_to_all": 0.0, "expert_sync": 0.0}
+        else:
+            comm = {"zero": zero_bytes(shape.learner_params - shape.routed_params, stage, t),
+                    "all_to_all": all_to_all_bytes(shape.hidden, moe[0].top_k, len(moe), e, t),
+                    "expert_sync": expert_sync_bytes(shape.routed_params, e, t)}
+        rows.append({"expert_parallel": e, "layout": f"ZeRO-{stage}" if e == 1 else f"EP{e} + ZeRO-{stage}",
+                     "configured": e == r.learner.expert_parallel, "memory_per_gpu": total,
+                     "fits": total <= ctx.budget, "comm_per_gpu_step": sum(comm.values()), "comm": comm,
+                     "experts_per_gpu": shape.num_experts // e if e > 1 else shape.num_experts})
+    return {"traffic": asdict(t), "layouts": rows}
+
+
+def _ep_candidate(ctx: _Ctx, gpus: int) -> int:
+    """The EP size to compare against when the recipe has none: the largest within one node that divides the
+    expert count and the GPUs (0 when there is none)."""
+    gpn, experts = ctx.recipe.resources.gpus_per_node, ctx.shape.num_experts
+    return max((e for e in range(2, gpn + 1) if experts % e == 0 and gpus % e == 0), default=0)
+
+
 def plan_learner(ctx: _Ctx, role: str) -> RolePlan:
-    """The actor or critic learner: ZeRO model states + activations (+ the reference on the actor)."""
+    """The actor or critic learner: ZeRO model states + activations (+ the reference on the actor); the
+    actor's routed experts resident over learner.expert_parallel ranks when that is > 1 (a GPU run)."""
     r = ctx.recipe
     gpus = 0 if ctx.cpu_run else (r.resources.actor_gpus if role == "actor" else r.resources.critic_gpus)
     stage, ckpt = r.learner.zero_stage, r.model.gradient_checkpointing
     offload = r.resources.offload_optimizer
-    parts = _learner_parts(ctx, _role_params(ctx, role), gpus, stage, offload, ckpt, role == "actor")
+    ep = r.learner.expert_parallel if role == "actor" and not ctx.cpu_run and gpus else 1
+    parts = _learner_parts(ctx, _role_params(ctx, role), gpus, stage, offload, ckpt, role == "actor", ep)
     host = parts.pop("host")
     layers = activation_bytes(ctx.shape, ctx.tokens, ctx.dtype_bytes, ckpt, logits=False)
     if role == "actor" and r.learner.reference:
         parts["ref_weights"] = _reference_bytes(ctx, gpus, stage)
     where = "on CPU" if ctx.cpu_run else f"over {gpus} GPUs"
-    detail = (f"ZeRO-{stage} {where}, {ctx.tokens} tokens per micro-batch, gradient checkpointing "
-              f"{'on' if ckpt else 'off'}" + (", optimizer offloaded" if offload and stage >= 1 else "")
+    experts = (f" + {ctx.shape.num_experts // ep} of {ctx.shape.num_experts} routed experts resident per GPU "
+               f"(EP{ep}; every one of the {gpus // ep} GPUs holding the same experts keeps their whole optimizer states)"
+               if ep > 1 else "")
+    detail = (f"ZeRO-{stage} {where}{experts}, {ctx.tokens} tokens per micro-batch, gradient checkpointing "
+              f"{'on' if ckpt else 'off'}" + (", optimizer offloaded" + (" (DeepSpeed's; the experts' stays on the GPU)" if ep > 1 else "")
+                                               if offload and stage >= 1 else "")
               + (", with the frozen reference" if "ref_weights" in parts else "")
               + f"; activations = {fmt_gib(layers)} layers" + (f" + {fmt_gib(parts['activations'] - layers)} logits"
                                                           if role == "actor" else ""))
@@ -192,6 +263,9 @@ def plan_learner(ctx: _Ctx, role: str) -> RolePlan:
         plan.fixes = [f"resources.{role}_gpus = N (run `mispo plan` to size it)"]
         return plan
     plan.fits = plan.total <= ctx.budget
+    compare = ep if ep > 1 else _ep_candidate(ctx, gpus)
+    if role == "actor" and not ctx.cpu_run and ctx.shape.num_experts and compare:
+        plan.extra["expert_parallel"] = layout_comparison(ctx, gpus, compare)
     if host:
         plan.extra["host_gib_per_node"] = round(host / GiB, 1)
         cpu = r.resources.cpu_memory_gb
@@ -308,8 +382,11 @@ def _notes(ctx: _Ctx, critic: bool) -> list[str]:
         notes.append(f"ZeRO-3 gathers whole modules: the largest holds {fmt_count(shape.largest_layer_params)} "
                      f"parameters (4 bytes each in DeepSpeed's estimate: {fmt_gib(gather)} per GPU, in 'weights')")
     if r.learner.reference and not ctx.cpu_run and r.learner.zero_stage == 3:
-        notes.append("the reference is counted sharded like the actor (ZeRO-3); PolicyWorker loads it unsharded "
-                     "today, which at this scale needs a ZeRO-3 inference engine")
+        notes.append("the frozen reference is a ZeRO-3 inference engine: 1/N of its parameters per actor GPU "
+                     "('+ref'), its modules gathered one at a time in its forward")
+    if r.learner.expert_parallel > 1 and ctx.cpu_run:
+        notes.append(f"learner.expert_parallel = {r.learner.expert_parallel} on a CPU run: the CPU plan counts "
+                     "one process and ignores the expert split")
     if r.algorithm.kl_coef > 0 and not r.learner.reference:
         notes.append("algorithm.kl_coef > 0 needs learner.reference: true")
     if r.resources.offload_optimizer and r.learner.zero_stage == 0:
@@ -335,9 +412,33 @@ def _notes(ctx: _Ctx, critic: bool) -> list[str]:
     return notes
 
 
+def check_expert_parallel(recipe: Recipe, shape: ModelShape) -> None:
+    """learner.expert_parallel must divide the model's routed experts and the policy learner's ranks
+    (the rule of models/step3p5/expert_parallel.check_divides); RecipeError naming the field and the sizes that do."""
+    from mispo.models.step3p5.expert_parallel import check_divides
+
+    ep = recipe.learner.expert_parallel
+    if ep == 1:
+        return
+    if not shape.num_experts:
+        raise RecipeError(f"learner.expert_parallel = {ep} needs a model with routed experts; {shape.name} has none; "
+                          "fix: remove learner.expert_parallel")
+    gpu_run = recipe.resources.gpus_per_node > 0
+    ranks, field_name = ((recipe.resources.actor_gpus, "resources.actor_gpus") if gpu_run
+                         else (recipe.learner.ranks, "learner.ranks"))
+    try:
+        check_divides(shape.num_experts, ep, ranks)
+    except ValueError as exc:
+        valid = [e for e in range(1, min(shape.num_experts, max(ranks, 1)) + 1)
+                 if shape.num_experts % e == 0 and ranks % e == 0]
+        raise RecipeError(f"{exc}; sizes that divide both the {shape.num_experts} experts and {field_name} = {ranks}: "
+                          f"{', '.join(map(str, valid))}") from None
+
+
 def plan_recipe(recipe: Recipe) -> Plan:
     """The memory plan of every role of the recipe (see the module docstring)."""
     shape = model_shape(recipe)
+    check_expert_parallel(recipe, shape)
     res = recipe.resources
     cpu_run = res.gpus_per_node == 0
     budget = (host_memory_bytes() if cpu_run else res.gpu_memory_gb * GiB) * USABLE_FRACTION

@@ -4,7 +4,7 @@ and the notes."""
 from __future__ import annotations
 
 from mispo.plan.planner import ROLLOUT_RESERVE_GIB, Plan, RolePlan
-from mispo.plan.units import fmt_count, fmt_gib
+from mispo.plan.units import fmt_bytes, fmt_count, fmt_gib
 
 
 def _row(r: RolePlan, res: dict) -> list[str]:
@@ -24,6 +24,37 @@ def _row(r: RolePlan, res: dict) -> list[str]:
     share = f"KV: {r.extra['sequences']} seqs" if r.role == "rollout" else f"{100 * r.total / r.budget:.0f}%"
     return [r.role, gpus, weights, cell("grads"), cell("optimizer"), cell("activations"), cell("kv_cache"),
             fmt_gib(r.total), fmt_gib(r.budget), f"{verdict} ({share})"]
+
+
+def _expert_parallel_table(plan: Plan, console) -> None:
+    """The actor per GPU per training step: the recipe's ZeRO alone against the routed experts resident (EP)."""
+    from rich.table import Table
+
+    actor = plan.role("actor")
+    ep = actor.extra.get("expert_parallel")
+    if not ep:
+        return
+    t = ep["traffic"]
+    table = Table(title="policy learner per GPU per training step: ZeRO alone vs expert parallel (EP)",
+                  title_justify="left")
+    for col in ("layout", "experts / GPU", "memory / GPU", "verdict", "comm / GPU / step", "ZeRO collectives",
+                "all-to-all", "expert grads"):
+        table.add_column(col, justify="left" if col in ("layout", "verdict") else "right")
+    for row in ep["layouts"]:
+        verdict = "[green]fits[/green]" if row["fits"] else "[red]does not fit[/red]"
+        name = row["layout"] + (" (recipe)" if row["configured"] else "")
+        c = row["comm"]
+        table.add_row(name, str(row["experts_per_gpu"]), fmt_gib(row["memory_per_gpu"]), verdict,
+                      fmt_bytes(row["comm_per_gpu_step"]), fmt_bytes(c["zero"]),
+                      fmt_bytes(c["all_to_all"]) if c["all_to_all"] else "-",
+                      fmt_bytes(c["expert_sync"]) if c["expert_sync"] else "-")
+    console.print(table)
+    console.print(f"[dim]comm = bytes each GPU sends in the update's forward + backward: {t['tokens']:,} tokens "
+                  f"per GPU "
+                  f"(every sequence at max_model_len), {t['micro_batches']} micro-batches, {t['passes']} passes "
+                  f"({'forward, recomputed forward, backward' if t['passes'] == 3 else 'forward, backward'}), "
+                  f"{t['optimizer_steps']} optimizer steps; ZeRO-3 gathers every parameter it holds each pass; "
+                  f"EP moves tokens instead (mispo/plan/comm.py)[/dim]")
 
 
 def print_plan(plan: Plan, console=None) -> None:
@@ -47,6 +78,7 @@ def print_plan(plan: Plan, console=None) -> None:
     for r in plan.roles:
         table.add_row(*_row(r, res))
     console.print(table)
+    _expert_parallel_table(plan, console)
     for r in plan.roles:
         console.print(f"[bold]{r.role}[/bold]: {r.detail}")
         for fix in r.fixes:

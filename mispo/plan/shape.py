@@ -38,12 +38,22 @@ class ModelShape:
     embedding_params: int  # input embedding + lm_head (included in total_params)
     mtp_params: int  # multi-token-prediction layers, held by the learners when the checkpoint has them
     largest_layer_params: int  # the largest module's own parameters (ZeRO-3 gathers it whole)
+    largest_dense_layer_params: int = 0  # the same without routed-expert tensors (ZeRO-3 under expert parallelism)
 
     @property
     def expert_active_fraction(self) -> float:
         """top_k / num_experts of the MoE layers (1.0 for a dense model)."""
         moe = [layer for layer in self.layers if layer.experts]
         return moe[0].top_k / moe[0].experts if moe else 1.0
+
+    @property
+    def moe_layers(self) -> list[LayerShape]:
+        return [layer for layer in self.layers if layer.experts]
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per MoE layer (0 for a dense model)."""
+        return self.moe_layers[0].experts if self.moe_layers else 0
 
     @property
     def active_params(self) -> int:
@@ -170,8 +180,12 @@ def model_shape(recipe: Recipe) -> ModelShape:
         total += n
         routed += n if _is_routed_expert(name, step3p5) else 0
         emb += n if id(p) in embeddings else 0
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    largest = dense_largest = 0
+    for prefix, m in model.named_modules():
+        own = [(f"{prefix}.{n}", p.numel()) for n, p in m.named_parameters(recurse=False)]
+        largest = max(largest, sum(n for _, n in own))
+        dense_largest = max(dense_largest, sum(n for name, n in own if not _is_routed_expert(name, step3p5)))
     name = recipe.model.path if recipe.model.path.startswith("builtin:") else Path(recipe.model.path).name
     return ModelShape(name=name, hidden=config.hidden_size, vocab=config.vocab_size, layers=layer_shapes(config),
                       total_params=total, routed_params=routed, embedding_params=emb, mtp_params=mtp,
-                      largest_layer_params=largest)
+                      largest_layer_params=largest, largest_dense_layer_params=dense_largest)

@@ -9,6 +9,11 @@ def fmt_gib(b: float) -> str:
     return f"{b / GiB:,.1f} GiB" if b >= GiB else f"{b / 2**20:,.1f} MiB"
 
 
+def fmt_bytes(b: float) -> str:
+    """fmt_gib, switching to TiB from 1024 GiB (communication volumes)."""
+    return f"{b / 1024**4:,.1f} TiB" if b >= 1024**4 else fmt_gib(b)
+
+
 def fmt_kib(b: float) -> str:
     return f"{b / 1024:,.1f} KiB"
 

@@ -5,6 +5,7 @@
                          expert_parallel=recipe.resources.rollout_expert_parallel)
     samples = group.generate(requests, n=8, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=step)
     group.sync([put_bucket(b) for b in policy.weight_buckets(bytes)], version=step)  # weight_transport
+    group.sync_broadcast(lambda g: policy_group.submit("broadcast_weights", g), version=step)  # or broadcast
     group.shutdown()
 
 Requests are split into contiguous chunks, one per worker, and the Samples come back in request
@@ -13,6 +14,13 @@ reloads the checkpoint at `model_path`) and `max_task_retries=0` (Ray must not r
 actor that still has the initial weights). When a call fails because its actor died, the group
 waits for the restart, re-syncs it with the latest bucket refs and version it keeps (holding the
 refs keeps the buckets in the object store), logs a warning, and retries that chunk.
+
+Broadcast sync (`sync_broadcast`, `mispo.weight_broadcast`): learner rank 0 broadcasts the buckets to
+every engine's vLLM workers over a sync group whose TCPStore this group hosts; formed on first use,
+kept between syncs. A restarted worker is not in it: the group re-syncs that worker from the object
+store (learner rank 0 also puts what it broadcast there, and this group keeps that ref) and re-forms
+the group, with every worker, at the next sync. A sync that a worker's death breaks is retried on a
+new group once the worker is back; every worker then loads the whole version again.
 """
 
 from __future__ import annotations
@@ -65,8 +73,11 @@ class RolloutGroup:
                                                               cpu_cores[rank] if cpu_cores else None)
                         for rank in range(rollout_cfg.num_workers)]
         self.max_retries, self.restart_timeout_s = max_retries, restart_timeout_s
-        self.buckets: list = []  # latest weights (ObjectRefs); [] = the checkpoint at model_path
+        self.tensor_parallel = tensor_parallel
+        self.buckets: list = []  # latest weights (ObjectRefs, or a ref to their list); [] = model_path's
         self.version = 0
+        self._rendezvous = None  # broadcast sync: the TCPStore its groups meet at, and the current group
+        self._group: dict | None = None
         ray.get([w.ping.remote() for w in self.workers])  # engines up (or their errors) before returning
 
     # ------------------------------------------------------------------ rollouts
@@ -131,8 +142,58 @@ class RolloutGroup:
                 self._recover(i)
         return seconds
 
-    def _recover(self, i: int) -> None:
-        """Wait until Ray has restarted worker i, then give it the latest weights."""
+    def sync_broadcast(self, send, version: int, backend: str = "gloo") -> float:
+        """Load the learner's weights into every worker by broadcast (module docstring); returns the
+        slowest worker's seconds. `send(group)` starts the learners' side on every rank
+        (`PolicyWorker.broadcast_weights`) and returns their ObjectRefs, rank 0's first; its answer (the
+        same buckets in the object store) is kept for crash recovery until the next sync. `backend`:
+        "nccl" (GPU workers) or "gloo"."""
+        import ray
+
+        for attempt in range(self.max_retries + 1):
+            group = self._sync_group(backend)
+            calls = {i: w.receive_weights.remote(group, 1 + i * self.tensor_parallel, version)
+                     for i, w in enumerate(self.workers)}
+            sent = send(group)
+            seconds, dead, errors = 0.0, [], []
+            for i, ref in calls.items():  # every member finishes: done, failed, or timed out
+                try:
+                    seconds = max(seconds, ray.get(ref))
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    dead.append(i)
+                except ray.exceptions.RayTaskError as exc:
+                    errors.append(exc)
+            if not dead and not errors:  # all loaded (rank 0's object-store copy may still be on its way)
+                self.buckets, self.version = sent[0], int(version)
+                return seconds
+            for ref in reversed(sent):  # the learners' side has ended too before anything is retried
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    errors.insert(0, exc)  # a learner's error first: it is the likelier cause
+            if not dead:  # nobody died: a real error (a learner's, or a worker's load)
+                raise errors[0]
+            log.warning("rollout worker(s) %s died during weight broadcast (attempt %d); restarting them and "
+                        "broadcasting version %d again on a new group", dead, attempt + 1, version)
+            self._group = None
+            for i in dead:
+                self._await_restart(i)
+        raise RuntimeError(f"weight broadcast failed {self.max_retries + 1} times: rollout workers kept dying")
+
+    def _sync_group(self, backend: str) -> dict:
+        """The current sync group (learner rank 0 + every vLLM worker), formed if there is none."""
+        if self._group is None or self._group["backend"] != backend:
+            import ray
+
+            from mispo.weight_broadcast import Rendezvous
+
+            if self._rendezvous is None:
+                self._rendezvous = Rendezvous(ray.util.get_node_ip_address())
+            self._group = self._rendezvous.group(1 + len(self.workers) * self.tensor_parallel, backend)
+        return self._group
+
+    def _await_restart(self, i: int) -> None:
+        """Wait until Ray has restarted worker i (up to restart_timeout_s)."""
         import ray
 
         worker, deadline = self.workers[i], time.monotonic() + self.restart_timeout_s
@@ -144,8 +205,17 @@ class RolloutGroup:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)
-        if self.buckets:
-            ray.get(worker.update_weights.remote(self.buckets, self.version))
+
+    def _recover(self, i: int) -> None:
+        """Wait until Ray has restarted worker i, then give it the latest weights from the object store (after
+        a broadcast sync: what learner rank 0 put there; the sync group is re-formed at the next sync)."""
+        import ray
+
+        self._await_restart(i)
+        self._group = None  # a broadcast group does not hold the restarted worker: re-formed at the next sync
+        buckets = ray.get(self.buckets) if isinstance(self.buckets, ray.ObjectRef) else self.buckets
+        if buckets:
+            ray.get(self.workers[i].update_weights.remote(buckets, self.version))
 
     def versions(self) -> list[int]:
         import ray
@@ -158,6 +228,7 @@ class RolloutGroup:
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = []
+        self._group = self._rendezvous = None
 
     def __len__(self) -> int:
         return len(self.workers)

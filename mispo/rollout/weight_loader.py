@@ -5,6 +5,7 @@
     # or, engine in another process: one RPC per bucket, each a list of (name, tensor) or pack()ed bytes
     llm.collective_rpc("mispo_begin_update"); llm.collective_rpc("mispo_load_bucket", args=(b,)); ...
     llm.collective_rpc("mispo_end_update")
+    llm.collective_rpc("mispo_receive_broadcast", args=(group, first_rank))  # or: broadcast by the learner
     llm.reset_prefix_cache()                                   # cached KV came from the old weights
 
 A bucket is any form `mispo.weight_transport.resolve` accepts (a list of (release name, tensor), its
@@ -23,14 +24,11 @@ mispo's CPU Step3p5 MoE (`models/step3p5/vllm_model.py`) copies the stacked rele
 `model.layers.N.moe.{gate,up,down}_proj.weight` in directly, which the session cannot see; here
 they get a weight loader (`_stacked_loader`) so they take the same layerwise path.
 
-Transport (`mispo.weight_transport`). CPU: buckets go through the Ray object store (shared memory
-on a node), best in the `put_bucket` layout (numpy: no pickling on put, zero-copy on get). GPU
-(extension point, not implemented): add a method here that, between `mispo_begin_update` and `mispo_end_update`,
-allocates each bucket's tensors on the device, receives them from the learner (a NCCL broadcast
-over a `StatelessProcessGroup` + `PyNcclCommunicator` joined by the learners' rank 0, or CUDA IPC
-handles when co-located) and passes the (name, tensor) pairs to `_mispo_load`; the group then
-sends names/shapes by RPC and the data out of band. vLLM's own `weight_transfer_config` engines
-(`vllm.distributed.weight_transfer`: NCCL, IPC) are an alternative there.
+Transport. Object store (`mispo.weight_transport`): buckets go through the Ray object store (shared
+memory on a node), best in the `put_bucket` layout (numpy: no pickling on put, zero-copy on get).
+Broadcast (`mispo.weight_broadcast`): `mispo_receive_broadcast` joins the sync group (every worker of
+the engine, through `collective_rpc`, on its own device) and loads each bucket learner rank 0
+broadcasts, between `mispo_begin_update` and `mispo_end_update`; NCCL on GPUs, gloo on CPU.
 """
 
 from __future__ import annotations
@@ -120,6 +118,30 @@ class WeightLoaderExtension:
 
         finalize_layerwise_reload(self._mispo_model(), self.vllm_config.model_config)
         self._mispo_updating = False
+
+    def mispo_receive_broadcast(self, group: dict, first_rank: int) -> int:
+        """Join the sync group `group` as rank first_rank + this worker's rank in the engine and load every
+        bucket learner rank 0 broadcasts (`mispo.weight_broadcast`), in one session; returns #tensors. A
+        bucket that fails to load does not stop the stream (the sender and the other workers finish); its
+        error is raised at the end."""
+        from mispo.weight_broadcast import join, receive_buckets
+
+        member = join(group, first_rank + self.rank, self.device)
+        count, error = 0, None
+        self.mispo_begin_update()
+        try:
+            for bucket in receive_buckets(member):
+                if error is None:
+                    try:
+                        self._mispo_load(bucket)
+                        count += len(bucket)
+                    except Exception as exc:  # raised below, once the stream is drained
+                        error = exc
+        finally:
+            self.mispo_end_update()
+        if error is not None:
+            raise error
+        return count
 
     def mispo_load_buckets(self, buckets: list) -> int:
         """start + load every bucket (ObjectRefs resolved one at a time) + finish; #tensors."""

@@ -122,7 +122,7 @@ class ArithmeticTask(Task):
     def sft_rows(self, n: int, seed: int = 0, **opts: Any) -> list[dict]:
         """Worked examples. ``sft_boxed_fraction`` < 1 makes a mixed-quality SFT set, as real ones are:
         that share of completions uses the checkable ``\\boxed{}`` format, the rest the bare number
-        (which rewards.math scores 0), so RL with the verifiable reward has a behaviour to fix."""
+        (which rewards.math with boxed_only scores 0), so RL with the verifiable reward has a behaviour to fix."""
         o = self.options(opts)
         fraction = float(o.get(self.format_option, 1.0))
         rng = random.Random(f"mispo.tasks.{self.name}:sft_format:{seed}")

@@ -1,6 +1,6 @@
 """Reward of the generalist RL stage: each row's `domain` field picks the verifiable checker.
 
-    score(prompt=..., completion=..., domain="math", answer="42")      -> rewards.math.score
+    score(prompt=..., completion=..., domain="math", answer="42")      -> rewards.math.scorer(boxed_only=True)
     score(prompt=..., completion=..., domain="code", tests=[...])      -> rewards.code.score
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from rewards import code, math
 
-CHECKERS = {"math": math.score, "code": code.score}
+CHECKERS = {"math": math.scorer(boxed_only=True), "code": code.score}  # math: only the last \boxed{} counts
 
 
 def score(prompt: str = "", completion: str = "", domain: str = "math", **row) -> dict:

@@ -139,7 +139,8 @@ def test_chain_weak_completions_score_zero_and_bad_terms_fail():
     rows = task.sft_rows(200, 0, sft_boxed_fraction=0.3)
     weak = [r for r in rows if "boxed" not in r["completion"]]
     assert 0.5 < len(weak) / len(rows) < 0.9
-    assert all(rewards.math.score(completion=r["completion"], answer=r["answer"])["score"] == 0.0 for r in weak)
+    strict = rewards.math.scorer(boxed_only=True)  # what the recipes that teach \boxed{} reward
+    assert all(strict(completion=r["completion"], answer=r["answer"])["score"] == 0.0 for r in weak)
     with pytest.raises(ValueError, match="data.builtin.terms"):
         task.train_rows(5, 0, terms=1)
     with pytest.raises(ValueError, match="no '/'"):

@@ -126,6 +126,7 @@ def test_turn_batcher_batches_every_turn_and_propagates_errors():
         raise ValueError("env bug")
 
     batcher = TurnBatcher(2, generate)
+    before = threading.active_count()  # other tests' threads (servers, loggers) may still be alive
     with pytest.raises(ValueError, match="env bug"):
         batcher.run([lambda: episode(0, 5), broken])
-    assert threading.active_count() < 10  # no episode thread left waiting
+    assert threading.active_count() <= before  # no episode thread left waiting

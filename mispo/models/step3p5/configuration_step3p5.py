@@ -9,6 +9,7 @@ index `num_hidden_layers + k`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from transformers import PretrainedConfig
 
@@ -44,6 +45,11 @@ class Step3p5Config(PretrainedConfig):
 
     model_type = "step3p5"
     keys_to_ignore_at_inference = ["past_key_values"]
+    # No remote code: mispo registers the Auto classes itself (`mispo/auto_registration.py`). Readers that
+    # look for remote code here (TRL's `create_model_from_path`) then fall back to AutoModelForCausalLM.
+    # Read-only, so nothing can add an entry to every config at once; a config.json's own auto_map still
+    # loads as that instance's attribute and is written back.
+    auto_map = MappingProxyType({})
 
     def __init__(
         self,

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .backends import get_attention_backend, get_experts_backend
-from .configuration_step3p5 import AttentionSpec, Step3p5Config
+from .configuration_step3p5 import AttentionSpec, ConfigError, Step3p5Config
 from .layout import SequenceLayout
 from .reference_ops import swiglu
 
@@ -138,6 +138,7 @@ class Routing:
     scores: torch.Tensor  # [N, E] fp32 unbiased sigmoid (or softmax) scores
     topk_ids: torch.Tensor  # [N, K]
     topk_weights: torch.Tensor  # [N, K] renormalised, scaled
+    replay_mismatch: float | None = None  # R3: fraction of replayed tokens whose own top-K set differs
 
 
 class Step3p5MoE(nn.Module):
@@ -147,6 +148,7 @@ class Step3p5MoE(nn.Module):
     w = s[ids] / sum(s[ids]) * moe_router_scaling_factor; out = sum_k w_k * Expert_{ids_k}(x).
     router_bias is an fp32 buffer: loss-free balancing moves it, gradients never do.
     Expert parallel (`expert_parallel.py`): the experts are this rank's block and tokens move by all-to-all.
+    Routing replay (`routing_replay.py`): `replay_ids` replaces the selection, w = s[replayed ids] normalised.
     """
 
     def __init__(self, config: Step3p5Config, layer_idx: int):
@@ -160,7 +162,9 @@ class Step3p5MoE(nn.Module):
         self.gate_proj = StackedExpertWeight(e, i, h)
         self.up_proj = StackedExpertWeight(e, i, h)
         self.down_proj = StackedExpertWeight(e, h, i)
+        self.layer_idx = layer_idx
         self.last_routing: Routing | None = None
+        self.replay_ids: torch.Tensor | None = None  # routing replay (R3): [N, K] expert ids, -1 = route freely
         self.expert_shard = None  # set by expert_parallel.shard_moe: this rank's experts, outside parameters()
 
     def route(self, x: torch.Tensor) -> Routing:
@@ -171,10 +175,17 @@ class Step3p5MoE(nn.Module):
             scores = torch.softmax(logits, dim=-1)
         choice = scores + self.router_bias.float() if self.config.use_moe_router_bias else scores
         topk_ids = torch.topk(choice.detach(), self.top_k, dim=-1).indices
+        mismatch = None
+        if self.replay_ids is not None:  # R3: the experts the rollout engine chose; weights stay this model's
+            replay = self.replay_ids.to(topk_ids.device).long()
+            recorded = replay[:, 0] >= 0
+            differs = (replay.sort(-1).values != topk_ids.sort(-1).values).any(-1) & recorded
+            mismatch = float(differs.sum()) / max(int(recorded.sum()), 1)
+            topk_ids = torch.where(recorded[:, None], replay, topk_ids)
         weights = scores.gather(-1, topk_ids)
         if self.config.norm_expert_weight:
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-20)
-        return Routing(scores, topk_ids, weights * self.config.moe_router_scaling_factor)
+        return Routing(scores, topk_ids, weights * self.config.moe_router_scaling_factor, mismatch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -261,6 +272,37 @@ class Step3p5PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _keys_to_ignore_on_load_unexpected = [r"\.inv_freq$"]
 
+    def __init__(self, config: Step3p5Config, *args, **kwargs):
+        if not isinstance(config, Step3p5Config):
+            raise ConfigError(
+                f"{type(self).__name__} needs mispo's Step3p5Config, got {type(config).__module__}."
+                f"{type(config).__name__} (vLLM registers its own class for model_type step3p5); read the "
+                "checkpoint with mispo.models.step3p5.Step3p5Config.from_pretrained(path) or load the model with "
+                "from_pretrained(path)")
+        super().__init__(config, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a release-format checkpoint. MTP layers load when the checkpoint has them; a checkpoint
+        without them loads with `load_mtp_layers=False` instead of random MTP weights. A config of another
+        library's Step3p5Config class (what `AutoConfig` returns once vLLM has loaded a step3p5 checkpoint
+        in this process) is replaced by mispo's, read from the checkpoint's config.json."""
+        config = kwargs.get("config")
+        if config is not None and not isinstance(config, Step3p5Config):
+            if getattr(config, "model_type", None) != "step3p5":
+                raise ConfigError(f"config: model_type {getattr(config, 'model_type', None)!r} is not a Step3p5 "
+                                  "config; pass a mispo Step3p5Config or none")
+            kwargs.pop("config")
+        path = Path(pretrained_model_name_or_path)
+        if kwargs.get("config") is None and path.is_dir() and (path / "config.json").exists():
+            config = Step3p5Config.from_pretrained(path)
+            n = config.num_hidden_layers
+            if config.num_nextn_predict_layers and not any(
+                    k.startswith(f"model.layers.{n}.") for k in checkpoint_keys(path)):
+                config.load_mtp_layers = False
+            kwargs["config"] = config
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)
@@ -274,6 +316,39 @@ class Step3p5PreTrainedModel(PreTrainedModel):
             module.router_bias.zero_()
         elif isinstance(module, Step3p5Attention):
             module.inv_freq.copy_(rope_inv_freq(module.spec))
+
+
+def sequence_layout(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                    attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> SequenceLayout:
+    """The batch's `SequenceLayout` from Hugging Face inputs: exactly one of input_ids [B, T] /
+    inputs_embeds [B, T, H]; attention_mask [B, T] (1 = token, 0 = padding, left or right); position_ids
+    [B, T] (None: counted over real tokens from 0; restarting at 0 marks packed sequences)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    ref = input_ids if input_ids is not None else inputs_embeds
+    shape = tuple(ref.shape[:2])
+    for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; Step3p5 takes a 2-D [batch, length] = {shape} "
+                             f"{name} (no 4-D masks: padding comes as a 2-D mask, packing as position_ids)")
+    return SequenceLayout.build(shape, ref.device, attention_mask, position_ids)
+
+
+def check_no_cache(past_key_values, output_attentions: bool | None) -> None:
+    """Step3p5 keeps no KV cache and its attention backends return no attention weights."""
+    if past_key_values is not None and (not hasattr(past_key_values, "get_seq_length")
+                                        or past_key_values.get_seq_length() > 0):
+        raise ValueError("past_key_values: Step3p5 keeps no KV cache; pass the whole sequence (prefix and new "
+                         "tokens) with past_key_values=None (generate does this itself)")
+    if output_attentions:
+        raise ValueError("output_attentions=True: Step3p5's attention backends do not return attention weights")
+
+
+@dataclass
+class Step3p5ModelOutput(BaseModelOutputWithPast):
+    """last_hidden_state is after the final norm (the Hugging Face convention); hidden_states_pre_norm before it."""
+
+    hidden_states_pre_norm: torch.Tensor | None = None
 
 
 class Step3p5Model(Step3p5PreTrainedModel):
@@ -298,11 +373,27 @@ class Step3p5Model(Step3p5PreTrainedModel):
     def mtp_layers(self) -> list[Step3p5MTPLayer]:
         return list(self.layers[self.config.num_hidden_layers:])
 
-    def forward(self, input_ids: torch.Tensor, layout: SequenceLayout,
-                all_hidden: list | None = None) -> torch.Tensor:
-        """Returns the last decoder layer's output, before the final norm; appends each layer's
-        input to `all_hidden` when given."""
-        h = self.embed_tokens(input_ids)
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values=None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, layout: SequenceLayout | None = None,
+                **kwargs) -> Step3p5ModelOutput | tuple:
+        """The Hugging Face backbone call (what TRL's and peft's wrappers make): padding via attention_mask,
+        packing via position_ids (see `sequence_layout`), or a ready `layout`. hidden_states (when asked):
+        each decoder layer's input, then the final-normed output. No KV cache: use_cache is accepted and
+        nothing is cached (past_key_values must be empty)."""
+        check_no_cache(past_key_values, output_attentions)
+        if layout is None:
+            layout = sequence_layout(input_ids, inputs_embeds, attention_mask, position_ids)
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        all_hidden = [] if output_hidden_states else None
         for layer in self.decoder_layers:
             if all_hidden is not None:
                 all_hidden.append(h)
@@ -310,7 +401,12 @@ class Step3p5Model(Step3p5PreTrainedModel):
                 h = torch.utils.checkpoint.checkpoint(layer, h, layout, use_reentrant=False)
             else:
                 h = layer(h, layout)
-        return h
+        hidden = self.norm(h)
+        if all_hidden is not None:
+            all_hidden.append(hidden)
+        out = Step3p5ModelOutput(last_hidden_state=hidden, hidden_states_pre_norm=h,
+                                 hidden_states=tuple(all_hidden) if all_hidden is not None else None)
+        return out.to_tuple() if return_dict is False else out
 
 
 @dataclass
@@ -322,9 +418,10 @@ class Step3p5Output(CausalLMOutputWithPast):
 class Step3p5ForCausalLM(Step3p5PreTrainedModel, GenerationMixin):
     """Causal LM with an untied lm_head; `mtp_losses` trains the multi-token prediction heads.
 
-    forward(input_ids, attention_mask=None, position_ids=None, labels=None, mtp_weight=0.0)
+    forward(input_ids, attention_mask=None, position_ids=None, labels=None, mtp_weight=0.0, ...): the
+    Hugging Face causal-LM call (left or right padding, logits_to_keep, num_items_in_batch, return_dict).
     Packed (padding-free) batches: pass position_ids restarting at 0 for each sequence.
-    No KV cache: generation recomputes the prefix (serve with vLLM for speed).
+    No KV cache: `generate` runs the whole sequence at every step (serve with vLLM for speed).
     """
 
     _tied_weights_keys: dict = {}
@@ -335,20 +432,6 @@ class Step3p5ForCausalLM(Step3p5PreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load a release-format directory. MTP layers load when the checkpoint has them; a checkpoint
-        without them loads with `load_mtp_layers=False` instead of random MTP weights."""
-        path = Path(pretrained_model_name_or_path)
-        if kwargs.get("config") is None and path.is_dir() and (path / "config.json").exists():
-            config = Step3p5Config.from_pretrained(path)
-            n = config.num_hidden_layers
-            if config.num_nextn_predict_layers and not any(
-                    k.startswith(f"model.layers.{n}.") for k in checkpoint_keys(path)):
-                config.load_mtp_layers = False
-            kwargs["config"] = config
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
@@ -358,27 +441,37 @@ class Step3p5ForCausalLM(Step3p5PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                mtp_weight: float = 0.0, logits_to_keep: int = 0, output_hidden_states: bool = False,
-                **kwargs) -> Step3p5Output:
-        layout = SequenceLayout.build(tuple(input_ids.shape), input_ids.device, attention_mask, position_ids)
-        all_hidden = [] if output_hidden_states else None
-        h = self.model(input_ids, layout, all_hidden)
-        hidden = self.model.norm(h)
-        if all_hidden is not None:
-            all_hidden.append(hidden)  # as in Hugging Face models: the last entry is after the final norm
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values=None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                use_cache: bool | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                logits_to_keep: int | torch.Tensor = 0, mtp_weight: float = 0.0,
+                num_items_in_batch: int | torch.Tensor | None = None, **kwargs) -> Step3p5Output | tuple:
+        """logits[:, t] predict token t + 1; logits_to_keep = n > 0 keeps the last n positions (a tensor: those
+        indices). loss (labels given): cross-entropy of logits[t] against labels[t + 1] over labels != -100,
+        a mean, or the sum / num_items_in_batch when given (gradient accumulation, as Trainer passes it)."""
+        layout = sequence_layout(input_ids, inputs_embeds, attention_mask, position_ids)
+        base = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
+                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                          layout=layout)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(base.last_hidden_state[:, keep])
         loss = mtp_loss = None
         if labels is not None:
-            loss = next_token_loss(logits, labels, layout)
+            if logits.shape[1] != labels.shape[1]:
+                raise ValueError(f"labels cover {labels.shape[1]} positions but logits_to_keep kept "
+                                 f"{logits.shape[1]}: pass logits_to_keep=0 with labels")
+            loss = next_token_loss(logits, labels, layout, num_items_in_batch=num_items_in_batch)
             if mtp_weight > 0 and self.model.mtp_layers:
+                if input_ids is None:
+                    raise ValueError("mtp_weight > 0 needs input_ids (the MTP heads embed the next tokens)")
+                h = base.hidden_states_pre_norm
                 mtp_loss = torch.stack(self.mtp_losses(input_ids, h, labels, layout)).mean()
                 loss = loss + mtp_weight * mtp_loss
-        return Step3p5Output(loss=loss, logits=logits, mtp_loss=mtp_loss, hidden_states_pre_norm=h,
-                             hidden_states=tuple(all_hidden) if all_hidden is not None else None)
+        out = Step3p5Output(loss=loss, logits=logits, mtp_loss=mtp_loss, hidden_states=base.hidden_states,
+                            hidden_states_pre_norm=base.hidden_states_pre_norm)
+        return out.to_tuple() if return_dict is False else out
 
     def mtp_losses(self, input_ids: torch.Tensor, hidden_pre_norm: torch.Tensor, labels: torch.Tensor,
                    layout: SequenceLayout) -> list[torch.Tensor]:
@@ -393,8 +486,24 @@ class Step3p5ForCausalLM(Step3p5PreTrainedModel, GenerationMixin):
             losses.append(next_token_loss(logits, labels, layout, offset=k + 2))
         return losses
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    # ----------------------------------------------------------------- generation without a KV cache
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """No KV cache: `generate` must not build one (transformers' hook for models without `Cache` support)."""
+        return False
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, next_sequence_length: int | None = None,
+                                      past_key_values=None, attention_mask: torch.Tensor | None = None,
+                                      inputs_embeds: torch.Tensor | None = None, **kwargs) -> dict:
+        """Every step runs the whole sequence so far (prompt + generated tokens, with its attention mask
+        and position ids): `next_sequence_length` and `past_key_values` are ignored, use_cache is False."""
+        if inputs_embeds is not None:
+            raise ValueError("inputs_embeds: Step3p5 generates from input_ids only (no KV cache to extend "
+                             "a prompt given as embeddings)")
+        inputs = super().prepare_inputs_for_generation(input_ids, next_sequence_length=None, past_key_values=None,
+                                                       attention_mask=attention_mask, **kwargs)
+        inputs["use_cache"] = False
+        return inputs
 
 
 def shifted_targets(labels: torch.Tensor, layout: SequenceLayout, offset: int) -> torch.Tensor:
@@ -412,10 +521,16 @@ def shifted_targets(labels: torch.Tensor, layout: SequenceLayout, offset: int) -
     return targets
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, layout: SequenceLayout, offset: int = 1) -> torch.Tensor:
-    """Mean cross-entropy of logits[t] against labels[t + offset] over valid targets (-100 ignored)."""
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, layout: SequenceLayout, offset: int = 1,
+                    num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of logits[t] against labels[t + offset] over valid targets (-100 ignored): their mean,
+    or their sum / num_items_in_batch when given."""
     targets = shifted_targets(labels, layout, offset)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100)
+    total = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="sum")
+    return total / torch.as_tensor(num_items_in_batch, device=total.device)
 
 
 def checkpoint_keys(path: Path) -> list[str]:

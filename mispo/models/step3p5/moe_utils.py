@@ -86,8 +86,9 @@ def freeze_router(model: nn.Module, frozen: bool = True) -> int:
 def routing_stats(model: nn.Module) -> dict[str, float]:
     """`moe/routing_confidence`: mean probability mass of the selected experts (scores normalised
     over all experts); `moe/load_max_over_mean`: the busiest expert's load over the mean load,
-    averaged over layers; `moe/load_cv`: coefficient of variation of expert load."""
-    conf, peak, cv = [], [], []
+    averaged over layers; `moe/load_cv`: coefficient of variation of expert load; with routing replay,
+    `moe/replay_mismatch`: the fraction of tokens whose own top-K differs from the engine's (layer mean)."""
+    conf, peak, cv, replay = [], [], [], []
     for m in moe_layers(model):
         r = m.last_routing
         if r is None:
@@ -97,9 +98,12 @@ def routing_stats(model: nn.Module) -> dict[str, float]:
         load = expert_load(r, probs.shape[-1])
         peak.append(load.max() / load.mean())
         cv.append(load.std() / load.mean())
+        if r.replay_mismatch is not None:
+            replay.append(r.replay_mismatch)
     if not conf:
         return {}
-    return {
+    extra = {"moe/replay_mismatch": sum(replay) / len(replay)} if replay else {}
+    return {**extra,
         "moe/routing_confidence": torch.stack(conf).mean().item(),
         "moe/load_max_over_mean": torch.stack(peak).mean().item(),
         "moe/load_cv": torch.stack(cv).mean().item(),

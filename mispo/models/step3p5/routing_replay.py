@@ -1,0 +1,55 @@
+"""Routing replay (R3): the learner routes each token to the experts the rollout engine chose.
+
+MoE routing is discontinuous: a tiny numerical difference between the engine and the trainer can flip a
+token's top-K experts and change its log-prob far more than the precision gap itself. Replaying the
+engine's selection removes that part of the training-inference mismatch; the routing *weights* are still
+the trainer's (w = s[replayed ids] / sum, x scaling factor), so the router keeps its gradient.
+
+    with replay_routing(model, routed):   # routed: [L, num_hidden_layers, K] int, -1 rows = route freely
+        logits = model(input_ids, position_ids=...).logits    # a [1, L] packed micro-batch
+
+`routed[t, layer]` are the expert ids vLLM recorded for token t at decoder layer `layer`
+(`CompletionOutput.routed_experts`, [seq_len, num_layers, K], with `enable_return_routed_experts`);
+dense layers' rows are ignored. Tokens the engine never forwarded (a response's last token) or without
+a record (-1) route freely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def routed_rows(routed, length: int, num_layers: int, top_k: int) -> torch.Tensor:
+    """One sequence's record as [length, num_layers, K] int16, padded with -1 past the record's end.
+    A record longer than the sequence, or of another layer count or K, is an error."""
+    rec = torch.as_tensor(np.asarray(routed)).to(torch.int16)
+    if rec.dim() != 3 or rec.shape[1:] != (num_layers, top_k) or rec.shape[0] > length:
+        raise ValueError(f"routed experts of shape {tuple(rec.shape)} do not fit a sequence of {length} tokens of a "
+                         f"model with {num_layers} layers and top-{top_k} routing ([<= {length}, {num_layers}, "
+                         f"{top_k}] expected)")
+    out = torch.full((length, num_layers, top_k), -1, dtype=torch.int16)
+    out[: rec.shape[0]] = rec
+    return out
+
+
+@contextlib.contextmanager
+def replay_routing(model: nn.Module, routed: torch.Tensor | None):
+    """Within the context, every MoE layer of `model` takes its selection from `routed` ([N, layers, K]
+    for the N tokens of the next forwards); None leaves routing alone."""
+    from .moe_utils import moe_layers
+
+    layers = moe_layers(model) if routed is not None else []
+    if routed is not None and not layers:
+        raise ValueError("routing replay (algorithm.routing_replay) needs a Step3p5 MoE policy; this model has no "
+                         "Step3p5 MoE layers; fix: set algorithm.routing_replay: false")
+    try:
+        for moe in layers:
+            moe.replay_ids = routed[:, moe.layer_idx]
+        yield
+    finally:
+        for moe in layers:
+            moe.replay_ids = None
