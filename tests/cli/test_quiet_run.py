@@ -77,8 +77,8 @@ def test_a_quiet_run_shows_progress_and_result_and_logs_the_rest(tmp_path, cache
     assert library_lines(said) == [], said
     log = (run / "logs" / "run.log").read_text()
     for line in ("INFO ray._private.worker: Started a local Ray instance", ":actor_name:RolloutWorker",
-                 ":actor_name:PolicyWorker", ":actor_name:CriticWorker", "(MainProcess pid=", "Loading weights"):
-        # (which library warnings appear varies by version and machine; the verbose test shows them on the terminal)
+                 ":actor_name:PolicyWorker", ":actor_name:CriticWorker", "Loading weights"):
+        # (which vLLM warnings appear depends on its caches and version: the checks are on the actors' output)
         assert line in log, line
 
 
@@ -90,7 +90,7 @@ def test_an_error_inside_an_actor_reaches_the_terminal_of_a_quiet_run(tmp_path, 
     assert "ActorDiedError" in said and "RolloutWorker.__init__" in said and ENGINE_ERROR in said
     assert f"the run's full log (libraries, Ray actors): {run.resolve() / 'logs' / 'run.log'}" in said
     assert not [line for line in library_lines(said) if "pid=" not in line or "RolloutWorker" not in line], said
-    assert "WARNING" in (run / "logs" / "run.log").read_text()
+    assert ":actor_name:RolloutWorker" in (run / "logs" / "run.log").read_text()
 
 
 @pytest.mark.slow
@@ -98,7 +98,6 @@ def test_verbose_prints_the_libraries_output(tmp_path, cache):
     run = tmp_path / "run"
     code, said = mispo_train([*TINY, NO_KV_CACHE, "--output", str(run), "--verbose"], cache)
     assert code == 1 and ENGINE_ERROR in said
-    for line in ("(RolloutWorker pid=", "(PolicyWorker pid=", "WARNING", "FutureWarning",
-                 "Started a local Ray instance"):
+    for line in ("(RolloutWorker pid=", "(PolicyWorker pid=", "Started a local Ray instance"):
         assert line in said, line
     assert not (run / "logs").exists()
