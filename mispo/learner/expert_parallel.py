@@ -124,15 +124,19 @@ class ShardedExperts:
     # ------------------------------------------------------------------ whole tensors
     @torch.no_grad()
     def full_state(self) -> dict[str, torch.Tensor]:
-        """Every layer's whole [E, ...] expert tensors under their state-dict names, on CPU (a collective
-        over the EP group: every rank must call it)."""
+        """Every layer's whole [E, ...] expert tensors under their state-dict names, on CPU, on rank 0 (the
+        one that syncs and exports); other ranks get {}. Every rank must call it: rank 0's EP group gathers."""
+        rank = dist.get_rank()
+        if rank >= self.ep_size:  # not in rank 0's EP group (ranks 0 .. P - 1)
+            return {}
         out = {}
         for prefix, shard in self.shards:
             for name in EXPERT_WEIGHTS:
                 local = getattr(shard, name).detach().contiguous()
-                blocks = [torch.empty_like(local) for _ in range(self.ep_size)]
-                dist.all_gather(blocks, local, group=self.ep_group)
-                out[f"{prefix}.{name}.weight"] = torch.cat(blocks).cpu()
+                blocks = [torch.empty_like(local) for _ in range(self.ep_size)] if rank == 0 else None
+                dist.gather(local, blocks, dst=0, group=self.ep_group)
+                if rank == 0:
+                    out[f"{prefix}.{name}.weight"] = torch.cat(blocks).cpu()
         return out
 
     # ------------------------------------------------------------------ checkpoints
