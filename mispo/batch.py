@@ -26,7 +26,8 @@ class Sample:
     row: dict = field(default_factory=dict)  # the dataset row (answer, tests, ...)
     prompt_text: str = ""
     response_text: str = ""
-    version: int = 0  # optimizer step of the weights that sampled it
+    version: int = 0  # optimizer step of the weights that sampled it (partial rollouts: its oldest token's)
+    token_versions: list[int] | None = None  # partial rollouts: the version that sampled each response token
     reward: float = 0.0
     reward_info: dict = field(default_factory=dict)
     routed_experts: Any = None  # routing replay: the engine's expert ids [seq_len, layers, K] (uint8/16 array)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -51,19 +52,19 @@ def train(args) -> int:
     if recipe.pipeline is None and (output / "checkpoints" / "latest").exists() and not args.resume:
         raise UsageError(f"{output} already holds a run; pass --resume to continue it, or choose another --output")
     start = time.time()
-    log_file = None if args.verbose else _quiet_run(output, recipe.trainer.ray_address)
-    try:
+    with _run_output(output, recipe.trainer.ray_address, args.verbose):
         if recipe.pipeline is not None:
             return _train_pipeline(recipe, output, start)
         return _train_rl(recipe, output, start)
-    except Exception as exc:
-        if log_file is not None and not isinstance(exc, _user_errors()):
-            _stderr().print(f"[dim]the run's full log (libraries, Ray actors): {log_file}[/dim]")
-        raise
 
 
-def _quiet_run(output: Path, ray_address: str | None) -> Path:
-    """Library logging of this process and the output of every Ray worker into output/logs/run.log."""
+@contextmanager
+def _run_output(output: Path, ray_address: str | None, verbose: bool):
+    """A quiet run (unless `verbose`): library logging of this process and the output of every Ray worker
+    go to output/logs/run.log; an unexpected error points at that file."""
+    if verbose:
+        yield
+        return
     from mispo.cluster import start_ray
     from mispo.run_log import quiet_driver, run_log_file
 
@@ -71,7 +72,12 @@ def _quiet_run(output: Path, ray_address: str | None) -> Path:
     quiet_driver(log_file)
     start_ray(ray_address, log_file=log_file)
     _stderr().print(f"[dim]library output: {log_file} (--verbose prints it here)[/dim]")
-    return log_file
+    try:
+        yield
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            _stderr().print(f"[dim]the run's full log (libraries, Ray actors): {log_file}[/dim]")
+        raise
 
 
 def _train_rl(recipe, output: Path, start: float) -> int:
@@ -103,7 +109,7 @@ def _train_pipeline(recipe, output: Path, start: float) -> int:
 
 
 def sft(args) -> int:
-    """`mispo sft RECIPE [key=value ...] [--output DIR]`: supervised fine-tuning of `model.path` on the
+    """`mispo sft RECIPE [key=value ...] [--output DIR] [--verbose]`: supervised fine-tuning of `model.path` on the
     recipe's `sft:` data (rows with `prompt` and `completion`) with the DeepSpeed policy learner.
 
         DIR/final/          the fine-tuned model (release format, with its tokenizer)
@@ -133,8 +139,9 @@ def sft(args) -> int:
     try:
         base = base_model_path(recipe)
         samples = recipe_sft_samples(recipe, recipe.sft, AutoTokenizer.from_pretrained(base))
-        start_ray(recipe.trainer.ray_address)
-        run_sft(base, samples, recipe.sft, recipe, output / "final", log=metrics.log)
+        with _run_output(output, recipe.trainer.ray_address, args.verbose):
+            start_ray(recipe.trainer.ray_address)
+            run_sft(base, samples, recipe.sft, recipe, output / "final", log=metrics.log)
     finally:
         metrics.close()
     _stderr().print(f"done in {time.time() - start:.0f}s: {len(samples)} examples, {recipe.sft.steps} steps; "
@@ -143,8 +150,9 @@ def sft(args) -> int:
 
 
 def merge(args) -> int:
-    """`mispo merge RECIPE [key=value ...] [--output DIR]`: distil the recipe's `merge.experts` into the
-    student `model.path` (see mispo.distill.merge for the stages and outputs)."""
+    """`mispo merge RECIPE [key=value ...] [--output DIR] [--verbose]`: distil the recipe's `merge.experts`
+    into the student `model.path` (see mispo.distill.merge for the stages and outputs). Like `mispo sft`,
+    a quiet run: the libraries' output goes to DIR/logs/run.log unless --verbose."""
     from mispo.config import load_recipe
     from mispo.distill.merge import Merge
 
@@ -153,7 +161,8 @@ def merge(args) -> int:
     output = Path(args.output or Path("runs") / recipe.name)
     try:
         merger = Merge(recipe, output)  # every check runs here, before any engine starts
-        results = merger.run()
+        with _run_output(output, recipe.trainer.ray_address, args.verbose):
+            results = merger.run()
     except KeyboardInterrupt:
         _stderr().print("[yellow]interrupted: rerun the same command to continue (sampled data is kept)[/yellow]")
         raise
@@ -246,6 +255,9 @@ def evaluate(args) -> int:
 
 
 # --------------------------------------------------------------------------- parsing and running
+VERBOSE = "print Ray's, vLLM's and DeepSpeed's output here (default: in <output>/logs/run.log)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mispo", description="RL post-training of LLMs with MIS-PO")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,20 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=20")
     p.add_argument("--output", "-o", help="run folder (default: runs/<recipe name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    p.add_argument("--verbose", "-v", action="store_true",
-                   help="print Ray's, vLLM's and DeepSpeed's output here (default: in <output>/logs/run.log)")
+    p.add_argument("--verbose", "-v", action="store_true", help=VERBOSE)
     p.set_defaults(func=train)
 
     p = sub.add_parser("sft", help="supervised fine-tuning of model.path on the recipe's sft: data")
     p.add_argument("recipe", help="recipe YAML with an sft: section")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.steps=200")
     p.add_argument("--output", "-o", help="run folder (default: runs/<recipe name>-sft)")
+    p.add_argument("--verbose", "-v", action="store_true", help=VERBOSE)
     p.set_defaults(func=sft)
 
     p = sub.add_parser("merge", help="distil domain experts into one generalist (the recipe's merge: section)")
     p.add_argument("recipe", help="recipe YAML with a merge: section (recipes/merge.yaml, ...)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. merge.method=on_policy")
     p.add_argument("--output", "-o", help="output folder (default: runs/<recipe name>)")
+    p.add_argument("--verbose", "-v", action="store_true", help=VERBOSE)
     p.set_defaults(func=merge)
 
     p = sub.add_parser("generate", help="sample from a checkpoint (default: the built-in tiny Step3p5)")

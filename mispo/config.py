@@ -43,6 +43,9 @@ class ModelConfig(Section):
     freeze_router: bool = True  # the report freezes the router after pre-training
     router_bias_update_rate: float = 0.0  # loss-free balancing during RL (0 = off)
     lora: LoraConfig | None = None  # None: full fine-tuning of the policy
+    fp32_lm_head: bool = Field(False, description="the final projection in fp32 on both sides: the policy "
+                               "learner's lm_head and the rollout engines' (vLLM head_dtype float32); with "
+                               "bf16 weights, logits then differ by accumulation order, not by one bf16 ulp")
 
 
 class WarmupConfig(Section):
@@ -93,6 +96,9 @@ class RolloutConfig(Section):
     max_turns: int = Field(4, ge=1)
     max_episode_tokens: int | None = Field(None, ge=1, description="multi-turn: tokens after the prompt, model "
                                            "turns and environment responses together; None = up to max_model_len")
+    partial_rollout_tokens: int | None = Field(None, ge=1, description="async mode: generate k tokens at a time, "
+                                               "so a weight sync lands mid-generation and the unfinished sequences "
+                                               "continue under the new weights (mispo.rollout.partial); None = off")
     routing_replay: bool = Field(False, description="R3: the engines record each token's routed experts "
                                  "(vLLM enable_return_routed_experts) and the learner replays them (Step3p5 "
                                  "policy); needs vLLM's V2 model runner: GPU engines, single-turn rollouts")
@@ -108,6 +114,9 @@ class RolloutConfig(Section):
         for key, owner in owned.items():
             if key in v:
                 raise ValueError(f"engine_kwargs.{key} is set by {owner}; fix: move it there")
+        if "head_dtype" in (v.get("hf_overrides") or {}):
+            raise ValueError("engine_kwargs.hf_overrides.head_dtype is set by model.fp32_lm_head (both sides' "
+                             "final projection); fix: model.fp32_lm_head: true")
         return v
 
     @model_validator(mode="after")
@@ -235,6 +244,10 @@ class TrainerConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     ray_address: str | None = None
     time_limit_minutes: float | None = Field(None, gt=0)
+    mismatch_attribution: bool = Field(False, description="log how much of |log pi_old - log pi_rollout| comes "
+                                       "from staleness and how much from the engine (precision, routing) at the same "
+                                       "weights (mispo.learner.mismatch_attribution); costs a CPU copy of the policy "
+                                       "per kept version and a spare model on learner rank 0, and two forwards a step")
     loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard"],
         description="where metrics.jsonl's scalars also go (mispo.metrics_log); wandb and mlflow take their "
@@ -442,6 +455,12 @@ class Recipe(Section):
         if self.rollout.routing_replay and (self.rollout.environment or self.domains):
             raise ValueError("rollout.routing_replay covers single-turn rollouts of one domain for now (a multi-turn "
                              "episode's record would span several engine calls); fix: remove rollout.routing_replay")
+        self._check_partial_rollouts()
+        if self.trainer.mismatch_attribution and (self.learner.zero_stage == 3 or self.learner.expert_parallel > 1):
+            raise ValueError("trainer.mismatch_attribution scores on a whole copy of the policy on learner rank 0; "
+                             f"learner.zero_stage = {self.learner.zero_stage} / expert_parallel = "
+                             f"{self.learner.expert_parallel} shard its weights; fix: zero_stage <= 2 and "
+                             "expert_parallel 1 for the diagnostic run, or remove trainer.mismatch_attribution")
         ep = self.learner.expert_parallel
         if ep > 1:
             ranks, where = ((self.resources.actor_gpus, "resources.actor_gpus") if self.resources.gpus_per_node > 0
@@ -461,6 +480,29 @@ class Recipe(Section):
         if self.pipeline is not None and len(self.domains) < 1:
             raise ValueError("pipeline: needs domains: {name: {recipe: file.yaml}, ...}; fix: add domains")
         return self
+
+    def _check_partial_rollouts(self) -> None:
+        """rollout.partial_rollout_tokens only where it acts and the loss can use per-token versions."""
+        from mispo.algorithms.policy_losses import PER_TOKEN_ROLLOUT_LOSSES
+
+        k, ro = self.rollout.partial_rollout_tokens, self.rollout
+        if k is None:
+            return
+        field = f"rollout.partial_rollout_tokens = {k}"
+        if self.trainer.mode != "async":
+            raise ValueError(f"{field} has no effect in trainer.mode = sync (weights change only between "
+                             "rollouts); fix: trainer.mode: async, or remove it")
+        if k >= ro.max_new_tokens:
+            raise ValueError(f"{field} is not below rollout.max_new_tokens = {ro.max_new_tokens}: every response "
+                             "would be one segment (no effect); fix: a smaller segment, or remove it")
+        if ro.environment or ro.routing_replay:
+            raise ValueError(f"{field} covers single-turn rollouts without routing replay (a multi-turn episode, or "
+                             "an R3 record, would span several engine calls); fix: remove it")
+        if self.algorithm.policy_loss.lower() not in PER_TOKEN_ROLLOUT_LOSSES:
+            raise ValueError(f"{field} with algorithm.policy_loss = {self.algorithm.policy_loss!r}: partial rollouts "
+                             "mix weight versions within a sample, and this loss does not correct each token "
+                             "against the engine's log-prob; fix: a loss that does ("
+                             f"{', '.join(PER_TOKEN_ROLLOUT_LOSSES)}), or remove it")
 
 
 # --------------------------------------------------------------------------- loading

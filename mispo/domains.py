@@ -109,6 +109,12 @@ class Domain:
                                              max_new_tokens=self.max_new_tokens,
                                              max_turns=self.recipe.rollout.max_turns, seed=seed,
                                              max_episode_tokens=self.recipe.rollout.max_episode_tokens)
+        if self.recipe.rollout.partial_rollout_tokens:
+            from mispo.rollout.partial import generate_partial
+
+            return generate_partial(rollout, requests, n=n, temperature=temperature, top_p=top_p,
+                                    max_new_tokens=self.max_new_tokens,
+                                    segment_tokens=self.recipe.rollout.partial_rollout_tokens, seed=seed)
         return rollout.generate(requests, n=n, temperature=temperature, top_p=top_p,
                                 max_new_tokens=self.max_new_tokens, seed=seed)
 

@@ -8,6 +8,8 @@ Sync mode (the default): a step's rollouts start after the previous step's weigh
 is on-policy (staleness 0). Async mode (`trainer.max_staleness: s >= 1`): the rollouts of the next s steps
 are generated while the current step trains; every sample carries the version of the weights that
 generated it, and one more than s versions behind the learner is dropped and counted (`staleness.py`).
+With `rollout.partial_rollout_tokens` a rollout is generated in segments and a sync lands between them
+(`rollout/partial.py`): a sample's tokens may then come from several versions, the oldest counting.
 MIS-PO's filters handle the remaining mismatch. Each step's sampling is seeded from the run's seed and
 the step, so a resumed run draws the same prompts and samples as an uninterrupted one.
 
@@ -107,7 +109,8 @@ class Trainer:
                                     seed=r.trainer.seed,
                                     options=self.placement.rollout.options if self.placement else None,
                                     tensor_parallel=r.resources.rollout_tensor_parallel,
-                                    expert_parallel=r.resources.rollout_expert_parallel, cpu_cores=cores.rollout)
+                                    expert_parallel=r.resources.rollout_expert_parallel, cpu_cores=cores.rollout,
+                                    fp32_lm_head=r.model.fp32_lm_head)
         # Rollouts run in background threads; Ray runs each worker's calls in submission order, so a
         # weight sync submitted after a rollout is applied after it (that rollout trains one step stale).
         # openai_agent domains: the run's OpenAI-compatible endpoint on a loopback port, stopped in shutdown
@@ -122,6 +125,8 @@ class Trainer:
     def fit(self) -> dict:
         r = self.recipe
         self._maybe_resume()
+        if r.trainer.mismatch_attribution:  # the weights of every version a trained sample may come from
+            self.policy.rank0("keep_version", self.step, self.ahead)
         self.in_flight: deque[PendingRollout] = deque()
         progress = StepProgress(r.trainer.max_steps, start=self.step)
         last_eval = {}
@@ -260,6 +265,10 @@ class Trainer:
             for k, v in (merge_row_results(ray.get(refs)) if refs else {}).items():
                 setattr(batch, k, v)
         metrics["time/forward_s"] = time.time() - t
+        if r.trainer.mismatch_attribution:
+            t = time.time()
+            metrics.update(self.policy.rank0("attribute_mismatch", batch_ref, self.step))
+            metrics["time/attribution_s"] = time.time() - t
 
         metrics.update(prepare_update(batch, r.algorithm, self.band))
 
@@ -278,6 +287,8 @@ class Trainer:
         t = time.time()
         self.sync_weights(version=self.step + 1)
         metrics["time/weight_sync_s"] = time.time() - t
+        if r.trainer.mismatch_attribution:
+            self.policy.rank0("keep_version", self.step + 1, self.ahead)
         n_tokens = float(batch.response_mask.sum())
         metrics.update({
             "rollout/response_len": n_tokens / len(samples),

@@ -396,6 +396,10 @@ LOSS_OPTIONS = {"mispo": (), "mis-po": (), "ppo": _CLIP, "grpo": _CLIP, "gspo": 
                 "tis": ("tis_cap", *_CLIP), "icepop": ("icepop_bounds", *_CLIP), "masked_is": ("icepop_bounds", *_CLIP),
                 "cispo": ("cispo_eps_low", "cispo_eps_high")}
 
+# The losses that correct each token against the engine's own log-prob (logp_rollout): the only ones whose
+# update stays right when a sample's tokens come from different weight versions (partial rollouts).
+PER_TOKEN_ROLLOUT_LOSSES = ("mispo", "mis-po", "tis", "icepop", "masked_is")
+
 # Aggregation each loss was published with; a recipe's algorithm.loss_agg overrides it.
 DEFAULT_LOSS_AGG = {"gspo": "seq-mean-token-mean"}
 

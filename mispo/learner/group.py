@@ -62,6 +62,10 @@ class LearnerGroup:
         """Rank 0's answer, after every rank has run `method`."""
         return self.all(method, *args)[0]
 
+    def rank0(self, method: str, *args):
+        """`method` on rank 0 alone (not a collective: the other ranks are not involved)."""
+        return ray.get(getattr(self.workers[0], method).remote(*args))
+
     def kill(self) -> None:
         for w in self.workers:
             ray.kill(w)

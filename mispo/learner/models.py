@@ -22,8 +22,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def load_policy(path: str | Path, dtype: str = "float32", gradient_checkpointing: bool = False,
-                attn_backend: str | None = None, moe_backend: str | None = None) -> nn.Module:
+                attn_backend: str | None = None, moe_backend: str | None = None,
+                fp32_lm_head: bool = False) -> nn.Module:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    if fp32_lm_head:
+        use_fp32_lm_head(model)
     if model.config.model_type != "step3p5":  # Step3p5 packs in its own backends (attn_backend)
         use_packed_attention(model)
     if attn_backend and hasattr(model.config, "attn_backend"):
@@ -33,6 +36,22 @@ def load_policy(path: str | Path, dtype: str = "float32", gradient_checkpointing
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def use_fp32_lm_head(model: nn.Module) -> None:
+    """The model's output projection in fp32: logits = float(h) @ float(W)^T (+ float(b)), the weight kept in
+    its own dtype and its gradient flowing back through the cast (vLLM's head_dtype float32 on the engine
+    side). The module's own call, and so DeepSpeed's ZeRO-3 gather hooks, stay in place."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"model.fp32_lm_head: the output projection of {type(model).__name__} is a "
+                         f"{type(head).__name__}, not a Linear; fix: model.fp32_lm_head: false")
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        bias = None if head.bias is None else head.bias.float()
+        return nn.functional.linear(hidden.float(), head.weight.float(), bias)
+
+    head.forward = forward
 
 
 class ValueModel(nn.Module):

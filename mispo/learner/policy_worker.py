@@ -52,14 +52,9 @@ class PolicyWorker(LearnerWorker):
         """`temperature`: the rollouts' sampling temperature; every log-prob is of softmax(logits / T), the
         distribution the engine sampled from (its log-probs are processed ones)."""
         super().__init__(model, learner, algorithm, rank, world_size, master_addr, master_port, seed, cpu_cores)
-        module = load_policy(model_path, self.model_cfg.dtype, self.model_cfg.gradient_checkpointing,
-                             self.model_cfg.attn_backend, self.model_cfg.moe_backend)
-        if self.model_cfg.freeze_router:
-            from mispo.models.step3p5.moe_utils import freeze_router
-            freeze_router(module)
-        if self.model_cfg.lora is not None:  # only the adapters train; syncs and exports are merged
-            from mispo.learner.lora import apply_lora
-            module = apply_lora(module, self.model_cfg.lora.model_dump())
+        self.model_path = model_path
+        self.versions = self.spare = None  # mismatch attribution: kept weights, the model that scores with them
+        module = self._policy_module()
         self.experts = None  # expert parallel: this rank's routed experts, outside DeepSpeed
         if self.learner_cfg.expert_parallel > 1:
             from mispo.learner.expert_parallel import ShardedExperts
@@ -76,6 +71,19 @@ class PolicyWorker(LearnerWorker):
                                           self.engine.device, self.model_cfg.attn_backend, self.model_cfg.moe_backend)
         self.loss_config = policy_loss_config(self.algo, max_new_tokens)
         self.temperature = temperature
+
+    def _policy_module(self) -> torch.nn.Module:
+        """The policy as the recipe wants it (dtype, backends, fp32 head, frozen router, LoRA adapters)."""
+        cfg = self.model_cfg
+        module = load_policy(self.model_path, cfg.dtype, cfg.gradient_checkpointing, cfg.attn_backend,
+                             cfg.moe_backend, cfg.fp32_lm_head)
+        if cfg.freeze_router:
+            from mispo.models.step3p5.moe_utils import freeze_router
+            freeze_router(module)
+        if cfg.lora is not None:  # only the adapters train; syncs and exports are merged
+            from mispo.learner.lora import apply_lora
+            module = apply_lora(module, cfg.lora.model_dump())
+        return module
 
     def has_dropout(self) -> bool:
         """Whether a train-mode forward is random (a dropout module or a config `*dropout` above 0): then
@@ -104,6 +112,33 @@ class PolicyWorker(LearnerWorker):
         if self.reference is not None:  # the actor's micro-batches: under ZeRO-3 the same count on every rank
             out["ref_logprobs"] = response_logprobs(self.reference, batch.samples, tokens, self.device, micro, t)
         return out
+
+    # ------------------------------------------------------------------ mismatch attribution (rank 0 alone)
+    def keep_version(self, version: int, keep: int) -> None:
+        """Keep a CPU copy of the current weights as `version` (and the `keep` versions before it); the first
+        call also builds the spare model that `attribute_mismatch` scores on (mismatch_attribution.py)."""
+        from mispo.learner.mismatch_attribution import VersionStore
+
+        if self.versions is None:
+            self.versions, self.spare = VersionStore(keep), self._policy_module().to(self.device).eval()
+        self.versions.add(version, self.engine.module.state_dict())
+
+    @torch.no_grad()
+    def attribute_mismatch(self, batch: RolloutBatch, version: int) -> dict[str, float]:
+        """mismatch/total, from_staleness, from_engine of the batch with the learner at `version`: each token
+        scored by the weights that sampled it and by the current ones, on the spare model."""
+        from mispo.learner.mismatch_attribution import attribute
+
+        if self.versions is None or version not in self.versions:
+            raise RuntimeError(f"attribute_mismatch at version {version}: no copy of those weights; the trainer "
+                               "calls keep_version after every update")
+        samples, tokens, t = batch.samples, self.learner_cfg.micro_batch_tokens, self.temperature
+
+        def score(v: int, rows: list[int]) -> torch.Tensor:
+            self.spare.load_state_dict(self.versions[v])
+            return response_logprobs(self.spare, [samples[i] for i in rows], tokens, self.device, temperature=t)
+
+        return attribute(batch, version, self.versions, score)
 
     # ------------------------------------------------------------------ update
     def train(self, batch: RolloutBatch) -> dict[str, float]:

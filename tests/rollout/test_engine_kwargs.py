@@ -37,3 +37,12 @@ def test_recipe_cannot_set_the_sizes_in_engine_kwargs():
         RolloutConfig(engine_kwargs={"tensor_parallel_size": 2})
     with pytest.raises(ValueError, match="resources.rollout_expert_parallel"):
         RolloutConfig(engine_kwargs={"enable_expert_parallel": True})
+
+
+def test_fp32_lm_head_reaches_the_engine_and_is_owned_by_the_model_section():
+    cfg = RolloutConfig(engine_kwargs={"hf_overrides": {"rope_theta": 1.0}})
+    kwargs = engine_kwargs("/ckpt", cfg, "bfloat16", 0, cpu=True, fp32_lm_head=True)
+    assert kwargs["hf_overrides"] == {"rope_theta": 1.0, "head_dtype": "float32"}  # the user's overrides kept
+    assert "hf_overrides" not in engine_kwargs("/ckpt", CFG, "bfloat16", 0, cpu=True)
+    with pytest.raises(ValueError, match="model.fp32_lm_head"):
+        RolloutConfig(engine_kwargs={"hf_overrides": {"head_dtype": "float32"}})

@@ -182,3 +182,46 @@ def test_worker_with_multiprocess_engine(ray_cluster, checkpoints, reference):
         assert reference(checkpoints[1], samples) < TOL
     finally:
         ray_cluster.kill(actor)
+
+
+@pytest.mark.slow
+def test_partial_rollouts_continue_under_new_weights(group, checkpoints, reference):
+    """A weight sync between segments: each sample's first tokens come from the old weights, the rest from
+    the new ones, and every token's log-prob is that of the version recorded for it."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from mispo.rollout.partial import generate_partial
+    from mispo.weight_transport import put_bucket
+
+    seed0, seed1 = checkpoints
+    group.sync([put_bucket(b) for b in state_buckets(seed1, bucket_bytes=1 << 20)], version=7)
+    new_weights = [put_bucket(b) for b in state_buckets(seed0, bucket_bytes=1 << 20)]
+
+    def sync_after_first(segment: int) -> None:
+        if segment == 0:
+            group.sync(new_weights, version=8)
+
+    reqs = requests(4)
+    samples = generate_partial(group, reqs, n=3, temperature=1.0, top_p=1.0, max_new_tokens=24, segment_tokens=6,
+                               seed=5, after_segment=sync_after_first)
+    assert [s.group for s in samples] == [g for g in range(4) for _ in range(3)]
+    spanning = [s for s in samples if set(s.token_versions) == {7, 8}]
+    assert len(spanning) >= 6  # most samples outlive the first segment
+    tokenizer = AutoTokenizer.from_pretrained(seed0)
+    for s in samples:
+        assert len(s.response_ids) == len(s.rollout_logprobs) == len(s.token_versions) <= 24
+        assert s.token_versions == [7] * min(6, len(s.response_ids)) + [8] * (len(s.response_ids) - 6)
+        assert s.version == 7 and s.prompt_ids == reqs[s.group]["prompt_ids"]
+        assert s.finish_reason == ("length" if len(s.response_ids) == 24 else "stop")
+        assert s.response_text == tokenizer.decode(s.response_ids, skip_special_tokens=True)
+    old_part = [replace(s, loss_mask=[int(v == 7) for v in s.token_versions]) for s in spanning]
+    new_part = [replace(s, loss_mask=[int(v == 8) for v in s.token_versions]) for s in spanning]
+    assert reference(seed1, old_part) < TOL and reference(seed0, old_part) > 0.1
+    assert reference(seed0, new_part) < TOL and reference(seed1, new_part) > 0.1
+    # the same seeds without a sync in between: the same samples
+    again = generate_partial(group, reqs, n=3, temperature=1.0, top_p=1.0, max_new_tokens=24, segment_tokens=6, seed=5)
+    assert [s.response_ids for s in again] == [s.response_ids for s in
+                                               generate_partial(group, reqs, n=3, temperature=1.0, top_p=1.0,
+                                                                max_new_tokens=24, segment_tokens=6, seed=5)]

