@@ -278,7 +278,8 @@ class ResourcesConfig(Section):
     critic_gpus: int = Field(0, ge=0, description="data-parallel (ZeRO) GPUs of the critic learner")
     rollout_gpus: int = Field(0, ge=0, description="GPUs of all rollout engines together")
     rollout_tensor_parallel: int = Field(1, ge=1, description="vLLM tensor_parallel_size of one engine")
-    rollout_data_parallel: int = Field(1, ge=1, description="vLLM data_parallel_size of one engine")
+    rollout_data_parallel: int = Field(1, ge=1, description="vLLM data_parallel_size of one engine, for "
+                                       "`mispo plan` only: `mispo train` refuses > 1 (vllm.LLM runs no data parallel)")
     rollout_expert_parallel: bool = Field(False, description="vLLM enable_expert_parallel: experts sharded "
                                                              "over tensor x data parallel ranks")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer states (and fp32 grads) in host memory")

@@ -78,6 +78,13 @@ class Trainer:
         self.checkpoints = CheckpointStore(self.output / "checkpoints")
         (self.output / "recipe.yaml").write_text(dump_recipe(recipe))
         r = recipe
+        if r.resources.rollout_data_parallel > 1:
+            from mispo.config import RecipeError
+            raise RecipeError(f"resources.rollout_data_parallel = {r.resources.rollout_data_parallel}: the rollout "
+                              "workers run vLLM's offline engine (vllm.LLM), which refuses data_parallel_size > 1, so "
+                              "`mispo plan` can size this layout but `mispo train` cannot run it; fix: "
+                              "rollout_data_parallel: 1 and more engines (rollout.num_workers = rollout_gpus / "
+                              "rollout_tensor_parallel), with rollout_expert_parallel for MoE experts")
         start_ray(r.trainer.ray_address)
         self.domains = load_domains(r)  # before any model work: bad data or plugins fail fast
         self.samplers = {d.name: d.sampler() for d in self.domains}

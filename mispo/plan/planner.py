@@ -307,7 +307,7 @@ def rollout_fixes(ctx: _Ctx, gpu_bytes: float) -> list[str]:
     for tp in (1, 2, 4, 8, 16, 32, 64):
         if any(h % tp for h in heads):
             continue
-        for dp, ep in ((1, False), (2, True), (4, True), (8, True)):
+        for dp, ep in ((1, False), (1, True)):  # vllm.LLM (the rollout workers' engine) runs no data parallel
             m = _rollout_memory(ctx, tp, dp, ep, util, gpu_bytes)
             if m["sequences"] < 1:
                 continue

@@ -112,3 +112,15 @@ def test_python_m_mispo_runs_the_train_command(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     said = " ".join((done.stdout + done.stderr).split())  # the console wraps long lines
     assert "missing.yaml does not exist" in said and "Traceback" not in done.stderr
+
+
+def test_rollout_data_parallel_is_refused_by_train_before_anything_starts(tmp_path):
+    """vllm.LLM refuses data_parallel_size > 1: a run must say so, not hold idle GPUs (`mispo plan` may size it)."""
+    from mispo.config import RecipeError
+    from mispo.trainer import Trainer
+
+    recipe = load_recipe("recipes/math_expert.yaml", ["resources.gpus_per_node=8", "resources.actor_gpus=4",
+                                                      "resources.rollout_gpus=4", "resources.rollout_data_parallel=2",
+                                                      "rollout.num_workers=2"])
+    with pytest.raises(RecipeError, match="resources.rollout_data_parallel = 2.*fix: rollout_data_parallel: 1"):
+        Trainer(recipe, tmp_path / "run")
