@@ -13,6 +13,7 @@ from .arithmetic import ArithmeticTask
 from .base import Task
 from .calculator import CalculatorTask
 from .chain import ChainTask
+from .functions import FunctionsTask
 from .humaneval import HumanEvalTask
 
 TASKS: dict[str, Task] = {}
@@ -36,6 +37,8 @@ def get_task(name: str) -> Task:
 register_task(ArithmeticTask())
 register_task(CalculatorTask())
 register_task(ChainTask())
+register_task(FunctionsTask())
 register_task(HumanEvalTask())
 
-__all__ = ["Task", "TASKS", "get_task", "register_task", "ArithmeticTask", "CalculatorTask", "ChainTask", "HumanEvalTask"]
+__all__ = ["Task", "TASKS", "get_task", "register_task", "ArithmeticTask", "CalculatorTask", "ChainTask", "FunctionsTask",
+           "HumanEvalTask"]

@@ -153,18 +153,20 @@ def test_generalist_pipeline_writes_every_stage_and_reruns_nothing(tmp_path, cac
             "merge.prompts_per_domain=4", "merge.samples_per_prompt=2", "merge.sft.steps=2", "merge.eval=false",
             "merge.filters={min_reward: 0.0, drop_truncated: false}",
             "domains.math.overrides=[data.eval_size=4, warmup.num_examples=64]",
-            "domains.tool.overrides=[data.eval_size=4, warmup.num_examples=64]"]
+            "domains.tool.overrides=[data.eval_size=4, warmup.num_examples=64]",
+            "domains.code.overrides=[data.eval_size=4, warmup.num_examples=64]"]
     done = mispo(args, cache, timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]
-    for stage in ("warmup", "round1/expert_math", "round1/expert_tool", "round1/merge", "round1/generalist"):
+    for stage in ("warmup", "round1/expert_math", "round1/expert_tool", "round1/expert_code", "round1/merge",
+                  "round1/generalist"):
         assert (out / stage / "DONE").exists(), stage
     assert (out / "round1/expert_math/final/config.json").exists()
     assert json.loads((out / "round1/generalist/metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
     results = json.loads((out / "eval.json").read_text())
-    assert list(results) == ["base", "math", "tool", "generalist"]
-    assert all(set(v) == {"math", "tool"} for v in results.values())
+    assert list(results) == ["base", "math", "tool", "code", "generalist"]
+    assert all(set(v) == {"math", "tool", "code"} for v in results.values())
     assert (out / "eval.png").stat().st_size > 1000
 
     again = mispo(args, cache, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("already done") == 5
+    assert again.stderr.count("already done") == 6

@@ -29,17 +29,23 @@ def test_split_prompts_examples():
     assert split_prompts(3, [100, 1, 1]) == [1, 1, 1]
 
 
-def test_generalist_recipe_has_a_reward_domain_and_an_environment_domain():
+def test_generalist_recipe_has_reward_domains_and_an_environment_domain():
     recipe = load_recipe(RECIPES / "generalist.yaml")
-    math, tool = load_domains(recipe)
+    math, tool, code = load_domains(recipe)
     try:
-        assert (math.name, tool.name) == ("math", "tool")
+        assert (math.name, tool.name, code.name) == ("math", "tool", "code")
         assert math.environment is None and math.reward is not None and math.train_rows and math.eval_rows
         assert tool.environment and tool.reward is None
         assert tool.max_new_tokens == load_recipe(RECIPES / "tool_expert.yaml").rollout.max_new_tokens
         assert not set(r["prompt"] for r in math.eval_rows) & set(r["prompt"] for r in math.train_rows)
+        # code: the bundled short functions, scored in the sandbox, with its own recipe's length limit
+        assert code.environment is None and code.reward is not None and code.eval_rows
+        assert code.recipe.data.train == "builtin:functions" and "test" in code.eval_rows[0]
+        assert code.max_new_tokens == load_recipe(RECIPES / "code_expert.yaml").rollout.max_new_tokens
+        assert not set(r["task_id"] for r in code.eval_rows) & set(r["task_id"] for r in code.train_rows)
     finally:
         math.close()
+        code.close()
 
 
 def test_single_domain_recipe_is_one_domain_named_after_it():
