@@ -282,6 +282,9 @@ class ResourcesConfig(Section):
                                        "`mispo plan` only: `mispo train` refuses > 1 (vllm.LLM runs no data parallel)")
     rollout_expert_parallel: bool = Field(False, description="vLLM enable_expert_parallel: experts sharded "
                                                              "over tensor x data parallel ranks")
+    colocate: bool = Field(False, description="the policy learner and the rollout engines share GPUs: learner rank i "
+                           "and engine i on GPU i, half a Ray GPU each; rollout.gpu_memory_utilization is the engine's "
+                           "share of that GPU's memory, the learner gets the rest (one GPU runs a whole RL job)")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer states (and fp32 grads) in host memory")
     rollout_cores: int = Field(0, ge=0, description="CPU run: cores pinned to the rollout engines, the learners get "
                                                     "the rest; 0 = by trainer.mode (sync shares all, async gives the "
@@ -308,6 +311,14 @@ class ResourcesConfig(Section):
             if roles[key] < 1:
                 raise ValueError(f"resources.{key} must be >= 1 on a GPU cluster (gpus_per_node > 0)")
         total = self.nodes * self.gpus_per_node
+        if self.colocate:
+            if self.rollout_gpus != self.actor_gpus or self.critic_gpus or \
+                    self.rollout_tensor_parallel * self.rollout_data_parallel != 1:
+                raise ValueError(f"resources.colocate puts learner rank i and rollout engine i on GPU i: it needs "
+                                 f"rollout_gpus = actor_gpus (got {self.rollout_gpus} and {self.actor_gpus}), one GPU "
+                                 f"per engine (rollout_tensor_parallel = {self.rollout_tensor_parallel}) and no "
+                                 f"critic GPUs (critic_gpus = {self.critic_gpus}); fix: set them so, or colocate: false")
+            roles = {**roles, "rollout_gpus": 0}  # shared with the learner
         if sum(roles.values()) > total:
             raise ValueError(f"resources.actor_gpus + critic_gpus + rollout_gpus = {sum(roles.values())} exceeds "
                              f"nodes x gpus_per_node = {total}; fix: add nodes or give roles fewer GPUs")
@@ -457,6 +468,10 @@ class Recipe(Section):
             raise ValueError("rollout.routing_replay covers single-turn rollouts of one domain for now (a multi-turn "
                              "episode's record would span several engine calls); fix: remove rollout.routing_replay")
         self._check_partial_rollouts()
+        if self.resources.colocate and self.learner.critic is not None and self.algorithm.advantage == "gae":
+            raise ValueError("resources.colocate shares each GPU between a policy learner rank and a rollout engine; "
+                             "a critic would have no GPU; fix: a critic-free advantage (algorithm.advantage: grpo, "
+                             "learner.critic: null), or colocate: false with resources.critic_gpus")
         if self.trainer.mismatch_attribution and (self.learner.zero_stage == 3 or self.learner.expert_parallel > 1):
             raise ValueError("trainer.mismatch_attribution scores on a whole copy of the policy on learner rank 0; "
                              f"learner.zero_stage = {self.learner.zero_stage} / expert_parallel = "

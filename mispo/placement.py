@@ -19,6 +19,9 @@ Contract:
           parallel across nodes is not supported here (ValueError).
   Each bundle is `{"GPU": g, "CPU": 1}`; an actor's options ask for exactly its bundle
   (`num_gpus=g, num_cpus=1`), so Ray sets its CUDA_VISIBLE_DEVICES to its g GPUs.
+- `resources.colocate`: the one exception. One group (PACK) of `actor_gpus` bundles `{"GPU": 1, "CPU": 2}`;
+  learner rank i and rollout engine i both go in bundle i with `num_gpus=0.5, num_cpus=1`, so they see the
+  same GPU (vLLM takes rollout.gpu_memory_utilization of its memory, the learner the rest).
 - `num_rollout_workers` (the recipe's `rollout.num_workers`) must equal the engine count (ValueError).
 - Before creating anything: the cluster's GPUs (`ray.cluster_resources()`) must cover the roles' sum, and
   some node must hold one rollout engine; else RuntimeError naming the numbers and the fix.
@@ -46,7 +49,7 @@ class RolePlacement:
 
     role: str  # "actor" | "critic" | "rollout"
     options: list[dict]
-    gpus_per_actor: int
+    gpus_per_actor: float  # 0.5 for colocated roles
     group: object = field(default=None, repr=False)  # this role's PlacementGroup
 
 
@@ -73,9 +76,10 @@ def engine_gpus(resources: ResourcesConfig) -> int:
 
 
 def role_gpus(resources: ResourcesConfig, with_critic: bool) -> dict[str, int]:
-    """GPUs each placed role asks for (the critic only when the run has one)."""
+    """GPUs each placed role asks for (the critic only when the run has one; colocated engines none of
+    their own)."""
     return {"actor": resources.actor_gpus, "critic": resources.critic_gpus if with_critic else 0,
-            "rollout": resources.rollout_gpus}
+            "rollout": 0 if resources.colocate else resources.rollout_gpus}
 
 
 def place_roles(resources: ResourcesConfig, with_critic: bool, num_rollout_workers: int,
@@ -131,6 +135,8 @@ def place_roles(resources: ResourcesConfig, with_critic: bool, num_rollout_worke
             f"rollout_data_parallel) but the largest node of the Ray cluster has {largest:g}; fix: use nodes "
             f"with more GPUs or lower resources.rollout_tensor_parallel / rollout_data_parallel")
 
+    if resources.colocate:
+        return _place_colocated(resources.actor_gpus, timeout_s, ask_text, have)
     specs = {"actor": (resources.actor_gpus, 1, "PACK")}
     if with_critic and resources.critic_gpus:
         specs["critic"] = (resources.critic_gpus, 1, "PACK")
@@ -161,7 +167,28 @@ def place_roles(resources: ResourcesConfig, with_critic: bool, num_rollout_worke
                      groups=groups)
 
 
-def _options(pg, count: int, gpus: int) -> list[dict]:
+def _place_colocated(gpus: int, timeout_s: float, ask_text: str, have: float) -> Placement:
+    """`resources.colocate`: learner rank i and rollout engine i share bundle i (one GPU, two CPUs)."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    pg = placement_group([{"GPU": 1, "CPU": 2} for _ in range(gpus)], strategy="PACK", name="mispo-colocated")
+    try:
+        done, _ = ray.wait([pg.ready()], timeout=timeout_s)
+        if not done:
+            raise RuntimeError(f"placement group of the colocated learner and engines ({gpus} x 1 GPU) could not be "
+                               f"placed within {timeout_s:g} s: the Ray cluster has {have:g} GPUs and the recipe asks "
+                               f"for {ask_text}; fix: free GPUs held by other jobs, or lower resources.actor_gpus")
+        ray.get(done)
+    except BaseException:
+        _remove_groups([pg])
+        raise
+    options = _options(pg, gpus, 0.5)
+    return Placement(actor=RolePlacement("actor", options, 0.5, pg), critic=None,
+                     rollout=RolePlacement("rollout", [dict(o) for o in options], 0.5, pg), groups=[pg])
+
+
+def _options(pg, count: int, gpus: float) -> list[dict]:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     return [{"num_gpus": gpus, "num_cpus": 1,

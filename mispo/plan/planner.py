@@ -435,6 +435,15 @@ def check_expert_parallel(recipe: Recipe, shape: ModelShape) -> None:
                           f"{', '.join(map(str, valid))}") from None
 
 
+def _colocated(ctx: _Ctx) -> _Ctx:
+    """The learner's context on a GPU it shares with a rollout engine (`resources.colocate`): vLLM takes
+    gpu_memory_utilization of the whole GPU first, the learner's budget is what remains usable."""
+    from dataclasses import replace
+
+    gpu = ctx.recipe.resources.gpu_memory_gb * GiB
+    return replace(ctx, budget=ctx.budget - ctx.recipe.rollout.gpu_memory_utilization * gpu)
+
+
 def plan_recipe(recipe: Recipe) -> Plan:
     """The memory plan of every role of the recipe (see the module docstring)."""
     shape = model_shape(recipe)
@@ -446,7 +455,11 @@ def plan_recipe(recipe: Recipe) -> Plan:
     ctx = _Ctx(recipe, shape, cpu_run, budget, 2 if recipe.model.dtype == "bfloat16" else 4, seq_len,
                tokens=max(recipe.learner.micro_batch_tokens, seq_len))
     critic = recipe.learner.critic is not None and recipe.algorithm.advantage == "gae"  # as the trainer decides
-    roles = [plan_learner(ctx, "actor")] + ([plan_learner(ctx, "critic")] if critic else []) + [plan_rollout(ctx)]
+    actor = plan_learner(_colocated(ctx) if res.colocate and not cpu_run else ctx, "actor")
+    if res.colocate and not cpu_run:
+        actor.detail += (f"; shares its GPU with a rollout engine: budget = usable memory - "
+                         f"rollout.gpu_memory_utilization ({recipe.rollout.gpu_memory_utilization:g}) x the GPU")
+    roles = [actor] + ([plan_learner(ctx, "critic")] if critic else []) + [plan_rollout(ctx)]
     model = {"name": shape.name, "total_params": shape.total_params, "active_params": shape.active_params,
              "active_params_no_embeddings": shape.active_params_no_embeddings, "routed_params": shape.routed_params,
              "embedding_params": shape.embedding_params, "mtp_params": shape.mtp_params,

@@ -36,7 +36,8 @@ def test_recipe_parses_as_shipped():
     recipe = load_recipe(RECIPE)
     assert recipe.model.path == "Qwen/Qwen2.5-1.5B-Instruct"
     assert (recipe.data.train, recipe.data.eval) == ("hf:openai/gsm8k:main@train", "hf:openai/gsm8k:main@test")
-    assert recipe.resources.actor_gpus + recipe.resources.rollout_gpus == recipe.resources.gpus_per_node
+    res = recipe.resources  # one GPU, shared by the learner and the engine
+    assert res.gpus_per_node == res.actor_gpus == res.rollout_gpus == 1 and res.colocate
     assert recipe.learner.critic is None and recipe.algorithm.advantage == "grpo"
 
 
@@ -57,3 +58,9 @@ def test_plan_fits(qwen_dir):
     assert 1.5e9 < plan.model["total_params"] < 1.6e9  # Qwen2.5-1.5B: 1.54B with tied embeddings
     assert [r.role for r in plan.roles] == ["actor", "rollout"]
     assert plan.fits, plan.to_dict()
+    # on the shared GPU the learner's budget is what the engine leaves: the two together fit in one GPU
+    actor, rollout = plan.roles
+    two_gpus = plan_file(RECIPE, [f"model.path={qwen_dir}", "resources.colocate=false", "resources.gpus_per_node=2"])
+    assert actor.budget == pytest.approx(two_gpus.role("actor").budget - 0.3 * 80 * 2**30)
+    assert "shares its GPU with a rollout engine" in actor.detail
+    assert actor.total + 0.3 * 80 * 2**30 <= 80 * 2**30

@@ -196,3 +196,40 @@ def test_learner_group_ranks_meet_in_their_bundles(tiny_checkpoint):
             group.kill()
         placed.remove()
     wait_free_gpus(GPUS)
+
+
+def test_colocated_learner_and_engines_share_each_gpu():
+    """resources.colocate: learner rank i and engine i in bundle i, half a GPU each: the same GPU id."""
+    res = resources(actor_gpus=2, rollout_gpus=2, colocate=True)
+    placement = place_roles(res, with_critic=False, num_rollout_workers=2, timeout_s=60)
+    try:
+        assert placement.critic is None and len(placement.groups) == 1
+        assert all(o["num_gpus"] == 0.5 for o in placement.actor.options + placement.rollout.options)
+        assert ray.available_resources().get("GPU", 0) == GPUS - 2  # two GPUs for the whole run
+        learners = [Probe.options(**o).remote() for o in placement.actor.options]
+        engines = [Probe.options(**o).remote() for o in placement.rollout.options]
+        learner_ids = ray.get([a.gpus.remote() for a in learners], timeout=60)
+        engine_ids = ray.get([a.gpus.remote() for a in engines], timeout=60)
+        assert learner_ids == engine_ids and len({i for ids in learner_ids for i in ids}) == 2
+    finally:
+        placement.remove()
+    wait_free_gpus(GPUS)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(actor_gpus=2, rollout_gpus=1), "rollout_gpus = actor_gpus"),
+    (dict(actor_gpus=2, rollout_gpus=2, critic_gpus=1), "no critic GPUs"),
+    (dict(actor_gpus=2, rollout_gpus=2, rollout_tensor_parallel=2), "one GPU per engine"),
+])
+def test_colocate_refuses_layouts_it_cannot_share(kw, message):
+    with pytest.raises(ValueError, match="resources.colocate") as err:
+        resources(colocate=True, **kw)
+    assert message in str(err.value)
+
+
+def test_colocate_refuses_a_critic():
+    from mispo.config import Recipe
+
+    with pytest.raises(ValueError, match="resources.colocate.*critic"):
+        Recipe(name="t", resources={"nodes": 1, "gpus_per_node": 1, "actor_gpus": 1, "rollout_gpus": 1,
+                                    "colocate": True}, algorithm={"advantage": "gae"})
