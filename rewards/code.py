@@ -15,17 +15,31 @@ from the row, in one of two shapes:
 Optional row fields: ``time_limit_s`` (per check / case, default 10), ``memory_mb`` (default 1024).
 Passing is decided by the sandbox's checker or the host's output comparison, never by exit codes
 or printed text (see mispo.sandbox).
+
+Repeats are not re-run: ``score`` keeps the verdicts of the last ``CACHE_SIZE`` (program, tests, limits)
+it ran, in this process, so the many identical samples of a converging policy (and of the merge's
+rejection sampling) cost one sandbox run each. A verdict that involved a timeout is not kept (the next
+run may finish on a less loaded machine).
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 import re
-from dataclasses import dataclass, field
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 
 from mispo.sandbox import Limits, run_function_tests, run_io_cases
 
 _BLOCK = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+
+
+CACHE_SIZE = 8192
+_cache: OrderedDict[str, "CodeResult"] = OrderedDict()
+_cache_lock = threading.Lock()
 
 
 @dataclass
@@ -33,6 +47,7 @@ class CodeResult:
     passed: int
     total: int
     feedback: list[str] = field(default_factory=list)
+    timed_out: bool = False
 
     @property
     def score(self) -> float:
@@ -97,7 +112,7 @@ def evaluate(code: str, row: dict, *, prompt: str | None = None,
         prelude = prompt if isinstance(prompt, str) and _parses(prompt) else None
         res = run_function_tests(build_program(code, prompt, entry), row["test"], entry,
                                  prelude=prelude, limits=limits)
-        return CodeResult(int(res.passed), 1, [] if res.passed else [res.error or "failed"])
+        return CodeResult(int(res.passed), 1, [] if res.passed else [res.error or "failed"], res.timed_out)
     if row.get("tests") is not None:
         cases = _io_cases(row["tests"])
         if not cases:
@@ -105,13 +120,31 @@ def evaluate(code: str, row: dict, *, prompt: str | None = None,
         results = run_io_cases(code, cases, limits=limits,
                                time_budget_s=float(row.get("time_budget_s", 60.0)))
         return CodeResult(sum(r.passed for r in results), len(results),
-                          [r.error for r in results if r.error])
+                          [r.error for r in results if r.error], any(r.timed_out for r in results))
     raise ValueError("code reward needs row fields 'test' and 'entry_point' (HumanEval style) or "
                      "'tests' (stdin/stdout cases); this row has: " + ", ".join(sorted(row)))
 
 
+def cached_evaluate(code: str, row: dict, prompt: str | None = None) -> CodeResult:
+    """`evaluate`, remembering verdicts without timeouts (module docstring)."""
+    fields = [code, prompt, row.get("test"), row.get("entry_point"), row.get("tests"), row.get("time_limit_s"),
+              row.get("memory_mb"), row.get("time_budget_s")]
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return replace(_cache[key], feedback=list(_cache[key].feedback))
+    res = evaluate(code, row, prompt=prompt)
+    if not res.timed_out:
+        with _cache_lock:
+            _cache[key] = res
+            while len(_cache) > CACHE_SIZE:
+                _cache.popitem(last=False)
+    return res
+
+
 def score(prompt: str = "", completion: str = "", **row) -> dict:
     """Fraction of the row's tests the completion's program passes (see module docstring)."""
-    res = evaluate(extract_program(completion), row, prompt=prompt)
+    res = cached_evaluate(extract_program(completion), row, prompt=prompt)
     return {"score": res.score, "passed": res.passed, "total": res.total,
             "feedback": "\n".join(res.feedback[:5])}

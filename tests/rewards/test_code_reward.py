@@ -81,3 +81,28 @@ def test_row_without_tests_is_an_error():
         score(prompt="", completion="print(1)", answer="1")
     with pytest.raises(ValueError, match="'tests' must be"):
         score(prompt="", completion="print(1)", tests=[{"in": 1}])
+
+
+def test_repeats_are_scored_once_and_timeouts_are_run_again(monkeypatch):
+    import rewards.code as code
+
+    runs = []
+    real = code.evaluate
+
+    def counting(program, row, prompt=None):
+        runs.append(program)
+        return real(program, row, prompt=prompt)
+
+    monkeypatch.setattr(code, "evaluate", counting)
+    monkeypatch.setattr(code, "_cache", code.OrderedDict())
+    row = {"test": "def check(candidate):\n    assert candidate(2) == 4\n", "entry_point": "f"}
+    good, bad = "def f(x):\n    return x * 2\n", "def f(x):\n    return x + 3\n"
+    scores = [code.score("", c, **row)["score"] for c in (good, good, bad, good, bad)]
+    assert scores == [1.0, 1.0, 0.0, 1.0, 0.0] and runs == [good, bad]  # one sandbox run per program
+    assert code.score("", good, **{**row, "test": "def check(candidate):\n    assert candidate(1) == 3\n"})[
+        "score"] == 0.0 and len(runs) == 3  # other tests: another run
+
+    slow = "def f(x):\n    while True:\n        pass\n"
+    for _ in range(2):
+        assert code.score("", slow, **row, time_limit_s=1)["score"] == 0.0
+    assert runs[3:] == [slow, slow]  # a timeout is not remembered
