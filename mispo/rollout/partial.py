@@ -40,7 +40,7 @@ def generate_partial(rollout, requests: list[dict], n: int, temperature: float, 
     segment = 0
     while active := [s for s in running if s["finish"] is None]:
         budget = min(segment_tokens, max_new_tokens - len(active[0]["ids"]))  # every active one has the same count
-        calls = [{**s["request"], "group": s["id"], "continue_ids": s["ids"]} for s in active]
+        calls = [{**s["request"], "group": s["id"], "continue_ids": list(s["ids"])} for s in active]
         outs = rollout.generate(calls, n=1, temperature=temperature, top_p=top_p, max_new_tokens=budget,
                                 seed=None if seed is None else seed + segment * total)
         for s, out in zip(active, outs):
