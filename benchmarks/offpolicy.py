@@ -3,6 +3,7 @@
     python benchmarks/offpolicy.py                  # the grid (about an hour on 2 cores)
     python benchmarks/offpolicy.py --quick          # smoke test: 2 algorithms x 1 condition x 1 seed, 2 steps
     python benchmarks/offpolicy.py --algorithms mispo,ppo --conditions bf16 --seeds 0,1,2
+    python benchmarks/offpolicy.py --conditions stale4 --lr 1e-4,3e-4,1e-3   # a shared learning-rate grid
 
 Task: builtin:chain (sums of three one-digit numbers answered with running sums and a \\boxed{}
 answer, ~25 tokens), on the tiny Step3p5 MoE (hidden 128, 4 layers, 8 experts top-2) after a
@@ -26,6 +27,10 @@ Conditions:
     stale4   fp32, trainer.mode async with max_staleness 4 (rollouts up to 4 versions old)
     stale8   the same with max_staleness 8 (not in the default grid: --conditions stale8)
 
+Learning rates: `--lr` takes one rate or a grid, the same grid for every algorithm. With a grid each
+(algorithm, rate) is a cell of its own, and a second table picks each algorithm's rate by its mean
+reward AUC over seeds (the training reward, never the held-out set); the plot draws those picks.
+
 Per run: final held-out accuracy (greedy, 50 problems never trained on), reward area under the
 curve (mean of reward/mean over the steps), grad-norm p99 and spikes (steps whose pre-clip grad norm
 exceeds 5x the median of the steps before it; from step 4), the loss's own keep / unclipped fraction,
@@ -34,7 +39,7 @@ mean |log pi_old / pi_rollout| and the mean staleness. Cells: mean and spread (m
 Writes benchmarks/results/offpolicy.json (every run's curves and the table) and offpolicy.png
 (rows: conditions; columns: reward, held-out accuracy, grad norm, |log ratio|, kept tokens; seed
 bands). Runs
-land in --work (default runs/offpolicy/<condition>/<algorithm>/seed<k>); a finished run is reused,
+land in --work (default runs/offpolicy/<condition>/<algorithm>/lr<rate>/seed<k>); a finished run is reused,
 so an interrupted study continues where it stopped.
 """
 
@@ -106,16 +111,16 @@ def recipe(algorithm: str, condition: str, seed: int, steps: int, warmup_steps: 
     return out
 
 
-def run_cell(algorithm: str, condition: str, seed: int, args: argparse.Namespace) -> list[dict]:
+def run_cell(algorithm: str, condition: str, lr: float, seed: int, args: argparse.Namespace) -> list[dict]:
     """Train one cell (or reuse a finished run in its folder); its metrics.jsonl rows."""
-    folder = args.work / condition / algorithm / f"seed{seed}"
+    folder = args.work / condition / algorithm / f"lr{lr:g}" / f"seed{seed}"
     metrics = folder / "run" / "metrics.jsonl"
     if metrics.exists():
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
         if len([r for r in rows if "time/step_s" in r]) == args.steps:
             return rows
-    return train(recipe(algorithm, condition, seed, args.steps, args.warmup_steps, args.lr), folder,
-                 f"{condition}/{algorithm}/seed{seed}")
+    return train(recipe(algorithm, condition, seed, args.steps, args.warmup_steps, lr), folder,
+                 f"{condition}/{algorithm}/lr{lr:g}/seed{seed}")
 
 
 # --------------------------------------------------------------------------- statistics (pure)
@@ -167,6 +172,26 @@ def run_summary(rows: list[dict], algorithm: str) -> dict:
             "s_per_step": mean("time/step_s")}
 
 
+def cell_label(algorithm: str, lr: float, lrs: list[float]) -> str:
+    """A cell's name in the tables: the algorithm, with its rate when the study has a grid of rates."""
+    return algorithm if len(lrs) == 1 else f"{algorithm} lr={lr:g}"
+
+
+def best_rates(results: dict) -> dict[str, dict[str, str]]:
+    """{condition: {algorithm: label of its cell with the highest mean reward AUC}}: each algorithm's rate,
+    picked on the training reward (never the held-out accuracy), from the same grid for all."""
+    picks: dict[str, dict[str, str]] = {}
+    for condition, cells in results.items():
+        best: dict[str, tuple[float, str]] = {}
+        for label, cell in cells.items():
+            auc = cell["summary"]["reward_auc"]
+            score = auc["mean"] if auc else float("-inf")
+            if cell["algorithm"] not in best or score > best[cell["algorithm"]][0]:
+                best[cell["algorithm"]] = (score, label)
+        picks[condition] = {algorithm: label for algorithm, (_, label) in best.items()}
+    return picks
+
+
 def cell_summary(runs: list[dict]) -> dict:
     """Mean, min and max over seeds of every number of run_summary."""
     out = {}
@@ -185,12 +210,14 @@ def fmt(stat: dict | None, digits: int = 2) -> str:
     return f"{stat['mean']:.{digits}f} ({stat['min']:.{digits}f}..{stat['max']:.{digits}f})"
 
 
-def table(results: dict) -> str:
-    """A markdown table: one row per (condition, algorithm)."""
+def table(results: dict, only: dict[str, dict[str, str]] | None = None) -> str:
+    """A markdown table: one row per (condition, cell); `only` keeps the cells best_rates picked."""
     lines = ["| condition | algorithm | held-out acc (start -> end) | reward AUC | grad p99 | spikes | kept tokens | "
              "traj keep | mean abs log ratio | staleness |", "|" + "---|" * 10]
     for condition, cells in results.items():
         for algorithm, cell in cells.items():
+            if only is not None and algorithm not in only[condition].values():
+                continue
             s = cell["summary"]
             ratio = "-" if s["log_ratio"] is None else f"{s['log_ratio']['mean']:.1e}"
             lines.append(f"| {condition} | {algorithm} | {fmt(s['first_eval'])} -> {fmt(s['final_eval'])} | "
@@ -199,9 +226,9 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> Path:
+def plot(results: dict, path: Path, only: dict[str, dict[str, str]] | None = None) -> Path:
     """Rows: conditions; columns: reward, held-out accuracy, grad norm (log), |log ratio| (log), kept tokens; a line
-    per algorithm (mean over seeds) with its min..max band."""
+    per cell (mean over seeds) with its min..max band; `only` keeps the cells best_rates picked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,15 +242,17 @@ def plot(results: dict, path: Path) -> Path:
     for i, (condition, cells) in enumerate(results.items()):
         for j, (key, label, log) in enumerate(panels):
             ax = axes[i][j]
-            for algorithm, cell in cells.items():
-                curves = [dict(keep_series(run["rows"], algorithm) if key == "keep" else series(run["rows"], key))
+            for label, cell in cells.items():
+                if only is not None and label not in only[condition].values():
+                    continue
+                curves = [dict(keep_series(run["rows"], cell["algorithm"]) if key == "keep" else series(run["rows"], key))
                           for run in cell["runs"]]
                 steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
                 if not steps:
                     continue
                 values = [[c[s] for c in curves] for s in steps]
                 mean = [sum(v) / len(v) for v in values]
-                line, = ax.plot(steps, mean, label=algorithm, lw=1.2)
+                line, = ax.plot(steps, mean, label=label, lw=1.2)
                 ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
                                 alpha=0.15, lw=0)
             if log:
@@ -254,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=lambda v: [int(s) for s in v.split(",")], default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--warmup-steps", type=int, default=1000, help="supervised warm-up steps (cached per seed)")
-    parser.add_argument("--lr", type=float, default=3e-4, help="actor and critic learning rate, every algorithm")
+    parser.add_argument("--lr", type=lambda v: [float(x) for x in v.split(",")], default=[3e-4],
+                        help="actor and critic learning rate, or a comma-separated grid; the same for every algorithm")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "offpolicy")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--plot", type=Path, default=PLOT)
@@ -263,30 +293,37 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.algorithms, args.conditions, args.seeds = ["mispo", "grpo"], ["bf16"], [0]
         args.steps, args.warmup_steps = 2, 50
-    cells = [(c, a, s) for c in args.conditions for a in args.algorithms for s in args.seeds]
-    print(f"{len(cells)} runs: {args.conditions} x {args.algorithms} x seeds {args.seeds}, {args.steps} steps; "
+    cells = [(c, a, lr, s) for c in args.conditions for a in args.algorithms for lr in args.lr for s in args.seeds]
+    print(f"{len(cells)} runs: {args.conditions} x {args.algorithms} x lr {args.lr} x seeds {args.seeds}, "
+          f"{args.steps} steps; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     results: dict[str, dict] = {}
     start = time.perf_counter()
-    for k, (condition, algorithm, seed) in enumerate(cells, 1):
+    for k, (condition, algorithm, lr, seed) in enumerate(cells, 1):
         t = time.perf_counter()
-        rows = run_cell(algorithm, condition, seed, args)
-        cell = results.setdefault(condition, {}).setdefault(algorithm, {"runs": []})
+        rows = run_cell(algorithm, condition, lr, seed, args)
+        label = cell_label(algorithm, lr, args.lr)
+        cell = results.setdefault(condition, {}).setdefault(label, {"algorithm": algorithm, "lr": lr, "runs": []})
         kept = [{k: r[k] for k in SAVED_KEYS if k in r} for r in rows]
         cell["runs"].append({"seed": seed, "summary": run_summary(rows, algorithm), "rows": kept})
-        print(f"[{k}/{len(cells)}] {condition}/{algorithm}/seed{seed}: {time.perf_counter() - t:.0f} s, "
+        print(f"[{k}/{len(cells)}] {condition}/{label}/seed{seed}: {time.perf_counter() - t:.0f} s, "
               f"final eval {cell['runs'][-1]['summary']['final_eval']}", flush=True)
     for cells_of in results.values():
         for cell in cells_of.values():
             cell["summary"] = cell_summary([r["summary"] for r in cell["runs"]])
     text = table(results)
     print(text)
+    picks = best_rates(results) if len(args.lr) > 1 else None
+    picked = table(results, picks) if picks else None
+    if picked:
+        print("each algorithm at its best rate (by reward AUC):\n" + picked)
     print(f"{len(cells)} runs in {time.perf_counter() - start:.0f} s")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"note": "python benchmarks/offpolicy.py; see its docstring",
                                        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                                       "table": text, "results": results}) + "\n")
-    print(f"written to {args.output} and {plot(results, args.plot)}")
+                                       "table": text, "best_rate_table": picked, "best_rates": picks,
+                                       "results": results}) + "\n")
+    print(f"written to {args.output} and {plot(results, args.plot, picks)}")
 
 
 if __name__ == "__main__":

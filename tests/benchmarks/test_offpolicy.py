@@ -71,3 +71,17 @@ def test_quick_grid_writes_the_table_and_the_plot(tmp_path):
         assert run["summary"]["log_ratio"] > 0  # bf16 rollouts against the fp32 learner: a real mismatch
     assert cells["mispo"]["summary"]["traj_keep"] is not None and cells["grpo"]["summary"]["traj_keep"] is None
     assert "| bf16 | mispo |" in result["table"] and png.stat().st_size > 10_000
+
+
+def test_best_rates_pick_each_algorithms_rate_by_reward_auc_not_held_out_accuracy():
+    def cell(algorithm, lr, auc, final):
+        stat = lambda v: {"mean": v, "min": v, "max": v}  # noqa: E731
+        return {"algorithm": algorithm, "lr": lr, "summary": {"reward_auc": stat(auc), "final_eval": stat(final)}}
+
+    lrs = [1e-4, 1e-3]
+    results = {"stale4": {offpolicy.cell_label("mispo", 1e-4, lrs): cell("mispo", 1e-4, 0.30, 0.9),
+                          offpolicy.cell_label("mispo", 1e-3, lrs): cell("mispo", 1e-3, 0.40, 0.1),
+                          offpolicy.cell_label("ppo", 1e-4, lrs): cell("ppo", 1e-4, 0.50, 0.2),
+                          offpolicy.cell_label("ppo", 1e-3, lrs): cell("ppo", 1e-3, 0.45, 0.8)}}
+    assert offpolicy.best_rates(results) == {"stale4": {"mispo": "mispo lr=0.001", "ppo": "ppo lr=0.0001"}}
+    assert offpolicy.cell_label("mispo", 3e-4, [3e-4]) == "mispo"
