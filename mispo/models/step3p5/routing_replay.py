@@ -17,6 +17,8 @@ a record (-1) route freely.
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +38,21 @@ def routed_rows(routed, length: int, num_layers: int, top_k: int) -> torch.Tenso
     return out
 
 
+def check_replayable(model_path: str | Path) -> None:
+    """Refuse rollout.routing_replay, before any engine or learner starts, for a checkpoint whose config.json
+    is not a Step3p5 model with at least one MoE layer (nothing to replay)."""
+    config_file = Path(model_path) / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") != "step3p5":
+        raise ValueError(f"rollout.routing_replay: {config_file} is a {config.get('model_type')!r} model; routing "
+                         "replay covers Step3p5 MoE policies; fix: remove rollout.routing_replay")
+    from .configuration_step3p5 import Step3p5Config
+
+    if not Step3p5Config.from_pretrained(model_path).moe_layer_ids:
+        raise ValueError(f"rollout.routing_replay: {config_file} has no MoE layers (moe_layers_enum is empty), so "
+                         "there are no routed experts to replay; fix: remove rollout.routing_replay")
+
+
 @contextlib.contextmanager
 def replay_routing(model: nn.Module, routed: torch.Tensor | None):
     """Within the context, every MoE layer of `model` takes its selection from `routed` ([N, layers, K]
@@ -44,8 +61,8 @@ def replay_routing(model: nn.Module, routed: torch.Tensor | None):
 
     layers = moe_layers(model) if routed is not None else []
     if routed is not None and not layers:
-        raise ValueError("routing replay (algorithm.routing_replay) needs a Step3p5 MoE policy; this model has no "
-                         "Step3p5 MoE layers; fix: set algorithm.routing_replay: false")
+        raise ValueError("routing replay (rollout.routing_replay) needs a Step3p5 MoE policy; this model has no "
+                         "Step3p5 MoE layers; fix: remove rollout.routing_replay")
     try:
         for moe in layers:
             moe.replay_ids = routed[:, moe.layer_idx]
