@@ -52,6 +52,21 @@ def fill_batch(rollouts: list[tuple], target: int, max_refills: int,
                   "dynamic_sampling/groups": float(groups), "dynamic_sampling/cap_reached": float(groups < target)}
 
 
+def no_variance_streak(in_a_row: int, max_refills: int, limit: int = 3) -> str:
+    """The warning for a step skipped because not one group, after all `max_refills` refills, had reward
+    variance (the `in_a_row`-th such step in a row); at `limit` in a row it raises instead: the reward is
+    constant or the task out of the policy's reach, and drawing more will not change that."""
+    if in_a_row >= limit:
+        raise RuntimeError(f"algorithm.dynamic_sampling: {in_a_row} steps in a row ({in_a_row * (max_refills + 1)} "
+                           "draws, with algorithm.dynamic_sampling.max_refills refills each) found no prompt whose "
+                           "samples got different rewards, so there is nothing to train on; the reward may be "
+                           "constant (check reward.plugins on a few completions) or the task out of the policy's "
+                           "reach (every answer wrong, or every answer right); fix: the reward or the data, or "
+                           "algorithm.dynamic_sampling: null to train on every group")
+    return (f"no group had reward variance after algorithm.dynamic_sampling.max_refills = {max_refills} refills; "
+            f"the step is drawn again ({in_a_row} of {limit} such steps in a row before the run stops)")
+
+
 def _merge(a: list[tuple], b: list[tuple]) -> list[tuple]:
     """Samples of the same domain together, domains in first-seen order."""
     out: dict = {}

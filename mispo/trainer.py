@@ -39,7 +39,7 @@ from mispo.cluster import start_ray
 from mispo.config import Recipe, dump_recipe
 from mispo.cpu_split import CoreSplit, available_cores, split_cores
 from mispo.domains import draw_step, generate_step, load_domains, step_seed
-from mispo.dynamic_sampling import fill_batch
+from mispo.dynamic_sampling import fill_batch, no_variance_streak
 from mispo.learner.critic_worker import CriticWorker
 from mispo.learner.data_parallel import merge_row_results
 from mispo.learner.group import LearnerGroup
@@ -129,6 +129,8 @@ class Trainer:
         self.pool = ThreadPoolExecutor(max_workers=self.ahead + 1, thread_name_prefix="rollout")
         self.step = 0  # optimizer steps taken = the learner's policy version
         self.rollouts_started = 0
+        # (index, sampler states, jobs, data metrics) of rollouts in flight at the resumed checkpoint
+        self.redrawn: deque[tuple] = deque()
         self._last_generate_end = None
 
     # ------------------------------------------------------------------ the loop
@@ -140,7 +142,7 @@ class Trainer:
         self.in_flight: deque[PendingRollout] = deque()
         progress = StepProgress(r.trainer.max_steps, start=self.step)
         last_eval = {}
-        interrupted, empty_in_a_row, dropped_before = False, 0, 0.0
+        interrupted, empty_in_a_row, dropped_before, uninformative_in_a_row = False, 0, 0.0, 0
         previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             if self.step == 0 and r.trainer.eval_every > 0 and self.can_evaluate:
@@ -158,6 +160,13 @@ class Trainer:
                 if r.algorithm.dynamic_sampling is not None:
                     rollouts, filled = self.fill_batch(rollouts)
                     metrics.update(filled)
+                    if not filled["dynamic_sampling/groups"]:  # not one group with reward variance: draw again
+                        uninformative_in_a_row += 1
+                        dropped_before += metrics["rollout/dropped_stale"]
+                        warning = no_variance_streak(uninformative_in_a_row, r.algorithm.dynamic_sampling.max_refills)
+                        console.print(f"[yellow]step {self.step + 1}: {warning}[/yellow]")
+                        continue
+                    uninformative_in_a_row = 0
                 metrics["time/reward_s"] = time.time() - t
                 if not any(samples for _, samples in rollouts):  # every sample too stale: draw again
                     empty_in_a_row += 1
@@ -200,13 +209,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def start_rollout(self) -> PendingRollout:
-        """Draw the next prompts of every domain and start generating them (in a background thread) with
-        the weights the workers have when the engine reaches them."""
-        states = {name: s.state_dict() for name, s in self.samplers.items()}
-        jobs = draw_step(self.domains, self.samplers, self.recipe.rollout.prompts_per_step, self.tokenizer)
-        pending = PendingRollout(self.rollouts_started, None, states, self._sampler_metrics())
+        """Draw the next prompts of every domain (or take those of a rollout that was in flight when the
+        resumed checkpoint was taken) and start generating them (in a background thread) with the weights
+        the workers have when the engine reaches them."""
+        if self.redrawn:
+            index, states, jobs, data_metrics = self.redrawn.popleft()
+        else:
+            index, states = self.rollouts_started, self._sampler_states()
+            jobs = draw_step(self.domains, self.samplers, self.recipe.rollout.prompts_per_step, self.tokenizer)
+            data_metrics = self._sampler_metrics()
+            self.rollouts_started += 1
+        pending = PendingRollout(index, None, states, data_metrics)
         pending.future = self.pool.submit(self.generate, jobs, pending)
-        self.rollouts_started += 1
         return pending
 
     def generate(self, jobs: list[tuple], pending: PendingRollout) -> list[tuple]:
@@ -322,6 +336,16 @@ class Trainer:
             metrics["reward/mean"] = sum(every) / len(every)
         return metrics
 
+    def _sampler_states(self) -> dict:
+        return {name: s.state_dict() for name, s in self.samplers.items()}
+
+    def _load_samplers(self, states: dict, folder: Path) -> None:
+        for name, sampler_state in states.items():
+            if name not in self.samplers:
+                raise ValueError(f"the checkpoint in {folder} has prompts of domain {name!r}, which this recipe "
+                                 f"lacks (it has {', '.join(self.samplers)}); fix: resume with the same recipe")
+            self.samplers[name].load_state_dict(sampler_state)
+
     def _sampler_metrics(self) -> dict:
         """data/* of the one sampler, or summed over domains (data/epoch: the least advanced domain)."""
         parts = [s.metrics() for s in self.samplers.values()]
@@ -359,17 +383,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
-        """Checkpoint after step `self.step`; rollouts in flight are not saved: the resumed run draws and
-        generates them again (same prompts, same seeds)."""
+        """Checkpoint after step `self.step`. Rollouts in flight are not saved: the checkpoint keeps, for
+        each, its index and the samplers' states before its prompts were drawn, and the resumed run draws
+        those prompts again, generates them with the same seeds, then continues from the samplers' current
+        states (which include prompts drawn since, e.g. by dynamic sampling's refills)."""
         staging = self.checkpoints.staging(self.step)
         refs = self.policy.submit("save", str(staging / "policy"), "state")
         if self.critic:
             refs += self.critic.submit("save", str(staging / "critic"), "state")
         ray.get(refs)
-        oldest = self.in_flight[0] if self.in_flight else None
-        samplers = oldest.sampler_states if oldest else {name: s.state_dict() for name, s in self.samplers.items()}
-        state = {"step": self.step, "samplers": samplers,
-                 "rollouts_started": oldest.index if oldest else self.rollouts_started,
+        in_flight = [{"index": p.index, "samplers": p.sampler_states} for p in self.in_flight] + \
+                    [{"index": index, "samplers": states} for index, states, _, _ in self.redrawn]
+        state = {"step": self.step, "samplers": self._sampler_states(), "in_flight": in_flight,
+                 "rollouts_started": self.rollouts_started,
                  "band": self.band.state_dict() if self.band else None,
                  "python_random": list(random.getstate()[1]), "torch_random": torch.get_rng_state().tolist()}
         self.checkpoints.commit(staging, self.step, state, keep=self.recipe.trainer.keep_checkpoints)
@@ -385,11 +411,11 @@ class Trainer:
         ray.get(refs)
         self.step = state["step"]
         self.rollouts_started = state.get("rollouts_started", self.step)
-        for name, sampler_state in state["samplers"].items():
-            if name not in self.samplers:
-                raise ValueError(f"the checkpoint in {folder} has prompts of domain {name!r}, which this recipe "
-                                 f"lacks (it has {', '.join(self.samplers)}); fix: resume with the same recipe")
-            self.samplers[name].load_state_dict(sampler_state)
+        for pending in state.get("in_flight", []):  # their prompts again, as they were drawn
+            self._load_samplers(pending["samplers"], folder)
+            jobs = draw_step(self.domains, self.samplers, self.recipe.rollout.prompts_per_step, self.tokenizer)
+            self.redrawn.append((pending["index"], pending["samplers"], jobs, self._sampler_metrics()))
+        self._load_samplers(state["samplers"], folder)
         if self.band and state.get("band"):
             self.band.load_state_dict(state["band"])
         random.setstate((3, tuple(state["python_random"]), None))

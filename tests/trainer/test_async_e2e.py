@@ -100,14 +100,29 @@ def test_a_sample_over_the_bound_is_never_trained_on(tmp_path, cache):
     assert line == "TRAINED_STALENESS [0, 1]"  # what reached train_step: never 2
 
 
+PARITY_REWARD = """
+import random, zlib
+
+def reward(prompt, completion, **row):
+    # half the prompts (by a hash of their text) get 0 for every sample: dynamic sampling drops them and
+    # refills; the others get a fresh random number per sample, so they always keep their group
+    return 0.0 if zlib.crc32(prompt.encode()) % 2 else random.Random().random()
+"""
+
+
 def test_async_resume_loses_and_repeats_no_prompt(tmp_path, cache):
+    """With dynamic sampling on, whose refills draw prompts after the rollouts in flight were drawn: the
+    checkpoint keeps where each rollout in flight started and where the samplers are now."""
+    plugin = tmp_path / "parity_reward.py"
+    plugin.write_text(PARITY_REWARD)
     common = [*QUICK, "trainer.eval_every=0", "trainer.mode=async", "trainer.max_staleness=2",
-              "trainer.save_every=2"]
+              "trainer.save_every=2", "algorithm.dynamic_sampling={max_refills: 2}",
+              f"reward.plugins=[{{fn: '{plugin}:reward'}}]"]
     full, split = tmp_path / "full", tmp_path / "split"
     done = mispo_train(["recipes/math_expert.yaml", *common, "trainer.max_steps=5", "--output", str(full)], cache)
     assert done.returncode == 0, done.stderr[-3000:]
     # the split run stops at its time limit after step 1, checkpointing while the rollouts of steps 2
-    # and 3 are in flight; the resumed run draws those prompts again
+    # and 3 are in flight and after step 1's refills were drawn; the resumed run draws those prompts again
     first = mispo_train(["recipes/math_expert.yaml", *common, "trainer.max_steps=5", "trainer.time_limit_minutes=0.001",
                          "--output", str(split)], cache)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -115,7 +130,13 @@ def test_async_resume_loses_and_repeats_no_prompt(tmp_path, cache):
     second = mispo_train(["recipes/math_expert.yaml", *common, "trainer.max_steps=5", "--output", str(split),
                           "--resume"], cache)
     assert second.returncode == 0, second.stderr[-3000:]
+    rows, split_rows = metrics(full), metrics(split)
+    assert [r["step"] for r in split_rows] == [1, 2, 3, 4, 5]
+    assert rows[0]["dynamic_sampling/refills"] > 0  # step 3's prompts are drawn after step 1's refills
+    # the same prompts, step by step: which groups were dropped depends on nothing else
+    for key in ("data/samples_seen", "dynamic_sampling/dropped_groups", "dynamic_sampling/refills"):
+        assert [r[key] for r in split_rows] == [r[key] for r in rows], key
     # data/samples_seen of a step counts the prompts drawn up to and including the ones it trained on
-    seen = [r["data/samples_seen"] for r in metrics(full)]
-    assert seen == [4.0 * k for k in range(1, 6)]
-    assert [r["data/samples_seen"] for r in metrics(split)] == seen
+    # (its refills are drawn later), so it grows by more than 4 prompts a step after refills
+    seen = [r["data/samples_seen"] for r in rows]
+    assert all(b > a for a, b in zip(seen, seen[1:])) and seen[-1] > 4.0 * 5

@@ -180,6 +180,15 @@ def test_dynamic_sampling_stops_refilling_at_its_cap():
     assert metrics["dynamic_sampling/cap_reached"] == 1.0 and metrics["dynamic_sampling/refills"] == 2.0
 
 
+def test_steps_without_any_reward_variance_are_redrawn_then_stop_the_run():
+    from mispo.dynamic_sampling import no_variance_streak
+
+    assert "1 of 3 such steps" in no_variance_streak(1, max_refills=2)
+    assert "2 of 3 such steps" in no_variance_streak(2, max_refills=2)
+    with pytest.raises(RuntimeError, match=r"algorithm.dynamic_sampling: 3 steps in a row \(9 draws"):
+        no_variance_streak(3, max_refills=2)
+
+
 @pytest.mark.parametrize("length, expected", [(0, 0.0), (12, 0.0), (13, -0.25), (14, -0.5), (16, -1.0), (20, -1.0)])
 def test_overlong_penalty_ramps_over_the_buffer(length, expected):
     from mispo.domains import overlong_penalty
