@@ -11,7 +11,7 @@ both, and the backward into the hidden states and the lm-head. Variants, each in
     full     the naive path: log_softmax(logits.float() / temperature), gather, -(p log p).sum(-1) (baseline)
     chunked  mispo.algorithms.logits.logprobs_and_entropy on the [T, V] logits
     learner  mispo.learner.packing.token_logprobs_and_entropy on [1, T, V]: what the policy update calls
-             (it reads logits[0, :-1]; autograd pads that slice's gradient back to [1, T, V])
+             (it reads the logits as a [T, V] view, so its backward allocates one gradient, not two)
 
 Peak = the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs once the
 inputs exist) minus its resident set at that moment: every byte torch touched, the allocator's included.
@@ -126,7 +126,7 @@ def predicted_bytes(variant: str, tokens: int, vocab: int, hidden: int, dtype: s
     if variant == "full":
         return None
     b = dtype_bytes(dtype)
-    return logits_bytes(tokens, vocab, b, chunk, sliced=variant == "learner") + (tokens + vocab) * hidden * b
+    return logits_bytes(tokens, vocab, b, chunk) + (tokens + vocab) * hidden * b
 
 
 def naive_estimate(tokens: int, vocab: int, dtype: str) -> float:

@@ -2,7 +2,7 @@
 
 A [N, V] fp32 copy of the logits (V = 128,896 in the release) is the usual memory peak of an RL
 step. These functions read ``chunk_size`` positions of the logits at a time, in fp32, and never
-hold an fp32 tensor larger than [chunk_size, V] (a few transient ones of that size per chunk):
+hold an fp32 tensor larger than [chunk_size, V] (two transient ones of that size per chunk):
 not in the forward, and not in the backward, which recomputes each chunk's softmax and writes its
 gradient straight into the logits' gradient (one tensor of the logits' own shape and dtype).
 
@@ -24,20 +24,28 @@ from mispo.algorithms.masked import masked_mean
 LOGITS_CHUNK = 1024  # positions per chunk: 1024 x 128,896 fp32 = 0.5 GiB at the release's vocabulary
 
 
-def _chunk_stats(z: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """fp32 log-softmax of one chunk of logits at the temperature, and its probabilities."""
-    logp = torch.log_softmax(z.float() / temperature, dim=-1)
-    return logp, logp.exp()
+def _chunk_logp(z: Tensor, temperature: float) -> Tensor:
+    """fp32 log-softmax of one chunk of logits at the temperature (one fp32 chunk besides the result)."""
+    u = z.float()
+    if temperature != 1.0:
+        u = u / temperature if u is z else u.div_(temperature)  # never write into the caller's logits
+    return torch.log_softmax(u, dim=-1)
 
 
-def _entropy(logp: Tensor, p: Tensor) -> Tensor:
-    # p log p with p == 0 (a -inf logit, e.g. a vocabulary mask) is 0, not nan.
-    return -torch.where(p > 0, p * logp, p.new_zeros(())).sum(-1)
+def _entropy(logp: Tensor) -> Tensor:
+    """-sum p log p of one chunk, p log p built in one buffer; p == 0 (a -inf logit, e.g. a vocabulary
+    mask) contributes 0, not nan."""
+    return -logp.exp().mul_(logp).nan_to_num_(nan=0.0).sum(-1)
 
 
 class ChunkedLogSoftmax(torch.autograd.Function):
     """(logits [N, V], labels [N] or None) -> (log p(label) [N] or None, entropy [N] or None), fp32,
-    with p = softmax(logits / temperature), computed `chunk_size` rows at a time."""
+    with p = softmax(logits / temperature), computed `chunk_size` rows at a time.
+
+    Backward, per chunk, with u = z / t, g_y = d loss / d log p(y), g_H = d loss / d H (saved H):
+        d loss / d u = g_y (onehot(y) - p) - g_H p (log p + H),   d loss / d z = (d loss / d u) / t
+    computed in place in the chunk's log p buffer: two fp32 chunks (log p, p) and a bool mask. An output
+    that nothing differentiates (e.g. a detached entropy) costs nothing in the backward."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor | None, temperature: float, chunk_size: int,
@@ -46,34 +54,37 @@ class ChunkedLogSoftmax(torch.autograd.Function):
         logp = None if labels is None else torch.empty(n, dtype=torch.float32, device=logits.device)
         ent = torch.empty(n, dtype=torch.float32, device=logits.device) if with_entropy else None
         for s in range(0, n, chunk_size):
-            chunk_logp, p = _chunk_stats(logits[s:s + chunk_size], temperature)
+            chunk_logp = _chunk_logp(logits[s:s + chunk_size], temperature)
             if logp is not None:
                 logp[s:s + chunk_size] = chunk_logp.gather(-1, labels[s:s + chunk_size, None]).squeeze(-1)
             if ent is not None:
-                ent[s:s + chunk_size] = _entropy(chunk_logp, p)
-            del chunk_logp, p
-        ctx.save_for_backward(logits, labels)
+                ent[s:s + chunk_size] = _entropy(chunk_logp)
+            del chunk_logp
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
+        ctx.save_for_backward(logits, labels, ent)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return logp, ent
 
     @staticmethod
     def backward(ctx, grad_logp: Tensor | None, grad_ent: Tensor | None):
-        logits, labels = ctx.saved_tensors
+        logits, labels, ent = ctx.saved_tensors
         t, c = ctx.temperature, ctx.chunk_size
+        if grad_logp is None and grad_ent is None:
+            return None, None, None, None, None
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], c):
-            logp, p = _chunk_stats(logits[s:s + c], t)
-            g = torch.zeros_like(p)  # d loss / d (z / t)
-            if grad_logp is not None:  # d log p_y / du = onehot(y) - p
-                g.sub_(p * grad_logp[s:s + c, None])
+            g = _chunk_logp(logits[s:s + c], t)  # log p, turned into d loss / d u in place
+            p = g.exp()
+            if grad_ent is not None:  # -g_H p (log p + H); p == 0 rows of -inf give nan, set to 0
+                g.add_(ent[s:s + c, None]).mul_(p).masked_fill_(p == 0, 0.0).mul_(-grad_ent[s:s + c, None])
+            else:
+                g.zero_()
+            if grad_logp is not None:  # + g_y (onehot(y) - p)
+                g.addcmul_(p, grad_logp[s:s + c, None], value=-1.0)
                 g.scatter_add_(-1, labels[s:s + c, None], grad_logp[s:s + c, None])
-            if grad_ent is not None:  # d H / du = -p (log p + H)
-                h = _entropy(logp, p)
-                term = torch.where(p > 0, p * (logp + h[:, None]), p.new_zeros(()))
-                g.sub_(term * grad_ent[s:s + c, None])
-                del term
-            grad[s:s + c] = g / t
-            del logp, p, g
+            del p
+            grad[s:s + c] = g.div_(t) if t != 1.0 else g
+            del g
         return grad, None, None, None, None
 
 

@@ -105,13 +105,20 @@ def token_logprobs_and_entropy(logits: torch.Tensor, input_ids: torch.Tensor, te
                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`token_logprobs` and, in the same pass over the vocabulary, the [1, L] entropy of the
     distribution at every position but the last (0 there); None without `with_entropy`."""
-    labels = input_ids[0, 1:]
+    # All L positions, the last with a stand-in label and its outputs replaced by 0 below: reading
+    # logits[0, :-1] would make autograd pad that slice's gradient back to [1, L, V], a second gradient
+    # of the whole logits for a moment; this way the chunked backward writes the only one.
+    # (logits[0] would too: select's backward also allocates; a view's backward is a view.)
+    if logits.shape[0] != 1:
+        raise ValueError(f"packed logits are [1, L, V], got {tuple(logits.shape)}")
+    rows = logits.reshape(-1, logits.shape[-1])  # [1, L, V] -> [L, V], a view
+    labels = torch.cat([input_ids[0, 1:], input_ids.new_zeros(1)])
     if with_entropy:
-        lp, ent = logprobs_and_entropy(logits[0, :-1], labels, chunk_size, temperature)
+        lp, ent = logprobs_and_entropy(rows, labels, chunk_size, temperature)
     else:
-        lp, ent = logprobs_from_logits(logits[0, :-1], labels, chunk_size, temperature), None
+        lp, ent = logprobs_from_logits(rows, labels, chunk_size, temperature), None
     pad = lp.new_zeros(1)
-    return torch.cat([lp, pad])[None], (None if ent is None else torch.cat([ent, pad])[None])
+    return torch.cat([lp[:-1], pad])[None], (None if ent is None else torch.cat([ent[:-1], pad])[None])
 
 
 def gather_response(per_position: torch.Tensor, mb: PackedMicroBatch, length: int) -> torch.Tensor:

@@ -119,23 +119,22 @@ def layer_activation_elems(layer: LayerShape, hidden: int) -> int:
     return attn + ffn
 
 
-# fp32 [chunk, V] tensors alive at the peak of ChunkedLogSoftmax's backward (mispo/algorithms/logits.py): log p,
-# p and the chunk's gradient g, then the entropy term's p log p and its torch.where output, + the p > 0 mask (1 byte).
-# On CPU benchmarks/logprob_memory.py measures 4.75: the gradient's last chunk is not yet written (untouched pages).
-LOGITS_CHUNK_TRANSIENTS = 5.25
+# fp32 [chunk, V] tensors alive at the peak of ChunkedLogSoftmax's backward (mispo/algorithms/logits.py): log p
+# (turned into the chunk's gradient in place) and p, + the p == 0 mask (1 byte). On CPU
+# benchmarks/logprob_memory.py measures 1.75: the gradient's last chunk is not yet written (untouched pages).
+LOGITS_CHUNK_TRANSIENTS = 2.25
 
 
-def logits_bytes(tokens: int, vocab: int, dtype_bytes: int, chunk: int = LOGITS_CHUNK, sliced: bool = True) -> float:
+def logits_bytes(tokens: int, vocab: int, dtype_bytes: int, chunk: int = LOGITS_CHUNK) -> float:
     """Peak bytes of one micro-batch's logits as the learner computes log-probs + entropy and their backward
     (`mispo.algorithms.logits`, chunked): T tokens, V vocabulary, b = the logits' dtype bytes, c = min(chunk, T):
         T V b                            the logits, held through the backward
-        + max(T V b + 5.25 c V 4,        their gradient + the chunk's fp32 transients (LOGITS_CHUNK_TRANSIENTS)
-              2 T V b)                   `sliced`: learner.packing reads logits[0, :-1]; autograd pads that
-                                         slice's gradient back to [1, T, V], two gradients for a moment
+        + T V b                          their gradient (the only one: learner.packing reads the logits as a
+                                         [T, V] view, so autograd allocates no padded copy)
+        + 2.25 c V 4                     the chunk's fp32 transients (LOGITS_CHUNK_TRANSIENTS)
     No fp32 [T, V] copy: a naive log_softmax(logits.float()) holds several (benchmarks/logprob_memory.py)."""
     tv_b = float(tokens) * vocab * dtype_bytes
-    chunked = tv_b + LOGITS_CHUNK_TRANSIENTS * min(chunk, tokens) * vocab * 4
-    return tv_b + (max(chunked, 2 * tv_b) if sliced else chunked)
+    return 2 * tv_b + LOGITS_CHUNK_TRANSIENTS * min(chunk, tokens) * vocab * 4
 
 
 def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, checkpointing: bool, logits: bool) -> float:

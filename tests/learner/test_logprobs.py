@@ -115,6 +115,53 @@ def test_memory_at_most_one_chunk_of_fp32_logits():
     assert _largest_fp32_tensor(1000, length, vocab) >= (length - 1) * vocab
 
 
+class LogitSizedTensors(TorchDispatchMode):
+    """Counts the tensors of at least `numel` elements that ops produce (views included: a view's output
+    is a new tensor object, so only count ops that allocate, i.e. whose output shares no input storage)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() >= self.numel and t.untyped_storage().data_ptr() not in inputs:
+                self.count += 1
+        return out
+
+
+def test_the_backward_allocates_one_gradient_of_the_logits():
+    """Not a second one for the last position's slice, and nothing for a detached entropy."""
+    length, vocab = 65, 500
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, length, vocab, generator=g).bfloat16().requires_grad_(True)
+    ids = torch.randint(0, vocab, (1, length), generator=g)
+    lp, ent = token_logprobs_and_entropy(logits, ids, chunk_size=8)
+    with LogitSizedTensors((length - 1) * vocab) as mode:
+        (lp.sum() + ent.detach().sum()).backward()
+    assert mode.count == 1 and logits.grad.shape == logits.shape
+    assert logits.grad[0, -1].abs().sum() == 0  # the last position predicts nothing
+
+
+def test_entropy_gradient_with_masked_vocabulary_entries():
+    """-inf logits (a vocabulary mask): no nan, zero gradient there, the rest as on the unmasked columns."""
+    g = torch.Generator().manual_seed(7)
+    logits, ids = torch.randn(1, L, V, generator=g), torch.randint(4, V, (1, L), generator=g)
+    w = torch.randn(1, L, generator=g)
+    x = logits.clone()
+    x[..., :4] = float("-inf")
+    x.requires_grad_(True)
+    lp, ent = token_logprobs_and_entropy(x, ids, 0.7, chunk_size=5)
+    ((ent * w).sum() + lp.sum()).backward()
+    y = logits[..., 4:].clone().requires_grad_(True)
+    want_lp, want_ent = _reference(y, ids - 4, 0.7)
+    ((want_ent * w).sum() + want_lp.sum()).backward()
+    assert not x.grad.isnan().any() and (x.grad[..., :4] == 0).all()
+    assert torch.allclose(x.grad[..., 4:], y.grad, atol=1e-5)
+
+
 def test_response_logprobs_at_a_temperature():
     from transformers import LlamaConfig, LlamaForCausalLM
 
