@@ -215,9 +215,7 @@ class Trainer:
         if self.redrawn:
             index, states, jobs, data_metrics = self.redrawn.popleft()
         else:
-            index, states = self.rollouts_started, self._sampler_states()
-            jobs = draw_step(self.domains, self.samplers, self.recipe.rollout.prompts_per_step, self.tokenizer)
-            data_metrics = self._sampler_metrics()
+            index, (states, jobs, data_metrics) = self.rollouts_started, self._draw()
             self.rollouts_started += 1
         pending = PendingRollout(index, None, states, data_metrics)
         pending.future = self.pool.submit(self.generate, jobs, pending)
@@ -336,6 +334,12 @@ class Trainer:
             metrics["reward/mean"] = sum(every) / len(every)
         return metrics
 
+    def _draw(self) -> tuple[dict, list[tuple], dict]:
+        """One rollout's prompts: (the samplers' states before the draw, [(domain, requests)], data/* after)."""
+        states = self._sampler_states()
+        jobs = draw_step(self.domains, self.samplers, self.recipe.rollout.prompts_per_step, self.tokenizer)
+        return states, jobs, self._sampler_metrics()
+
     def _sampler_states(self) -> dict:
         return {name: s.state_dict() for name, s in self.samplers.items()}
 
@@ -413,8 +417,7 @@ class Trainer:
         self.rollouts_started = state.get("rollouts_started", self.step)
         for pending in state.get("in_flight", []):  # their prompts again, as they were drawn
             self._load_samplers(pending["samplers"], folder)
-            jobs = draw_step(self.domains, self.samplers, self.recipe.rollout.prompts_per_step, self.tokenizer)
-            self.redrawn.append((pending["index"], pending["samplers"], jobs, self._sampler_metrics()))
+            self.redrawn.append((pending["index"], *self._draw()))
         self._load_samplers(state["samplers"], folder)
         if self.band and state.get("band"):
             self.band.load_state_dict(state["band"])

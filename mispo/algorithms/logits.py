@@ -44,8 +44,8 @@ class ChunkedLogSoftmax(torch.autograd.Function):
 
     Backward, per chunk, with u = z / t, g_y = d loss / d log p(y), g_H = d loss / d H (saved H):
         d loss / d u = g_y (onehot(y) - p) - g_H p (log p + H),   d loss / d z = (d loss / d u) / t
-    computed in place in the chunk's log p buffer: two fp32 chunks (log p, p) and a bool mask. An output
-    that nothing differentiates (e.g. a detached entropy) costs nothing in the backward."""
+    computed in place in the chunk's log p buffer: two fp32 chunks (log p, p) and a bool mask, or one
+    when nothing differentiates the entropy (a detached entropy costs nothing in the backward)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor | None, temperature: float, chunk_size: int,
@@ -73,18 +73,19 @@ class ChunkedLogSoftmax(torch.autograd.Function):
             return None, None, None, None, None
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], c):
-            g = _chunk_logp(logits[s:s + c], t)  # log p, turned into d loss / d u in place
-            p = g.exp()
-            if grad_ent is not None:  # -g_H p (log p + H); p == 0 rows of -inf give nan, set to 0
-                g.add_(ent[s:s + c, None]).mul_(p).masked_fill_(p == 0, 0.0).mul_(-grad_ent[s:s + c, None])
-            else:
-                g.zero_()
-            if grad_logp is not None:  # + g_y (onehot(y) - p)
-                g.addcmul_(p, grad_logp[s:s + c, None], value=-1.0)
+            logp = _chunk_logp(logits[s:s + c], t)
+            if grad_ent is None:  # g_y (onehot(y) - p), in log p's own buffer: one fp32 chunk
+                g = logp.exp_().mul_(-grad_logp[s:s + c, None])
+            else:  # -g_H p (log p + H) in log p's buffer; p == 0 (-inf logits) gives nan, set to 0
+                p = logp.exp()
+                g = logp.add_(ent[s:s + c, None]).mul_(p).masked_fill_(p == 0, 0.0).mul_(-grad_ent[s:s + c, None])
+                if grad_logp is not None:
+                    g.addcmul_(p, grad_logp[s:s + c, None], value=-1.0)
+                del p
+            if grad_logp is not None:
                 g.scatter_add_(-1, labels[s:s + c, None], grad_logp[s:s + c, None])
-            del p
             grad[s:s + c] = g.div_(t) if t != 1.0 else g
-            del g
+            del logp, g
         return grad, None, None, None, None
 
 
