@@ -85,8 +85,9 @@ class RolloutConfig(Section):
     dtype: Literal["float32", "bfloat16"] | None = Field(None, description="the engine's weights and activations; "
                                                           "None = model.dtype (bfloat16 against a float32 learner is "
                                                           "the precision mismatch MIS-PO filters)")
-    max_model_len: int = Field(1024, ge=1, description="the engine's context (prompt + response, all turns); "
-                                                       "no turn generates past it")
+    max_model_len: int | None = Field(None, ge=1, description="the engine's context (prompt + response, all "
+                                      "turns); no turn generates past it. None = the model's own limit "
+                                      "(max_position_embeddings), capped at 32768; above the model's limit is an error")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM")
     environment: str | None = None  # multi-turn: module:Class of an environment
     environment_kind: Literal["env", "openai_agent"] = Field(
@@ -241,6 +242,9 @@ class TrainerConfig(Section):
                                                     "(older ones are dropped); sync trains at 0")
     eval_every: int = Field(10, ge=0, description="0 = no evaluation")
     save_every: int = Field(10, ge=0, description="0 = only at the end")
+    sync_check_every: int = Field(5, ge=0, description="probe the engines after the first weight sync and every N "
+                                  "versions: their log-probs of fixed token sequences must equal the learner's "
+                                  "within what the dtypes explain, else the run stops (mispo.sync_guard); 0 = off")
     keep_checkpoints: int = Field(2, ge=1)
     ray_address: str | None = None
     time_limit_minutes: float | None = Field(None, gt=0)

@@ -40,6 +40,8 @@ from mispo.config import Recipe, dump_recipe
 from mispo.cpu_split import CoreSplit, available_cores, split_cores
 from mispo.domains import draw_step, generate_step, load_domains, step_seed
 from mispo.dynamic_sampling import fill_batch, no_variance_streak
+from mispo.families import family_of
+from mispo.families.preflight import check_policy
 from mispo.learner.critic_worker import CriticWorker
 from mispo.learner.data_parallel import merge_row_results
 from mispo.learner.group import LearnerGroup
@@ -53,6 +55,7 @@ from mispo.progress import StepProgress
 from mispo.rollout.agent_episodes import serve_agents
 from mispo.rollout.group import RolloutGroup
 from mispo.staleness import drop_stale
+from mispo.sync_guard import SyncProbe, fp32_sync_warning
 
 console = Console(stderr=True)
 
@@ -91,9 +94,8 @@ class Trainer:
         cores = CoreSplit(None, None) if r.resources.gpus_per_node else \
             split_cores(r.resources.rollout_cores, r.trainer.mode, available_cores(), r.rollout.num_workers)
         self.policy_path = str(starting_policy(r, self._warmup))
-        if r.rollout.routing_replay:  # before the learners and engines start
-            from mispo.models.step3p5.routing_replay import check_replayable
-            check_replayable(self.policy_path)
+        # before the learners and engines start: what they cannot run, the engine's context, the tokenizer
+        r.rollout.max_model_len = check_policy(self.policy_path, r)
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         self.band = AdaptiveTrajBand(target_keep=r.algorithm.adaptive_target_keep,
@@ -121,6 +123,8 @@ class Trainer:
                                     tensor_parallel=r.resources.rollout_tensor_parallel,
                                     expert_parallel=r.resources.rollout_expert_parallel, cpu_cores=cores.rollout,
                                     fp32_lm_head=r.model.fp32_lm_head)
+        self.probe = SyncProbe(self.policy, self.rollout, family_of(Path(self.policy_path)).name, r.model.dtype,
+                               r.rollout.dtype or r.model.dtype, len(self.tokenizer), r.trainer.sync_check_every)
         # Rollouts run in background threads; Ray runs each worker's calls in submission order, so a
         # weight sync submitted after a rollout is applied after it (that rollout trains one step stale).
         # openai_agent domains: the run's OpenAI-compatible endpoint on a loopback port, stopped in shutdown
@@ -137,6 +141,7 @@ class Trainer:
     def fit(self) -> dict:
         r = self.recipe
         self._maybe_resume()
+        probed = self.probe.start()  # the engines serve the learner's weights before anything trains
         if r.trainer.mismatch_attribution:  # the weights of every version a trained sample may come from
             self.policy.rank0("keep_version", self.step, self.ahead)
         self.in_flight: deque[PendingRollout] = deque()
@@ -179,6 +184,8 @@ class Trainer:
                 metrics["rollout/dropped_stale"] += dropped_before  # counted with the step that follows
                 empty_in_a_row = dropped_before = 0
                 metrics.update(self.train_step(rollouts))
+                if probed:  # the gap before training, logged with the first step
+                    metrics["sync/probe_logprob_diff_start"], probed = probed["sync/probe_logprob_diff"], {}
                 self.step += 1
                 metrics["time/step_s"] = time.time() - t0
                 if r.trainer.eval_every and self.step % r.trainer.eval_every == 0 and self.can_evaluate:
@@ -309,6 +316,10 @@ class Trainer:
         t = time.time()
         self.sync_weights(version=self.step + 1)
         metrics["time/weight_sync_s"] = time.time() - t
+        metrics.update(self.probe.after_sync(self.step + 1))
+        warning = fp32_sync_warning(metrics, r.trainer.mode, self.probe.dtypes)
+        if warning:
+            console.print(f"[yellow]step {self.step + 1}: {warning}[/yellow]")
         if r.trainer.mismatch_attribution:
             self.policy.rank0("keep_version", self.step + 1, self.ahead)
         n_tokens = float(batch.response_mask.sum())

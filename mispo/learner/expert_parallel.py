@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mispo.config import OptimConfig
-from mispo.models.step3p5.expert_parallel import ExpertShard, check_divides, shard_moe
+from mispo.families import family_of
 
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
@@ -57,17 +57,16 @@ class ShardedExperts:
     def __init__(self, model: nn.Module, ep_size: int, rank: int, world_size: int, optim: OptimConfig,
                  device: torch.device):
         from mispo.learner.engine import warmup_schedule
-        from mispo.models.step3p5.moe_utils import moe_layers
-
-        moes = moe_layers(model)
+        family = family_of(model)
+        moes = family.expert_layers(model)
         if not moes:
             raise ValueError(f"learner.expert_parallel = {ep_size} needs a model with routed experts (Step3p5 MoE "
                              "layers); this policy has none; fix: remove learner.expert_parallel")
-        check_divides(moes[0].gate_proj.weight.shape[0], ep_size, world_size)
+        family.check_expert_parallel(moes[0], ep_size, world_size)
         self.ep_size, self.world_size, self.optim = ep_size, world_size, optim
         self.ep_group, self.dp_group = expert_groups(world_size, ep_size, rank)
         names = {m: n for n, m in model.named_modules()}
-        self.shards: list[tuple[str, ExpertShard]] = [(names[m], shard_moe(m, rank % ep_size, ep_size, self.ep_group))
+        self.shards = [(names[m], family.shard_experts(m, rank % ep_size, ep_size, self.ep_group))
                                                       for m in moes]
         params = []
         for _, shard in self.shards:

@@ -21,27 +21,17 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from mispo.families import family_of
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _excluded(model: nn.Module) -> set[int]:
-    """ids of the modules LoRA must not touch: MoE routers and everything inside MTP layers."""
-    from mispo.models.step3p5.modeling_step3p5 import Step3p5MoE, Step3p5MTPLayer
-
-    out: set[int] = set()
-    for m in model.modules():
-        if isinstance(m, Step3p5MoE):
-            out.add(id(m.gate))
-        elif isinstance(m, Step3p5MTPLayer):
-            out.update(id(sub) for sub in m.modules())
-    return out
 
 
 def target_module_names(model: nn.Module, targets: list[str] | tuple[str, ...] | None = None) -> list[str]:
     """Full names of the Linear / Conv1D modules whose last name component (or full name) is in
-    `targets` (None: DEFAULT_TARGETS), leaving out MoE routers and MTP layers."""
+    `targets` (None: DEFAULT_TARGETS), leaving out what the model's family excludes (MoE routers, Step3p5's
+    MTP layers)."""
     targets = set(targets or DEFAULT_TARGETS)
-    excluded = _excluded(model)
+    excluded = family_of(model).lora_excluded(model)
     names = [name for name, m in model.named_modules()
              if isinstance(m, (nn.Linear, Conv1D)) and id(m) not in excluded
              and (name in targets or name.rsplit(".", 1)[-1] in targets)]

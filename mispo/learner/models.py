@@ -2,7 +2,8 @@
 made of a causal-LM backbone with a scalar value head.
 
 Packed micro-batches attend per sequence: Step3p5 through its own attention backends, every other
-model through the "mispo_packed" transformers attention implementation (`packed_attention.py`).
+model through the "mispo_packed" transformers attention implementation (`packed_attention.py`); the model's
+family (`mispo.families`) says which and refuses what the learner cannot run.
 
 Value head: V(prefix) = w . h_last + b, where h_last is the backbone's final (normed) hidden state.
 """
@@ -15,8 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-import mispo.models.step3p5  # noqa: F401  (registers model_type step3p5 with the Auto classes)
-from mispo.learner.packed_attention import use_packed_attention
+from mispo.families import family_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -25,14 +25,11 @@ def load_policy(path: str | Path, dtype: str = "float32", gradient_checkpointing
                 attn_backend: str | None = None, moe_backend: str | None = None,
                 fp32_lm_head: bool = False) -> nn.Module:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    family = family_of(model)
+    family.check_learner(model.config)
     if fp32_lm_head:
         use_fp32_lm_head(model)
-    if model.config.model_type != "step3p5":  # Step3p5 packs in its own backends (attn_backend)
-        use_packed_attention(model)
-    if attn_backend and hasattr(model.config, "attn_backend"):
-        model.config.attn_backend = attn_backend
-    if moe_backend and hasattr(model.config, "moe_backend"):
-        model.config.moe_backend = moe_backend
+    family.prepare_policy(model, attn_backend, moe_backend)  # packed attention (Step3p5: its own backends)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model

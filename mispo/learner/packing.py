@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mispo.algorithms.logits import LOGITS_CHUNK, logprobs_and_entropy, logprobs_from_logits
 from mispo.batch import Sample
-from mispo.models.step3p5.routing_replay import replay_routing
+from mispo.families import replay_routing
 
 
 @dataclass
@@ -74,14 +75,25 @@ def _pack(samples: list[Sample], rows: list[int], padding: bool = False) -> Pack
                             _packed_routing([samples[r] for r in rows]))
 
 
+def routed_rows(routed, length: int, num_layers: int, top_k: int) -> torch.Tensor:
+    """One sequence's record as [length, num_layers, K] int16, padded with -1 past the record's end.
+    A record longer than the sequence, or of another layer count or K, is an error."""
+    rec = torch.as_tensor(np.asarray(routed)).to(torch.int16)
+    if rec.dim() != 3 or rec.shape[1:] != (num_layers, top_k) or rec.shape[0] > length:
+        raise ValueError(f"routed experts of shape {tuple(rec.shape)} do not fit a sequence of {length} tokens of a "
+                         f"model with {num_layers} layers and top-{top_k} routing ([<= {length}, {num_layers}, "
+                         f"{top_k}] expected)")
+    out = torch.full((length, num_layers, top_k), -1, dtype=torch.int16)
+    out[: rec.shape[0]] = rec
+    return out
+
+
 def _packed_routing(samples: list[Sample]) -> torch.Tensor | None:
     """The samples' routing records end to end ([L, layers, K]; None when no sample carries one)."""
     records = [s.routed_experts for s in samples]
     first = next((r for r in records if r is not None), None)
     if first is None:
         return None
-    from mispo.models.step3p5.routing_replay import routed_rows
-
     _, layers, k = first.shape
     return torch.cat([routed_rows(r if r is not None else torch.empty(0, layers, k), len(s.prompt_ids) +
                                   len(s.response_ids), layers, k) for s, r in zip(samples, records)])

