@@ -13,7 +13,7 @@ from mispo.config import Recipe, RecipeError, load_recipe
 from mispo.plan.comm import StepTraffic, all_to_all_bytes, expert_sync_bytes, zero_bytes
 from mispo.plan.memory import (activation_bytes, expert_parallel_state_bytes, host_memory_bytes,
                                kv_bytes_per_sequence, kv_bytes_per_token, model_state_bytes, rollout_weight_bytes)
-from mispo.plan.shape import ModelShape, model_shape
+from mispo.plan.shape import ModelShape, load_model_config, model_shape
 from mispo.plan.units import GiB, fmt_count, fmt_gib, fmt_kib
 
 USABLE_FRACTION = 0.9  # of a GPU's memory, for the learners
@@ -444,6 +444,15 @@ def _colocated(ctx: _Ctx) -> _Ctx:
     return replace(ctx, budget=ctx.budget - ctx.recipe.rollout.gpu_memory_utilization * gpu)
 
 
+def default_context(config) -> int:
+    """rollout.max_model_len left out: the model's own limit, capped as the trainer caps it."""
+    from mispo.families.preflight import DEFAULT_CONTEXT_CAP
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    return min(limit or DEFAULT_CONTEXT_CAP, DEFAULT_CONTEXT_CAP)
+
+
 def plan_recipe(recipe: Recipe) -> Plan:
     """The memory plan of every role of the recipe (see the module docstring)."""
     shape = model_shape(recipe)
@@ -451,7 +460,7 @@ def plan_recipe(recipe: Recipe) -> Plan:
     res = recipe.resources
     cpu_run = res.gpus_per_node == 0
     budget = (host_memory_bytes() if cpu_run else res.gpu_memory_gb * GiB) * USABLE_FRACTION
-    seq_len = recipe.rollout.max_model_len
+    seq_len = recipe.rollout.max_model_len or default_context(load_model_config(recipe))
     ctx = _Ctx(recipe, shape, cpu_run, budget, 2 if recipe.model.dtype == "bfloat16" else 4, seq_len,
                tokens=max(recipe.learner.micro_batch_tokens, seq_len))
     critic = recipe.learner.critic is not None and recipe.algorithm.advantage == "gae"  # as the trainer decides

