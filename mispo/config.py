@@ -240,7 +240,8 @@ class TrainerConfig(Section):
     max_staleness: int = Field(1, ge=0, description="async: how many policy versions a trained sample may lag "
                                                     "(older ones are dropped); sync trains at 0")
     eval_every: int = Field(10, ge=0, description="0 = no evaluation")
-    save_every: int = Field(10, ge=0, description="0 = only at the end")
+    save_every: int = Field(10, ge=0, description="checkpoint every N steps; the loop's end (max_steps, "
+                            "time_limit_minutes) always saves one, so a stopped run can --resume; 0 = only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     ray_address: str | None = None
     time_limit_minutes: float | None = Field(None, gt=0)
