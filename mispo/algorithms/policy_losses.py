@@ -400,6 +400,10 @@ LOSS_OPTIONS = {"mispo": (), "mis-po": (), "ppo": _CLIP, "grpo": _CLIP, "gspo": 
 # update stays right when a sample's tokens come from different weight versions (partial rollouts).
 PER_TOKEN_ROLLOUT_LOSSES = ("mispo", "mis-po", "tis", "icepop", "masked_is")
 
+# The losses that read MIS-PO's token / trajectory masks (algorithm.token_bounds, traj_bounds, the adaptive
+# band); every other loss ignores them (the critic reads them too with algorithm.critic_masks).
+MASK_LOSSES = ("mispo", "mis-po")
+
 # Aggregation each loss was published with; a recipe's algorithm.loss_agg overrides it.
 DEFAULT_LOSS_AGG = {"gspo": "seq-mean-token-mean"}
 
