@@ -139,7 +139,9 @@ class RewardPlugin(Section):
 
 class OverlongConfig(Section):
     """DAPO's soft overlong punishment: with L_max = rollout.max_new_tokens and a response of L model
-    tokens, reward += 0 if L <= L_max - buffer, -penalty * (L - (L_max - buffer)) / buffer up to L_max."""
+    tokens, reward += 0 if L <= L_max - buffer, -penalty * (L - (L_max - buffer)) / buffer up to L_max.
+    Under GAE with bootstrap_truncated, a truncated answer's score is replaced by V(s_T) but its penalty
+    stays (return = V(s_T) - penalty): it is a reward for the length reached, not a score of the answer."""
 
     buffer: int = Field(..., ge=1, description="tokens before the limit where the penalty ramps up")
     penalty: float = Field(1.0, gt=0, description="the penalty at the limit")

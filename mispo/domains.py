@@ -141,6 +141,7 @@ class Domain:
                          for s in samples]
             for s, p in zip(samples, penalties):
                 s.reward += p
+                s.overlong_penalty = p
             metrics["reward/overlong_penalty"] = sum(penalties) / len(penalties)
             metrics["reward/mean"] = sum(s.reward for s in samples) / len(samples)
         return metrics

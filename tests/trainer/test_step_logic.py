@@ -225,3 +225,30 @@ def test_core_split_that_cannot_fit_names_the_field():
         split_cores(2, "async", [0, 1], 1)
     with pytest.raises(RecipeError, match="fewer than rollout.num_workers = 3"):
         split_cores(2, "async", list(range(8)), 3)
+
+
+@pytest.mark.parametrize("penalty", [None, 0.5])
+def test_overlong_penalty_survives_the_truncation_bootstrap(penalty):
+    """GAE with bootstrap_truncated replaces a truncated answer's reward by V(s_T); the overlong penalty is
+    a reward for the length it reached, so it stays: return = V(s_T) + penalty (the answer's own score,
+    of an unfinished answer, is what the bootstrap drops)."""
+    from types import SimpleNamespace
+
+    overlong = [] if penalty is None else [f"reward.overlong={{buffer: 2, penalty: {penalty}}}"]
+    recipe = load_recipe(None, ["rollout.max_new_tokens=4", *overlong])
+    runner = SimpleNamespace(score=lambda rows: SimpleNamespace(scores=[1.0] * len(rows), extras=[{}] * len(rows),
+                                                                metrics={}))
+    truncated, stopped = sample(n=4), sample(n=3)
+    truncated.finish_reason = "length"
+    Domain("d", recipe, reward=runner).score([truncated, stopped])
+    batch = RolloutBatch.from_samples([truncated, stopped])
+    batch.values = torch.full_like(batch.rollout_logprobs, 0.25) * batch.response_mask
+    batch.bootstrap_values = torch.tensor([0.5, 0.0])
+    prepare_update(batch, AlgorithmConfig(advantage="gae", gamma=1.0, lam=1.0))
+    p = -(penalty or 0.0)  # 4 tokens = the limit: the whole penalty
+    assert torch.allclose(batch.returns[0], torch.full((4,), 0.5 + p))  # V(s_T), then the penalty
+    assert batch.advantages[0, 0] == pytest.approx(0.5 + p - 0.25)
+    # 3 tokens, half-way into the 2-token buffer: 1.0 - penalty / 2, as without the bootstrap
+    assert torch.allclose(batch.returns[1, :3], torch.full((3,), 1.0 + p / 2))
+    prepare_update(batch, AlgorithmConfig(advantage="gae", bootstrap_truncated=False))
+    assert torch.allclose(batch.returns[0], torch.full((4,), 1.0 + p))  # scored as it ends, penalty included
