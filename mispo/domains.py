@@ -114,7 +114,8 @@ class Domain:
 
             return generate_partial(rollout, requests, n=n, temperature=temperature, top_p=top_p,
                                     max_new_tokens=self.max_new_tokens,
-                                    segment_tokens=self.recipe.rollout.partial_rollout_tokens, seed=seed)
+                                    segment_tokens=self.recipe.rollout.partial_rollout_tokens, seed=seed,
+                                    max_model_len=self.recipe.rollout.max_model_len)
         return rollout.generate(requests, n=n, temperature=temperature, top_p=top_p,
                                 max_new_tokens=self.max_new_tokens, seed=seed)
 
