@@ -362,9 +362,22 @@ class ResourcesConfig(Section):
         return self
 
 
+# In a multi-domain run, the settings a domain recipe owns (its task); the parent owns every other one.
+DOMAIN_ROLLOUT_KEYS = ("environment", "environment_kind", "max_turns", "max_new_tokens", "max_episode_tokens")
+# The parent's settings that decide how each sample is drawn: a domain recipe that sets one must agree.
+SHARED_SAMPLING_KEYS = ("temperature", "top_p", "partial_rollout_tokens")
+
+
 class DomainRef(Section):
-    """One domain of a multi-domain recipe, defined by a single-domain recipe file: its `data`,
-    `reward`, `rollout.environment` / `max_turns` / `max_new_tokens` and `warmup` data."""
+    """One domain of a multi-domain recipe, defined by a single-domain recipe file. One rule says whose
+    setting counts. The domain recipe owns its task: `data`, `reward` (overlong included), `warmup.data` /
+    `num_examples`, and its episodes' shape: `rollout.environment`, `environment_kind`, `max_turns`,
+    `max_new_tokens`, `max_episode_tokens` (the parent setting one of these is an error). The parent owns
+    the run: the model, the rest of `rollout` (sampling, prompts_per_step, n_samples, partial rollouts,
+    the engines), `algorithm`, `learner`, `trainer`, `resources`. A domain recipe's own run settings serve
+    its own runs (e.g. as a pipeline's expert) and are not read; but if it sets `rollout.temperature`,
+    `top_p` or `partial_rollout_tokens`, which decide how its samples are drawn, they must equal the
+    parent's (an error otherwise; fix with the parent's value, or `overrides`)."""
 
     recipe: str = Field(description="single-domain recipe file (relative to this recipe's folder)")
     weight: float = Field(1.0, gt=0, description="share of each step's prompts and of merge's SFT set")
@@ -524,10 +537,13 @@ class Recipe(Section):
                                  "DeepSpeed no longer holds; fix: remove one of them")
         if self.domains:
             own = [k for k in ("data", "reward") if k in self.model_fields_set]
-            own += ["rollout.environment"] if self.rollout.environment else []
+            own += [f"rollout.{k}" for k in DOMAIN_ROLLOUT_KEYS if k in self.rollout.model_fields_set]
+            own += [f"warmup.{k}" for k in ("data", "num_examples")
+                    if self.warmup is not None and k in self.warmup.model_fields_set]
             if own:
-                raise ValueError(f"a recipe with domains: takes its prompts and rewards from the domain recipes, "
-                                 f"so {', '.join(own)} would be ignored; fix: move them into the domain recipes")
+                raise ValueError(f"a recipe with domains: takes each domain's task (prompts, rewards, episode shape, "
+                                 f"warm-up data) from its domain recipe, so {', '.join(own)} would be ignored; fix: "
+                                 "move them into the domain recipes")
         if self.pipeline is not None and len(self.domains) < 1:
             raise ValueError("pipeline: needs domains: {name: {recipe: file.yaml}, ...}; fix: add domains")
         return self
@@ -561,7 +577,7 @@ class Recipe(Section):
         if self.trainer.mode != "async":
             raise ValueError(f"{field} has no effect in trainer.mode = sync (weights change only between "
                              "rollouts); fix: trainer.mode: async, or remove it")
-        if k >= ro.max_new_tokens:
+        if k >= ro.max_new_tokens and not self.domains:  # with domains: each domain's (mispo.domains)
             raise ValueError(f"{field} is not below rollout.max_new_tokens = {ro.max_new_tokens}: every response "
                              "would be one segment (no effect); fix: a smaller segment, or remove it")
         if ro.environment or ro.routing_replay:
