@@ -23,6 +23,14 @@ from mispo.algorithms.filters import mis_filter_detailed
 from mispo.batch import RolloutBatch
 
 
+def adaptive_band(algorithm) -> AdaptiveTrajBand | None:
+    """The trajectory band adapted per step when `algorithm.adaptive_traj_band` (it keeps about
+    `adaptive_target_keep` of the trajectories, shaped like `traj_bounds`); None otherwise."""
+    if not algorithm.adaptive_traj_band:
+        return None
+    return AdaptiveTrajBand(target_keep=algorithm.adaptive_target_keep, base_bounds=tuple(algorithm.traj_bounds))
+
+
 def prepare_update(batch: RolloutBatch, algorithm, band: AdaptiveTrajBand | None = None) -> dict:
     """Set batch.advantages (and batch.returns with GAE), batch.token_keep and batch.traj_keep from
     batch.rewards, values, old_logprobs and rollout_logprobs; returns the band's metrics (if any).

@@ -32,7 +32,6 @@ import ray
 import torch
 from rich.console import Console
 
-from mispo.algorithms import AdaptiveTrajBand
 from mispo.batch import RolloutBatch
 from mispo.checkpoint_store import CheckpointStore, final_save, periodic_save
 from mispo.cluster import start_ray
@@ -48,7 +47,7 @@ from mispo.learner.policy_worker import PolicyWorker
 from mispo.metrics_log import MetricsLog
 from mispo.placement import learner_options, place_roles
 from mispo.prepare_model import starting_policy
-from mispo.prepare_update import prepare_update
+from mispo.prepare_update import adaptive_band, prepare_update
 from mispo.progress import StepProgress
 from mispo.rollout.agent_episodes import serve_agents
 from mispo.rollout.group import RolloutGroup
@@ -96,9 +95,7 @@ class Trainer:
             check_replayable(self.policy_path)
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
-        self.band = AdaptiveTrajBand(target_keep=r.algorithm.adaptive_target_keep,
-                                     base_bounds=tuple(r.algorithm.traj_bounds)) \
-            if r.algorithm.adaptive_traj_band else None
+        self.band = adaptive_band(r.algorithm)
         with_critic = r.learner.critic is not None and r.algorithm.advantage == "gae"
         self.placement = place_roles(r.resources, with_critic, r.rollout.num_workers)  # None on a CPU run
         common = dict(model=r.model.model_dump(), learner=r.learner.model_dump(),

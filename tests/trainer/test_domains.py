@@ -156,3 +156,15 @@ def test_a_domain_agreeing_with_the_parent_or_overridden_loads(tmp_path):
     (domain,) = load_domains(recipe)
     assert domain.recipe.rollout.temperature == 1.0
     domain.close()
+
+
+def test_a_pipeline_checks_its_generalist_stage_before_any_stage_runs(tmp_path):
+    """pipeline.generalist_overrides make the generalist stage's recipe: a domain that disagrees with it is
+    refused when the pipeline starts, not after the expert stages."""
+    from mispo.pipeline import Pipeline
+
+    recipe = _parent(tmp_path, "rollout: {temperature: 1.0}\n", "pipeline: {generalist_overrides: "
+                     "[rollout.temperature=0.7]}\n")
+    with pytest.raises(RecipeError, match=r"sets rollout\.temperature = 1\.0.*parent's rollout\.temperature = 0\.7"):
+        Pipeline(recipe, tmp_path / "run")
+    assert Pipeline(_parent(tmp_path, "rollout: {temperature: 1.0}\n", "pipeline: {}\n"), tmp_path / "run")

@@ -104,7 +104,8 @@ def test_save_decision_every_n_steps_and_always_at_the_end():
 @pytest.mark.parametrize("save_every, max_steps, saved", [(0, 2, [2]), (2, 4, [2, 4]), (3, 4, [3, 4])])
 def test_the_loop_leaves_a_checkpoint_whatever_save_every(tmp_path, monkeypatch, save_every, max_steps, saved):
     """Trainer.fit with its engines and learners stubbed: `save_every: 0` still writes checkpoints/latest
-    at the end (so a rerun is refused and --resume has something), and no step is saved twice."""
+    at the end (so a rerun is refused and --resume has something), no step is saved twice, and
+    `keep_checkpoints` prunes the older ones."""
     import mispo.trainer as trainer_mod
     from mispo.batch import Sample
     from mispo.config import load_recipe
@@ -115,7 +116,7 @@ def test_the_loop_leaves_a_checkpoint_whatever_save_every(tmp_path, monkeypatch,
 
     t = trainer_mod.Trainer.__new__(trainer_mod.Trainer)
     t.recipe = load_recipe(None, [f"trainer.save_every={save_every}", f"trainer.max_steps={max_steps}",
-                                  "trainer.eval_every=0", "trainer.loggers=[]"])
+                                  "trainer.eval_every=0", "trainer.loggers=[]", "trainer.keep_checkpoints=1"])
     t.output, t.step, t.ahead, t.saved_step, t.critic, t.band = tmp_path, 0, 0, None, None, None
     t.rollouts_started, t.samplers = 0, {}
     from collections import deque
@@ -138,3 +139,4 @@ def test_the_loop_leaves_a_checkpoint_whatever_save_every(tmp_path, monkeypatch,
     t.fit()
     assert commits == saved
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{max_steps:06d}"
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == [f"step_{max_steps:06d}"]  # keep 1
