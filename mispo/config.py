@@ -79,7 +79,8 @@ class RolloutConfig(Section):
     n_samples: int = Field(8, ge=1)
     max_new_tokens: int = Field(32, ge=1, description="tokens one model turn may generate (single-turn: the "
                                                       "whole response; multi-turn: each model turn)")
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; every learner log-prob is of "
+                               "softmax(logits / temperature), the distribution sampled from; with domains: the parent's")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; < 1 only with a loss that does not read "
                          "the engine's log-probs (ppo, grpo, gspo, cispo; no critic_masks, no "
                          "trainer.mismatch_attribution): the engine's log-probs are of the cut, renormalised "
@@ -101,7 +102,9 @@ class RolloutConfig(Section):
                                            "turns and environment responses together; None = up to max_model_len")
     partial_rollout_tokens: int | None = Field(None, ge=1, description="async mode: generate k tokens at a time, "
                                                "so a weight sync lands mid-generation and the unfinished sequences "
-                                               "continue under the new weights (mispo.rollout.partial); None = off")
+                                               "continue under the new weights (mispo.rollout.partial); a sequence "
+                                               "that fills max_model_len ends there; with domains: the parent's, for "
+                                               "single-turn domains only; None = off")
     routing_replay: bool = Field(False, description="R3: the engines record each token's routed experts "
                                  "(vLLM enable_return_routed_experts) and the learner replays them (Step3p5 "
                                  "policy); needs vLLM's V2 model runner: GPU engines, single-turn rollouts")
@@ -168,8 +171,10 @@ class AlgorithmConfig(Section):
     advantage: Literal["gae", "grpo", "grpo_no_std", "rloo"] = "gae"
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(1.0, ge=0, le=1)
-    bootstrap_truncated: bool = True  # a response cut by the length limit takes V(s_T) in place of its reward
-    whiten_advantages: bool = False
+    bootstrap_truncated: bool = Field(True, description="gae: a response cut by the length limit takes V(s_T) in "
+                                      "place of its reward (its reward.overlong penalty stays)")
+    whiten_advantages: bool = Field(False, description="advantages shifted and scaled to mean 0, std 1 over the "
+                                    "batch's response tokens")
     token_bounds: tuple[float, float] = (0.5, 2.0)
     traj_bounds: tuple[float, float] = (0.996, 1.001)
     traj_stat_includes_rejected: bool = Field(True, description="the trajectory ratio averages log ratios over all "
@@ -177,7 +182,8 @@ class AlgorithmConfig(Section):
     adaptive_traj_band: bool = Field(False, description="re-choose traj_bounds each step so that about "
                                      "adaptive_target_keep of the trajectories pass; only for a loss that reads "
                                      "MIS-PO's masks (mispo) or with critic_masks, else an error")
-    adaptive_target_keep: float = Field(0.8, gt=0, le=1)
+    adaptive_target_keep: float = Field(0.8, gt=0, le=1, description="adaptive_traj_band: the share of "
+                                        "trajectories the band keeps (it only widens traj_bounds, never narrows)")
     loss_agg: str | None = Field(None, description="token-mean | seq-mean-token-mean | token-sum-norm (divided by "
                                  "rollout.max_new_tokens); None = the loss's own (seq-mean-token-mean for gspo, as "
                                  "published; token-mean otherwise); another name is an error")
@@ -274,7 +280,7 @@ class TrainerConfig(Section):
     eval_every: int = Field(10, ge=0, description="0 = no evaluation")
     save_every: int = Field(10, ge=0, description="checkpoint every N steps; the loop's end (max_steps, "
                             "time_limit_minutes) always saves one, so a stopped run can --resume; 0 = only at the end")
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="the newest N checkpoints are kept, older ones deleted")
     ray_address: str | None = None
     time_limit_minutes: float | None = Field(None, gt=0)
     mismatch_attribution: bool = Field(False, description="log how much of |log pi_old - log pi_rollout| comes "
