@@ -206,3 +206,42 @@ def test_logged_critic_means_of_uneven_pieces_equal_the_whole_batch():
     whole, combined = metrics(list(range(9))), combine_partials([metrics(list(range(8))), metrics([8])])
     for k in ("critic/vf_loss", "critic/value_mean", "critic/return_mean", "critic/vf_clip_frac", "critic/num_tokens"):
         assert combined[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-6), k
+
+
+@pytest.mark.parametrize("value_clip, critic_masks", [(None, False), (0.05, False), (None, True)])
+def test_critic_update_reads_value_clip_and_critic_masks(value_clip, critic_masks):
+    """CriticWorker.train without DeepSpeed: algorithm.value_clip clips around the old values (clip fraction
+    and loss change), critic_masks drops the rejected tokens' terms."""
+    from mispo.learner.critic_worker import CriticWorker
+
+    samples = _samples()
+    batch = RolloutBatch.from_samples(samples)
+    shape = batch.response_mask.shape
+    batch.values, batch.returns = torch.zeros(shape), torch.ones(shape)
+    batch.token_keep = torch.ones(shape, dtype=torch.bool)
+    batch.token_keep[:, 2:] = False
+    batch.traj_keep = torch.ones(shape[0], dtype=torch.bool)
+    losses = []
+
+    class Engine:
+        def train(self):
+            pass
+
+        def step(self):
+            pass
+
+        def get_lr(self):
+            return [0.0]
+
+    w = CriticWorker.__new__(CriticWorker)
+    w.engine, w.device, w.rank, w.world_size = Engine(), torch.device("cpu"), 0, 1
+    w.algo = AlgorithmConfig(value_clip=value_clip, critic_masks=critic_masks)
+    w.learner_cfg, w.generator = LearnerConfig(micro_batch_tokens=1000, critic_mini_batches=1), torch.Generator()
+    w._values = lambda mb: torch.full((1, int(mb.input_ids.numel())), 0.5)  # V = 0.5 everywhere, old V = 0
+    w.backward = lambda loss, mb, last: losses.append(float(loss))
+    metrics = w.train(batch)
+    # unclipped: 1/2 (0.5 - 1)^2 = 0.125 per token; clipped to old V + 0.05: 1/2 (0.05 - 1)^2 = 0.45125
+    per_token = 0.45125 if value_clip else 0.125
+    kept = 2 / 5 if critic_masks else 1.0
+    assert metrics["critic/vf_loss"] == pytest.approx(per_token * kept, rel=1e-5)
+    assert metrics["critic/vf_clip_frac"] == (1.0 if value_clip else 0.0)
