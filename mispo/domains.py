@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mispo.batch import Sample
-from mispo.config import Recipe, RecipeError, load_recipe, resolve_path
+from mispo.config import SHARED_SAMPLING_KEYS, Recipe, RecipeError, RolloutConfig, load_recipe, resolve_path
 from mispo.data import PromptSampler, load_rows, render_prompt
 
 
@@ -41,6 +41,13 @@ class Domain:
     reward: object | None = field(default=None, repr=False)  # RewardRunner; None with an environment
     agent: object | None = field(default=None, repr=False)  # environment_kind openai_agent: the agent function
     agent_server: object | None = field(default=None, repr=False)  # its endpoint (the run's ChatServer)
+    run: RolloutConfig | None = field(default=None, repr=False)  # the run's rollout settings (a multi-domain
+    # recipe's parent's: partial rollouts, the engines' context); None = this domain's recipe's
+
+    @property
+    def sampling(self) -> RolloutConfig:
+        """The rollout settings this domain's samples are drawn with: the run's, else its recipe's."""
+        return self.run if self.run is not None else self.recipe.rollout
 
     @property
     def environment(self) -> str | None:
@@ -109,12 +116,13 @@ class Domain:
                                              max_new_tokens=self.max_new_tokens,
                                              max_turns=self.recipe.rollout.max_turns, seed=seed,
                                              max_episode_tokens=self.recipe.rollout.max_episode_tokens)
-        if self.recipe.rollout.partial_rollout_tokens:
+        if self.sampling.partial_rollout_tokens:
             from mispo.rollout.partial import generate_partial
 
             return generate_partial(rollout, requests, n=n, temperature=temperature, top_p=top_p,
                                     max_new_tokens=self.max_new_tokens,
-                                    segment_tokens=self.recipe.rollout.partial_rollout_tokens, seed=seed)
+                                    segment_tokens=self.sampling.partial_rollout_tokens, seed=seed,
+                                    max_model_len=self.sampling.max_model_len)
         return rollout.generate(requests, n=n, temperature=temperature, top_p=top_p,
                                 max_new_tokens=self.max_new_tokens, seed=seed)
 
@@ -141,6 +149,7 @@ class Domain:
                          for s in samples]
             for s, p in zip(samples, penalties):
                 s.reward += p
+                s.overlong_penalty = p
             metrics["reward/overlong_penalty"] = sum(penalties) / len(penalties)
             metrics["reward/mean"] = sum(s.reward for s in samples) / len(samples)
         return metrics
@@ -161,9 +170,37 @@ class Domain:
 def load_domains(recipe: Recipe, with_train: bool = True) -> list[Domain]:
     """The recipe's domains, loaded: its `domains:` entries, or itself as one domain."""
     if not recipe.domains:
-        return [Domain(recipe.name, recipe).load(with_train)]
-    return [Domain(name, domain_recipe(recipe, name, ref), ref.weight).load(with_train)
+        return [Domain(recipe.name, recipe, run=recipe.rollout).load(with_train)]
+    children = {name: domain_recipe(recipe, name, ref) for name, ref in recipe.domains.items()}
+    check_domain_settings(recipe, children)
+    return [Domain(name, children[name], ref.weight, run=recipe.rollout).load(with_train)
             for name, ref in recipe.domains.items()]
+
+
+def check_domain_settings(parent: Recipe, children: dict[str, Recipe]) -> None:
+    """The domain recipes of a multi-domain run agree with the parent on how samples are drawn
+    (config.DomainRef): a domain recipe that sets rollout.temperature, top_p or partial_rollout_tokens sets
+    the parent's value; the parent's partial rollouts need single-turn domains, and act on at least one."""
+    for name, child in children.items():
+        for key in SHARED_SAMPLING_KEYS:
+            mine, run = getattr(child.rollout, key), getattr(parent.rollout, key)
+            if key in child.rollout.model_fields_set and mine != run:
+                raise RecipeError(f"domain {name!r} ({child.source}) sets rollout.{key} = {mine}, but a multi-domain "
+                                  f"run draws every domain's samples at the parent's rollout.{key} = {run} "
+                                  f"({parent.source or 'command line'}); fix: give both the same value (e.g. "
+                                  f"domains.{name}.overrides: [rollout.{key}={run}]), or remove it from the domain recipe")
+    k = parent.rollout.partial_rollout_tokens
+    if k is None:
+        return
+    for name, child in children.items():
+        if child.rollout.environment:
+            raise RecipeError(f"rollout.partial_rollout_tokens = {k} ({parent.source or 'command line'}) covers "
+                              f"single-turn rollouts, and domain {name!r} ({child.source}) plays multi-turn episodes; "
+                              "fix: remove rollout.partial_rollout_tokens, or that domain")
+    if all(k >= child.rollout.max_new_tokens for child in children.values()):
+        raise RecipeError(f"rollout.partial_rollout_tokens = {k} ({parent.source or 'command line'}) is not below any "
+                          "domain's rollout.max_new_tokens: every response would be one segment (no effect); fix: a "
+                          "smaller segment, or remove it")
 
 
 def domain_recipe(parent: Recipe, name: str, ref) -> Recipe:

@@ -29,12 +29,13 @@ console = Console(stderr=True)
 
 class Pipeline:
     def __init__(self, recipe: Recipe, output: str | Path):
-        from mispo.domains import domain_recipe
+        from mispo.domains import check_domain_settings, domain_recipe
 
         self.recipe, self.cfg = recipe, recipe.pipeline
         self.output = Path(output)
         # every domain recipe is read and validated now, before any stage starts
         self.domain_recipes = {name: domain_recipe(recipe, name, ref) for name, ref in recipe.domains.items()}
+        check_domain_settings(_with_overrides(recipe, self.cfg.generalist_overrides), self.domain_recipes)
 
     def run(self) -> dict:
         from mispo.cluster import start_ray

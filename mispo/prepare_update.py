@@ -2,7 +2,9 @@
 the recipe's `algorithm:` section (testable without Ray or engines).
 
     advantages:  GAE (gamma, lambda; truncated responses bootstrapped from V(s_T) when
-                 `bootstrap_truncated`) or group-normalised sequence rewards broadcast over the response
+                 `bootstrap_truncated`: their reward is replaced by V(s_T), except the overlong penalty,
+                 which is a reward for the length reached and stays on their last token) or
+                 group-normalised sequence rewards broadcast over the response
     whitening:   optional, over response tokens
     MIS-PO:      token_keep = 1[token_bounds[0] <= pi_old / pi_rollout <= token_bounds[1]] per token,
                  traj_keep  = 1[traj_bounds[0] <= geo-mean ratio <= traj_bounds[1]] per sequence
@@ -13,9 +15,20 @@ the recipe's `algorithm:` section (testable without Ray or engines).
 
 from __future__ import annotations
 
+import torch
+
 from mispo.algorithms import AdaptiveTrajBand, compute_gae, group_advantages, whiten_advantages
+from mispo.algorithms.advantages import last_token_index, outcome_to_token_rewards
 from mispo.algorithms.filters import mis_filter_detailed
 from mispo.batch import RolloutBatch
+
+
+def adaptive_band(algorithm) -> AdaptiveTrajBand | None:
+    """The trajectory band adapted per step when `algorithm.adaptive_traj_band` (it keeps about
+    `adaptive_target_keep` of the trajectories, shaped like `traj_bounds`); None otherwise."""
+    if not algorithm.adaptive_traj_band:
+        return None
+    return AdaptiveTrajBand(target_keep=algorithm.adaptive_target_keep, base_bounds=tuple(algorithm.traj_bounds))
 
 
 def prepare_update(batch: RolloutBatch, algorithm, band: AdaptiveTrajBand | None = None) -> dict:
@@ -25,7 +38,7 @@ def prepare_update(batch: RolloutBatch, algorithm, band: AdaptiveTrajBand | None
     a, mask, metrics = algorithm, batch.response_mask, {}
     if a.advantage == "gae":
         truncated = batch.truncated if a.bootstrap_truncated else None
-        batch.advantages, batch.returns = compute_gae(batch.rewards, batch.values, mask, a.gamma, a.lam,
+        batch.advantages, batch.returns = compute_gae(gae_rewards(batch, truncated), batch.values, mask, a.gamma, a.lam,
                                                       truncated=truncated, bootstrap_value=batch.bootstrap_values)
     else:
         seq_adv = group_advantages(batch.rewards, group_ids=batch.group_ids, method=a.advantage)
@@ -50,3 +63,16 @@ def prepare_update(batch: RolloutBatch, algorithm, band: AdaptiveTrajBand | None
                                  traj_bounds, a.traj_stat_includes_rejected)
     batch.token_keep, batch.traj_keep = result.token_keep, result.traj_keep
     return metrics
+
+
+def gae_rewards(batch: RolloutBatch, truncated: torch.Tensor | None) -> torch.Tensor:
+    """GAE's rewards: the outcome [B] as it is without bootstrapping; with it, per token [B, T]: the outcome
+    on the last token of finished rows, and on truncated rows only their overlong penalty (their outcome
+    is replaced by V(s_T), but the penalty for the length they reached is a reward they did get)."""
+    if truncated is None:
+        return batch.rewards
+    mask = batch.response_mask
+    rewards = outcome_to_token_rewards(batch.rewards, mask, truncated)
+    penalty = torch.tensor([s.overlong_penalty for s in batch.samples], dtype=torch.float32)
+    penalty = torch.where(truncated.bool() & mask.bool().any(dim=-1), penalty, torch.zeros(()))
+    return rewards.scatter_add(1, last_token_index(mask)[:, None], penalty[:, None])

@@ -32,9 +32,8 @@ import ray
 import torch
 from rich.console import Console
 
-from mispo.algorithms import AdaptiveTrajBand
 from mispo.batch import RolloutBatch
-from mispo.checkpoint_store import CheckpointStore
+from mispo.checkpoint_store import CheckpointStore, final_save, periodic_save
 from mispo.cluster import start_ray
 from mispo.config import Recipe, dump_recipe
 from mispo.cpu_split import CoreSplit, available_cores, split_cores
@@ -50,7 +49,7 @@ from mispo.learner.policy_worker import PolicyWorker
 from mispo.metrics_log import MetricsLog
 from mispo.placement import learner_options, place_roles
 from mispo.prepare_model import starting_policy
-from mispo.prepare_update import prepare_update
+from mispo.prepare_update import adaptive_band, prepare_update
 from mispo.progress import StepProgress
 from mispo.rollout.agent_episodes import serve_agents
 from mispo.rollout.group import RolloutGroup
@@ -98,9 +97,7 @@ class Trainer:
         r.rollout.max_model_len = check_policy(self.policy_path, r)
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
-        self.band = AdaptiveTrajBand(target_keep=r.algorithm.adaptive_target_keep,
-                                     base_bounds=tuple(r.algorithm.traj_bounds)) \
-            if r.algorithm.adaptive_traj_band else None
+        self.band = adaptive_band(r.algorithm)
         with_critic = r.learner.critic is not None and r.algorithm.advantage == "gae"
         self.placement = place_roles(r.resources, with_critic, r.rollout.num_workers)  # None on a CPU run
         common = dict(model=r.model.model_dump(), learner=r.learner.model_dump(),
@@ -133,6 +130,7 @@ class Trainer:
         self.pool = ThreadPoolExecutor(max_workers=self.ahead + 1, thread_name_prefix="rollout")
         self.step = 0  # optimizer steps taken = the learner's policy version
         self.rollouts_started = 0
+        self.saved_step: int | None = None  # the step of the newest checkpoint (resumed or written)
         # (index, sampler states, jobs, data metrics) of rollouts in flight at the resumed checkpoint
         self.redrawn: deque[tuple] = deque()
         self._last_generate_end = None
@@ -193,12 +191,12 @@ class Trainer:
                     metrics.update(last_eval)
                 self.metrics_log.log(self.step, metrics)
                 progress.update(self.step, metrics)
-                if r.trainer.save_every and self.step % r.trainer.save_every == 0:
+                if periodic_save(self.step, r.trainer.save_every):
                     self.save()
                 if deadline and time.time() > deadline:
                     console.print(f"[yellow]trainer.time_limit_minutes reached at step {self.step}[/yellow]")
                     break
-            if self.step % max(r.trainer.save_every, 1):
+            if final_save(self.step, self.saved_step):  # save_every 0 included: a run always leaves one
                 self.save()
             self.policy.all("export", str(self.output / "final"))
             self.tokenizer.save_pretrained(self.output / "final")  # final/ loads on its own
@@ -414,6 +412,7 @@ class Trainer:
                  "band": self.band.state_dict() if self.band else None,
                  "python_random": list(random.getstate()[1]), "torch_random": torch.get_rng_state().tolist()}
         self.checkpoints.commit(staging, self.step, state, keep=self.recipe.trainer.keep_checkpoints)
+        self.saved_step = self.step
 
     def _maybe_resume(self) -> None:
         found = self.checkpoints.latest()
@@ -424,7 +423,7 @@ class Trainer:
         if self.critic:
             refs += self.critic.submit("load", str(folder / "critic"), "state")
         ray.get(refs)
-        self.step = state["step"]
+        self.step = self.saved_step = state["step"]
         self.rollouts_started = state.get("rollouts_started", self.step)
         for pending in state.get("in_flight", []):  # their prompts again, as they were drawn
             self._load_samplers(pending["samplers"], folder)

@@ -22,6 +22,23 @@ Override any key on the command line: `mispo train RECIPE section.key=value`.
 Unknown keys are errors. Generated from `mispo/config.py` by `scripts/recipe_docs.py`.
 """
 
+FOOTER = """## Logged learner metrics
+
+What the learners log each step (metrics.jsonl), for the options above:
+
+| metric | what it measures |
+| --- | --- |
+| `mismatch/log_ratio_abs_mean`, `_max` | the train/inference gap: mean and max over response tokens of /log pi_old - log pi_rollout/ (pi_old: the learner at the rollout's weights, pi_rollout: the engine's log-probs); logged by every loss that has the engine's log-probs, under this one name |
+| `mispo/token_keep_frac`, `mispo/keep_frac` | share of response tokens inside `algorithm.token_bounds` (and, for keep_frac, in a kept trajectory) |
+| `mispo/traj_keep_frac`, `mispo/log_rho_abs_mean` | share of trajectories inside `algorithm.traj_bounds`; mean /log rho/ over trajectories |
+| `actor/entropy`, `actor/kl`, `adv/mean`, `adv/std` | per-token means (std pooled) over the response tokens |
+| `actor/num_tokens`, `actor/num_rows`, `critic/num_tokens` | response tokens and rows trained on: the weights of the means above |
+
+Each value is the whole batch's, whatever the split into micro-batches, mini-batches and ranks: means are
+weighted by the pieces' token (or row) counts, `_max` keys take the largest, the losses (divided by the whole
+mini-batch's token count) add up (`mispo/learner/metrics.py`).
+"""
+
 
 def _section_type(annotation) -> type[BaseModel] | None:
     """The model class of a field typed `Section`, `Section | None` or `dict[str, Section]`."""
@@ -79,7 +96,7 @@ def render() -> str:
             out += [f"## `{key}`", "", f"default: {_default(field)}", ""]
         else:
             section(key + (".<name>" if typing.get_origin(field.annotation) is dict else ""), model, out)
-    return "\n".join(out).rstrip() + "\n"
+    return "\n".join(out).rstrip() + "\n\n" + FOOTER
 
 
 if __name__ == "__main__":

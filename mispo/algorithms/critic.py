@@ -62,5 +62,6 @@ def value_loss(
             "critic/return_mean": masked_mean(ret, m),
             "critic/vf_clip_frac": clip_frac,
             "critic/explained_var": expl,
+            "critic/num_tokens": m.sum().float(),  # the weight of the means above (mispo.learner.metrics)
         }
     return loss, metrics

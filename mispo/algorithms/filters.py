@@ -133,22 +133,18 @@ def mis_filter(
 
 
 def mis_filter_metrics(res: MISFilterResult, mask: Tensor, prefix: str = "mispo") -> Dict[str, Tensor]:
-    """Keep fractions and train/inference gap statistics (detached 0-d fp32 tensors).
+    """Keep fractions and the trajectory statistic (detached 0-d fp32 tensors).
 
     token_keep_frac = sum token_keep / sum m;  traj_keep_frac = kept rows / rows with tokens;
-    keep_frac = sum (token_keep & traj_keep) / sum m;  log_ratio_abs_{mean,max} over m;
-    log_rho_abs_mean over rows with tokens.
+    keep_frac = sum (token_keep & traj_keep) / sum m;  log_rho_abs_mean over rows with tokens.
+    The per-token gap |log x_t| is the losses' `mismatch/log_ratio_abs_{mean,max}` (one name for it).
     """
     m = mask.bool()
     rows = m.any(dim=-1)
-    abs_lr = res.log_ratio.abs()
-    zero = torch.zeros((), dtype=torch.float32, device=abs_lr.device)
     return {
         f"{prefix}/token_keep_frac": masked_mean(res.token_keep.float(), m),
         f"{prefix}/traj_keep_frac": masked_mean(res.traj_keep.float(), rows),
         f"{prefix}/keep_frac": masked_mean(res.keep.float(), m),
-        f"{prefix}/log_ratio_abs_mean": masked_mean(abs_lr, m),
-        f"{prefix}/log_ratio_abs_max": torch.where(m, abs_lr, zero).amax() if abs_lr.numel() else zero,
         f"{prefix}/log_rho_abs_mean": masked_mean(res.log_rho.abs(), rows),
     }
 

@@ -196,7 +196,8 @@ def _ppo_clip(ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float,
 
 
 def _mismatch_metrics(inputs: PolicyLossInputs, m: Tensor) -> Metrics:
-    """Train-vs-inference gap |log x_t| (mean, max) when logp_rollout is given."""
+    """Train-vs-inference gap |log x_t| = |log pi_old - log pi_rollout| over the response tokens (mean, max)
+    when logp_rollout is given; every loss logs it under this one name."""
     if inputs.logp_rollout is None:
         return {}
     a = token_log_ratio(inputs.logp_old, inputs.logp_rollout, m).abs()
@@ -233,6 +234,9 @@ def _finish(pg_mat: Tensor, inputs: PolicyLossInputs, config: PolicyLossConfig, 
     metrics["adv/mean"] = masked_mean(adv, m)
     metrics["adv/std"] = masked_std(adv, m)
     metrics.update(_mismatch_metrics(inputs, m))
+    # the weights that combine these means over micro-batches and ranks (mispo.learner.metrics)
+    metrics["actor/num_tokens"] = m.sum().float()
+    metrics["actor/num_rows"] = m.any(dim=-1).sum().float()
     return loss, metrics
 
 
@@ -265,10 +269,6 @@ def mispo_loss(inputs: PolicyLossInputs, config: PolicyLossConfig) -> Tuple[Tens
             metrics["mispo/token_keep_frac"] = masked_mean(token_keep.float(), m)
             metrics["mispo/traj_keep_frac"] = masked_mean(traj_keep.float(), rows)
             metrics["mispo/keep_frac"] = masked_mean((token_keep & traj_keep[:, None]).float(), m)
-            if inputs.logp_rollout is not None:
-                lr = token_log_ratio(inputs.logp_old, inputs.logp_rollout, m).abs()
-                metrics["mispo/log_ratio_abs_mean"] = masked_mean(lr, m)
-                metrics["mispo/log_ratio_abs_max"] = lr.amax() if lr.numel() else _zero(m.device)
         keep = token_keep & traj_keep[:, None] & m
     z = _zero(m.device)
     pg_mat = -(torch.where(keep, logp, z) * torch.where(keep, adv, z))
@@ -399,6 +399,10 @@ LOSS_OPTIONS = {"mispo": (), "mis-po": (), "ppo": _CLIP, "grpo": _CLIP, "gspo": 
 # The losses that correct each token against the engine's own log-prob (logp_rollout): the only ones whose
 # update stays right when a sample's tokens come from different weight versions (partial rollouts).
 PER_TOKEN_ROLLOUT_LOSSES = ("mispo", "mis-po", "tis", "icepop", "masked_is")
+
+# The losses that read MIS-PO's token / trajectory masks (algorithm.token_bounds, traj_bounds, the adaptive
+# band); every other loss ignores them (the critic reads them too with algorithm.critic_masks).
+MASK_LOSSES = ("mispo", "mis-po")
 
 # Aggregation each loss was published with; a recipe's algorithm.loss_agg overrides it.
 DEFAULT_LOSS_AGG = {"gspo": "seq-mean-token-mean"}

@@ -27,9 +27,11 @@ from mispo.batch import Sample
 
 def generate_partial(rollout, requests: list[dict], n: int, temperature: float, top_p: float, max_new_tokens: int,
                      segment_tokens: int, seed: int | None = None,
-                     after_segment=None) -> list[Sample]:
+                     after_segment=None, max_model_len: int | None = None) -> list[Sample]:
     """n samples per request, request-major, generated `segment_tokens` at a time (module docstring).
-    `after_segment(k)` is called after segment k returns (tests use it to sync weights in between)."""
+    `after_segment(k)` is called after segment k returns (tests use it to sync weights in between).
+    `max_model_len`: the engines' context (rollout.max_model_len); a sequence that fills it is finished
+    ("length"), since the engine refuses a prompt that leaves no room for one more token."""
     if segment_tokens < 1:
         raise ValueError(f"rollout.partial_rollout_tokens = {segment_tokens} must be >= 1")
     # one running sequence per (request, sample): its sample id, tokens, log-probs, versions so far
@@ -48,13 +50,21 @@ def generate_partial(rollout, requests: list[dict], n: int, temperature: float, 
             s["logprobs"] += out.rollout_logprobs
             s["versions"] += [out.version] * len(out.response_ids)
             s["text"] = out.response_text
-            # done: the model stopped, the budget is spent, or the engine's context ended the segment early
-            if out.finish_reason == "stop" or len(s["ids"]) >= max_new_tokens or len(out.response_ids) < budget:
+            if _finished(out, s, budget, max_new_tokens, max_model_len):
                 s["finish"] = out.finish_reason
         if after_segment is not None:
             after_segment(segment)
         segment += 1
     return [_sample(s) for s in running]
+
+
+def _finished(out: Sample, seq: dict, budget: int, max_new_tokens: int, max_model_len: int | None) -> bool:
+    """Is `seq` done after this segment's `out`? The model stopped, max_new_tokens is spent, the engine's
+    context ended the segment early, or it is full (prompt + response = max_model_len: another segment
+    would be a prompt the engine rejects)."""
+    length = len(seq["request"]["prompt_ids"]) + len(seq["ids"])
+    return (out.finish_reason == "stop" or len(seq["ids"]) >= max_new_tokens or len(out.response_ids) < budget
+            or (max_model_len is not None and length >= max_model_len))
 
 
 def _sample(seq: dict) -> Sample:

@@ -133,3 +133,115 @@ def test_fused_pi_old_equals_a_separate_forward(tiny_checkpoint, loss_name):
     assert loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-7)
     assert grad_a.abs().max() > 0
     torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-7)
+
+
+def _loss_metrics(loss_name, inputs, rows, n_tok, n_seq, precomputed_masks):
+    from mispo.algorithms.filters import mis_filter_detailed
+
+    algo = AlgorithmConfig(policy_loss=loss_name, advantage="grpo", token_bounds=(0.8, 1.25), traj_bounds=(0.9, 1.1))
+    config = policy_loss_config(algo, max_new_tokens=8)
+    sub = {k: v[rows] for k, v in inputs.items()}
+    if precomputed_masks:  # what prepare_update hands the learner when pi_old comes from its own forward
+        res = mis_filter_detailed(sub["logp_old"], sub["logp_rollout"], sub["mask"], (0.8, 1.25), (0.9, 1.1))
+        sub.update(token_keep=res.token_keep, traj_keep=res.traj_keep)
+    _, m = compute_policy_loss(loss_name, PolicyLossInputs(**sub, num_tokens=n_tok, num_seqs=n_seq), config)
+    return {k: float(v) for k, v in m.items()}
+
+
+def _uneven_inputs(B=9, T=8):
+    """Rows of 1..T tokens and an engine that disagrees on some tokens, so every statistic varies by row."""
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
+    logp_old = -torch.rand(B, T, generator=g) - 0.1
+    return dict(logp=logp_old + 0.05 * torch.randn(B, T, generator=g), logp_old=logp_old,
+                advantages=torch.randn(B, generator=g)[:, None] + 0.3 * torch.randn(B, T, generator=g), mask=mask,
+                logp_rollout=logp_old + 0.3 * torch.randn(B, T, generator=g), entropy=torch.rand(B, T, generator=g))
+
+
+@pytest.mark.parametrize("loss_name, precomputed", [("mispo", True), ("mispo", False), ("ppo", False),
+                                                    ("gspo", False), ("tis", False), ("icepop", False),
+                                                    ("cispo", False)])
+def test_logged_means_of_uneven_pieces_equal_the_whole_batch(loss_name, precomputed):
+    """Micro-batches of 8 rows and of 1 row, then ranks / mini-batches: each logged mean (keep fractions,
+    |log x|, entropy, advantages' mean and std, the losses' own fractions) is the whole batch's."""
+    inputs = _uneven_inputs()
+    B = inputs["mask"].shape[0]
+    n_tok, n_seq = float(inputs["mask"].sum()), float(B)
+    whole = _loss_metrics(loss_name, inputs, list(range(B)), n_tok, n_seq, precomputed)
+    micro = [_loss_metrics(loss_name, inputs, rows, n_tok, n_seq, precomputed) for rows in ([*range(8)], [8])]
+    rank_a = combine_partials(micro[:1])  # ranks: rank 0 held the 8-row piece, rank 1 the 1-row piece
+    over_ranks = combine_partials([rank_a, combine_partials(micro[1:])])
+    over_minis = mean_metrics([combine_partials([m]) for m in micro])  # or two mini-batches of one rank
+    means = [k for k in whole if k not in ("actor/pg_loss", "actor/loss")]
+    assert {"adv/mean", "adv/std", "actor/entropy", "mismatch/log_ratio_abs_mean", "actor/num_tokens"} <= set(means)
+    for combined in (combine_partials(micro), over_ranks, over_minis):
+        for k in means:
+            assert combined[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-6), k
+    if loss_name == "mispo":  # the keep fractions differ between the pieces: a plain mean would be wrong
+        key = "mispo/token_keep_frac"
+        plain = sum(m[key] for m in micro) / 2
+        assert plain != pytest.approx(whole[key], abs=1e-3)
+
+
+def test_the_rollout_gap_has_one_name():
+    inputs = _uneven_inputs()
+    for precomputed in (True, False):
+        m = _loss_metrics("mispo", inputs, list(range(9)), float(inputs["mask"].sum()), 9.0, precomputed)
+        assert "mismatch/log_ratio_abs_mean" in m and not any(k.startswith("mispo/log_ratio") for k in m)
+
+
+def test_logged_critic_means_of_uneven_pieces_equal_the_whole_batch():
+    from mispo.algorithms.critic import value_loss
+
+    inputs = _uneven_inputs()
+    mask, values, returns = inputs["mask"], inputs["logp"], inputs["advantages"]
+    n_tok = float(mask.sum())
+
+    def metrics(rows):
+        _, m = value_loss(values[rows], returns[rows], mask[rows], old_values=values[rows] + 0.1, clip_range=0.05,
+                          num_tokens=n_tok)
+        return {k: float(v) for k, v in m.items()}
+
+    whole, combined = metrics(list(range(9))), combine_partials([metrics(list(range(8))), metrics([8])])
+    for k in ("critic/vf_loss", "critic/value_mean", "critic/return_mean", "critic/vf_clip_frac", "critic/num_tokens"):
+        assert combined[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-6), k
+
+
+@pytest.mark.parametrize("value_clip, critic_masks", [(None, False), (0.05, False), (None, True)])
+def test_critic_update_reads_value_clip_and_critic_masks(value_clip, critic_masks):
+    """CriticWorker.train without DeepSpeed: algorithm.value_clip clips around the old values (clip fraction
+    and loss change), critic_masks drops the rejected tokens' terms."""
+    from mispo.learner.critic_worker import CriticWorker
+
+    samples = _samples()
+    batch = RolloutBatch.from_samples(samples)
+    shape = batch.response_mask.shape
+    batch.values, batch.returns = torch.zeros(shape), torch.ones(shape)
+    batch.token_keep = torch.ones(shape, dtype=torch.bool)
+    batch.token_keep[:, 2:] = False
+    batch.traj_keep = torch.ones(shape[0], dtype=torch.bool)
+    losses = []
+
+    class Engine:
+        def train(self):
+            pass
+
+        def step(self):
+            pass
+
+        def get_lr(self):
+            return [0.0]
+
+    w = CriticWorker.__new__(CriticWorker)
+    w.engine, w.device, w.rank, w.world_size = Engine(), torch.device("cpu"), 0, 1
+    w.algo = AlgorithmConfig(value_clip=value_clip, critic_masks=critic_masks)
+    w.learner_cfg, w.generator = LearnerConfig(micro_batch_tokens=1000, critic_mini_batches=1), torch.Generator()
+    w._values = lambda mb: torch.full((1, int(mb.input_ids.numel())), 0.5)  # V = 0.5 everywhere, old V = 0
+    w.backward = lambda loss, mb, last: losses.append(float(loss))
+    metrics = w.train(batch)
+    # unclipped: 1/2 (0.5 - 1)^2 = 0.125 per token; clipped to old V + 0.05: 1/2 (0.05 - 1)^2 = 0.45125
+    per_token = 0.45125 if value_clip else 0.125
+    kept = 2 / 5 if critic_masks else 1.0
+    assert metrics["critic/vf_loss"] == pytest.approx(per_token * kept, rel=1e-5)
+    assert metrics["critic/vf_clip_frac"] == (1.0 if value_clip else 0.0)

@@ -325,3 +325,11 @@ def test_cli_json_and_errors(flash_dir, capsys):
     # the plan reads no data: the recipe's data paths need not exist, only the checkpoint's config.json
     assert main(["plan", "recipes/step3p5_flash/math_expert.yaml", f"model.path={flash_dir}", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fits"] is True
+
+
+def test_cpu_memory_gb_bounds_the_offloaded_states(flash_dir):
+    """resources.cpu_memory_gb: offloaded optimizer states beyond the host's memory make the actor not fit."""
+    actor = flash_plan(flash_dir).role("actor")  # the shipped layout offloads; 0 = host memory unchecked
+    assert actor.fits and actor.extra["host_gib_per_node"] > 1
+    small = flash_plan(flash_dir, "resources.cpu_memory_gb=1").role("actor")
+    assert not small.fits and "> resources.cpu_memory_gb = 1" in small.detail

@@ -96,6 +96,40 @@ def test_engine_context_ending_a_segment_early_finishes_the_sample():
     assert s.response_ids == [0, 1, 2, 3, 4] and s.finish_reason == "length" and len(engine.calls) == 2
 
 
+class ContextLimit(ScriptedGroup):
+    """A ScriptedGroup with vLLM's context rules: a prompt of max_model_len tokens or more is refused (no room
+    for one more token), and generation stops with "length" when prompt + response fill the context."""
+
+    def __init__(self, stop_at, max_model_len):
+        super().__init__(stop_at)
+        self.max_model_len = max_model_len
+
+    def generate(self, requests, n, temperature, top_p, max_new_tokens, seed=None):
+        for r in requests:
+            length = len(r["prompt_ids"]) + len(r["continue_ids"])
+            if length >= self.max_model_len:
+                raise ValueError(f"The decoder prompt (length {length}) plus the number of requested output tokens "
+                                 f"(at least 1) is longer than the maximum model length of {self.max_model_len}.")
+        out = super().generate(requests, n, temperature, top_p, max_new_tokens, seed)
+        for r, s in zip(requests, out):
+            room = self.max_model_len - len(r["prompt_ids"]) - len(r["continue_ids"])
+            if len(s.response_ids) > room:
+                s.response_ids, s.rollout_logprobs, s.finish_reason = s.response_ids[:room], [-0.5] * room, "length"
+        return out
+
+
+@pytest.mark.parametrize("prompt_len", [4, 3])
+def test_a_sequence_that_fills_the_context_at_a_segment_boundary_is_finished(prompt_len):
+    """max_model_len 12: a 4-token prompt + two 4-token segments fill it exactly at a boundary (the second
+    segment returns its whole budget, "length"); a 3-token prompt fills it inside the third segment."""
+    engine = ContextLimit(stop_at={}, max_model_len=12)
+    [s] = generate_partial(engine, [{"prompt_ids": [1] * prompt_len, "group": 0}], n=1, temperature=1.0, top_p=1.0,
+                           max_new_tokens=20, segment_tokens=4, max_model_len=12)
+    assert len(s.prompt_ids) + len(s.response_ids) == 12 and s.finish_reason == "length"
+    assert s.response_ids == list(range(12 - prompt_len))
+    assert len(engine.calls) == (2 if prompt_len == 4 else 3)
+
+
 # --------------------------------------------------------------------------- recipe checks
 BASE = {"name": "t", "trainer": {"mode": "async", "max_staleness": 2}, "rollout": {"max_new_tokens": 32,
         "partial_rollout_tokens": 8}}

@@ -40,3 +40,36 @@ def test_a_dumped_recipe_loads_again():
     again = load_recipe(None, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
                                for k, v in [("algorithm", r.algorithm.model_dump(mode="json"))]])
     assert again.algorithm == r.algorithm and dump_recipe(r)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # the engine's log-probs are of the nucleus (cut, renormalised); the learner scores the whole softmax
+    (["rollout.top_p=0.9"], r"rollout.top_p = 0.9 with algorithm.policy_loss = 'mispo'.*nucleus"),
+    (["rollout.top_p=0.95", "algorithm.policy_loss=tis"], r"rollout.top_p = 0.95 with algorithm.policy_loss = 'tis'"),
+    (["rollout.top_p=0.95", "algorithm.policy_loss=icepop"], "policy_loss = 'icepop'"),
+    (["rollout.top_p=0.95", "algorithm.policy_loss=ppo", "algorithm.critic_masks=true"], "algorithm.critic_masks"),
+    (["rollout.top_p=0.95", "algorithm.policy_loss=ppo", "trainer.mismatch_attribution=true"],
+     "trainer.mismatch_attribution"),
+    # the adaptive band moves a mask that only MIS-PO (or the critic, with critic_masks) reads
+    *[(["algorithm.adaptive_traj_band=true", f"algorithm.policy_loss={loss}", "algorithm.advantage=grpo"],
+       f"adaptive_traj_band adapts MIS-PO's trajectory mask, which policy_loss = '{loss}' never reads")
+      for loss in ("ppo", "gspo", "tis", "icepop", "cispo")],
+    (["algorithm.critic_masks=true", "algorithm.advantage=grpo"], "critic_masks has no effect with advantage = 'grpo'"),
+    (["algorithm.loss_agg=mean"], r"algorithm\.loss_agg .*'mean' is not an aggregation; fix: one of token-mean"),
+    (["algorithm.loss_agg=token_mean"], "not an aggregation"),
+])
+def test_options_a_loss_would_not_honour_are_refused(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["rollout.top_p=0.9", "algorithm.policy_loss=ppo"],  # pi_rollout feeds only the mismatch/* metrics
+    ["rollout.top_p=0.9", "algorithm.policy_loss=gspo", "algorithm.advantage=grpo"],
+    ["rollout.top_p=0.9", "algorithm.policy_loss=cispo"],
+    ["algorithm.adaptive_traj_band=true"],
+    ["algorithm.adaptive_traj_band=true", "algorithm.policy_loss=ppo", "algorithm.critic_masks=true"],
+    *[[f"algorithm.loss_agg={agg}"] for agg in ("token-mean", "seq-mean-token-mean", "token-sum-norm")],
+])
+def test_options_that_act_are_accepted(overrides):
+    load_recipe(None, overrides)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from mispo.checkpoint_store import CheckpointStore
 from mispo.metrics_log import MetricsLog
 
@@ -31,3 +33,110 @@ def test_metrics_lines_and_truncation(tmp_path):
     log.truncate(2)
     assert [row["step"] for row in log.rows()] == [0, 1, 2]
     log.close()
+
+
+class _Crash(Exception):
+    pass
+
+
+def _commit_crashing_at(store, k, step, state):
+    """commit(), killed just before its k-th file-system change (rename or delete); every change is
+    preceded by a check that `latest` names a complete checkpoint. True when the commit finished."""
+    import os
+    import shutil
+
+    import mispo.checkpoint_store as cs
+
+    calls = {"n": 0}
+    real_replace, real_rmtree = os.replace, shutil.rmtree
+
+    def guarded(real):
+        def op(*args, **kwargs):
+            assert store.latest() is not None, f"no valid latest before file-system change {calls['n']}"
+            if calls["n"] == k:
+                raise _Crash
+            calls["n"] += 1
+            return real(*args, **kwargs)
+        return op
+
+    staging = store.staging(step)
+    (staging / "policy.bin").write_text(json.dumps(state))
+    cs.os.replace, cs.shutil.rmtree = guarded(real_replace), guarded(real_rmtree)
+    try:
+        store.commit(staging, step, state, keep=2)
+        return True
+    except _Crash:
+        return False
+    finally:
+        cs.os.replace, cs.shutil.rmtree = real_replace, real_rmtree
+
+
+def test_saving_one_step_twice_never_leaves_latest_invalid(tmp_path):
+    """A resumed run saves the step it resumed at again: a kill at any moment of that commit leaves
+    `latest` naming a complete checkpoint (the old copy or the new one), and a finished commit the new."""
+    for k in range(10):
+        store = CheckpointStore(tmp_path / f"run{k}" / "checkpoints")
+        for step in (9, 10):
+            staging = store.staging(step)
+            store.commit(staging, step, {"step": step, "copy": "old"}, keep=2)
+        finished = _commit_crashing_at(store, k, 10, {"step": 10, "copy": "new"})
+        folder, state = store.latest()
+        assert state["step"] == 10 and state["copy"] in ("old", "new")
+        if finished:
+            assert state["copy"] == "new" and (folder / "policy.bin").exists()
+            assert sorted(p.name for p in store.folder.glob("step_*")) == ["step_000009", folder.name]
+            # and a third save of the same step still works
+            store.commit(store.staging(10), 10, {"step": 10, "copy": "third"}, keep=2)
+            assert store.latest()[1]["copy"] == "third"
+            assert len(list(store.folder.glob("step_*"))) == 2
+
+
+def test_save_decision_every_n_steps_and_always_at_the_end():
+    from mispo.checkpoint_store import final_save, periodic_save
+
+    assert [s for s in range(1, 11) if periodic_save(s, 4)] == [4, 8]
+    assert not any(periodic_save(s, 0) for s in range(1, 11))  # 0 = only at the end
+    assert final_save(2, None)  # save_every 0, max_steps 2: the end save runs
+    assert final_save(10, 8) and not final_save(8, 8)  # not twice for the same step
+    assert not final_save(0, None)  # nothing trained, nothing to save
+
+
+@pytest.mark.parametrize("save_every, max_steps, saved", [(0, 2, [2]), (2, 4, [2, 4]), (3, 4, [3, 4])])
+def test_the_loop_leaves_a_checkpoint_whatever_save_every(tmp_path, monkeypatch, save_every, max_steps, saved):
+    """Trainer.fit with its engines and learners stubbed: `save_every: 0` still writes checkpoints/latest
+    at the end (so a rerun is refused and --resume has something), no step is saved twice, and
+    `keep_checkpoints` prunes the older ones."""
+    import mispo.trainer as trainer_mod
+    from mispo.batch import Sample
+    from mispo.config import load_recipe
+
+    class Stub:
+        def __init__(self, **methods):
+            self.__dict__.update(methods)
+
+    t = trainer_mod.Trainer.__new__(trainer_mod.Trainer)
+    t.recipe = load_recipe(None, [f"trainer.save_every={save_every}", f"trainer.max_steps={max_steps}",
+                                  "trainer.eval_every=0", "trainer.loggers=[]", "trainer.keep_checkpoints=1"])
+    t.output, t.step, t.ahead, t.saved_step, t.critic, t.band = tmp_path, 0, 0, None, None, None
+    t.rollouts_started, t.samplers = 0, {}
+    from collections import deque
+    t.redrawn = deque()
+    t.checkpoints = CheckpointStore(tmp_path / "checkpoints")
+    t.metrics_log = MetricsLog(tmp_path, [])
+    t.policy = Stub(submit=lambda *a: [], all=lambda *a: None)
+    t.tokenizer = Stub(save_pretrained=lambda *a: None)
+    one = Sample(prompt_ids=[1], response_ids=[2], rollout_logprobs=[-1.0], loss_mask=[1], finish_reason="stop")
+    t._maybe_resume = lambda: None
+    t.start_rollout = lambda: None
+    t.finish_rollout = lambda pending: ([("d", [one])], {"rollout/dropped_stale": 0.0})
+    t.score = lambda rollouts: {}
+    t.train_step = lambda rollouts: {}
+    commits = []
+    real_commit = t.checkpoints.commit
+    t.checkpoints.commit = lambda staging, step, state, keep: commits.append(step) or real_commit(staging, step,
+                                                                                                  state, keep)
+    monkeypatch.setattr(trainer_mod.ray, "get", lambda refs: refs)
+    t.fit()
+    assert commits == saved
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{max_steps:06d}"
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == [f"step_{max_steps:06d}"]  # keep 1

@@ -225,3 +225,94 @@ def test_core_split_that_cannot_fit_names_the_field():
         split_cores(2, "async", [0, 1], 1)
     with pytest.raises(RecipeError, match="fewer than rollout.num_workers = 3"):
         split_cores(2, "async", list(range(8)), 3)
+
+
+@pytest.mark.parametrize("penalty", [None, 0.5])
+def test_overlong_penalty_survives_the_truncation_bootstrap(penalty):
+    """GAE with bootstrap_truncated replaces a truncated answer's reward by V(s_T); the overlong penalty is
+    a reward for the length it reached, so it stays: return = V(s_T) + penalty (the answer's own score,
+    of an unfinished answer, is what the bootstrap drops)."""
+    from types import SimpleNamespace
+
+    overlong = [] if penalty is None else [f"reward.overlong={{buffer: 2, penalty: {penalty}}}"]
+    recipe = load_recipe(None, ["rollout.max_new_tokens=4", *overlong])
+    runner = SimpleNamespace(score=lambda rows: SimpleNamespace(scores=[1.0] * len(rows), extras=[{}] * len(rows),
+                                                                metrics={}))
+    truncated, stopped = sample(n=4), sample(n=3)
+    truncated.finish_reason = "length"
+    Domain("d", recipe, reward=runner).score([truncated, stopped])
+    batch = RolloutBatch.from_samples([truncated, stopped])
+    batch.values = torch.full_like(batch.rollout_logprobs, 0.25) * batch.response_mask
+    batch.bootstrap_values = torch.tensor([0.5, 0.0])
+    prepare_update(batch, AlgorithmConfig(advantage="gae", gamma=1.0, lam=1.0))
+    p = -(penalty or 0.0)  # 4 tokens = the limit: the whole penalty
+    assert torch.allclose(batch.returns[0], torch.full((4,), 0.5 + p))  # V(s_T), then the penalty
+    assert batch.advantages[0, 0] == pytest.approx(0.5 + p - 0.25)
+    # 3 tokens, half-way into the 2-token buffer: 1.0 - penalty / 2, as without the bootstrap
+    assert torch.allclose(batch.returns[1, :3], torch.full((3,), 1.0 + p / 2))
+    prepare_update(batch, AlgorithmConfig(advantage="gae", bootstrap_truncated=False))
+    assert torch.allclose(batch.returns[0], torch.full((4,), 1.0 + p))  # scored as it ends, penalty included
+
+
+@pytest.mark.parametrize("target", [0.5, 0.9])
+def test_adaptive_target_keep_sets_the_share_of_kept_trajectories(target):
+    from mispo.prepare_update import adaptive_band
+
+    g = torch.Generator().manual_seed(0)
+    batch = _batch([1.0, 0.0] * 20, list(range(40)))
+    batch.old_logprobs = batch.rollout_logprobs + 0.003 + 0.002 * torch.randn(batch.rollout_logprobs.shape, generator=g)
+    algo = AlgorithmConfig(policy_loss="mispo", advantage="grpo", adaptive_traj_band=True, adaptive_target_keep=target)
+    band = adaptive_band(algo)
+    prepare_update(batch, algo, band)
+    kept = float(batch.traj_keep.float().mean())
+    assert target <= kept < target + 0.1
+    assert adaptive_band(AlgorithmConfig()) is None
+    prepare_update(batch, AlgorithmConfig(policy_loss="mispo", advantage="grpo"))
+    assert float(batch.traj_keep.float().mean()) < 0.2  # the base band (0.996, 1.001) alone
+
+
+def test_whiten_advantages_whitens_over_response_tokens():
+    batch = _batch([1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
+    batch.response_mask[0, 2:] = 0
+    raw = _batch([1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
+    raw.response_mask = batch.response_mask.clone()
+    prepare_update(raw, AlgorithmConfig(advantage="grpo"))
+    prepare_update(batch, AlgorithmConfig(advantage="grpo", whiten_advantages=True))
+    m = batch.response_mask.bool()
+    assert not torch.allclose(batch.advantages[m], raw.advantages[m])
+    assert float(batch.advantages[m].mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(batch.advantages[m].std()) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_reward_settings_reach_the_reward_runner():
+    recipe = load_recipe(None, ["reward.max_concurrency=3", "reward.timeout=7", "reward.failure_score=-1"])
+    domain = Domain("d", recipe).load(with_train=False)
+    try:
+        runner = domain.reward
+        assert (runner.max_concurrency, runner.failure_score) == (3, -1.0)
+        assert 7.0 in vars(runner).values()  # the timeout, whatever the runner calls it
+    finally:
+        domain.close()
+
+
+def test_optimizer_settings_reach_the_engine(monkeypatch):
+    """learner.actor / critic: lr, betas, weight_decay, grad_clip and warmup_steps are what DeepSpeed gets."""
+    import deepspeed
+
+    from mispo.config import OptimConfig
+    from mispo.learner.engine import build_engine
+
+    seen = {}
+
+    def initialize(model, optimizer, lr_scheduler, config):
+        seen.update(optimizer=optimizer, scheduler=lr_scheduler, config=config)
+        return "engine", optimizer, None, lr_scheduler
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    optim = OptimConfig(lr=0.01, betas=(0.8, 0.9), weight_decay=0.05, grad_clip=0.5, warmup_steps=3)
+    assert build_engine(torch.nn.Linear(2, 2), optim, zero_stage=1, dtype="float32") == "engine"
+    groups = seen["optimizer"].param_groups
+    assert all(g["betas"] == (0.8, 0.9) for g in groups)
+    assert {g["weight_decay"] for g in groups} == {0.05, 0.0}  # no decay on biases / norms
+    assert seen["config"]["gradient_clipping"] == 0.5 and seen["config"]["zero_optimization"]["stage"] == 1
+    assert groups[0]["lr"] == pytest.approx(0.01 / 4)  # warm-up step 0 of 3
