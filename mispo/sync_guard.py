@@ -144,7 +144,7 @@ class SyncProbe:
 def fp32_sync_warning(metrics: dict, mode: str, dtypes: tuple[str, str]) -> str | None:
     """The warning for a sync-mode run with fp32 on both sides whose mean |log pi_old / pi_rollout| is above
     1e-3 (two fp32 forwards at the same weights agree to ~1e-6), else None."""
-    value = metrics.get("mismatch/log_ratio_abs_mean", metrics.get("mispo/log_ratio_abs_mean"))
+    value = metrics.get("mismatch/log_ratio_abs_mean")
     if mode != "sync" or dtypes != ("float32", "float32") or value is None or value <= 1e-3:
         return None
     return (f"mean |log pi_old / pi_rollout| = {value:.3g} in sync mode with fp32 on both sides, where ~1e-6 is "

@@ -27,10 +27,12 @@ def context_limit(config: dict) -> int | None:
     return int(limit) if limit else None
 
 
-def resolve_max_model_len(requested: int | None, model_path: str | Path, source: str | None = None) -> int:
+def resolve_max_model_len(requested: int | None, model_path: str | Path, source: str | None = None) -> int | None:
     """rollout.max_model_len as the engine will run it: None -> min(the model's limit, DEFAULT_CONTEXT_CAP);
     a value above the model's limit is an error naming the field and the limit."""
     config_file = Path(model_path) / "config.json"
+    if not config_file.is_file():  # not a local checkpoint (a hub id): vLLM reads the limit itself
+        return requested
     limit = context_limit(json.loads(config_file.read_text()))
     if requested is None:
         return min(limit or DEFAULT_CONTEXT_CAP, DEFAULT_CONTEXT_CAP)

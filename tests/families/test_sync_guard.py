@@ -72,8 +72,8 @@ def test_mean_abs_diff_and_fixed_sequences():
 
 
 def test_fp32_sync_warning_names_the_causes():
-    metrics = {"mispo/log_ratio_abs_mean": 0.2}
+    metrics = {"mismatch/log_ratio_abs_mean": 0.2}
     assert "rollout.top_p" in fp32_sync_warning(metrics, "sync", ("float32", "float32"))
-    assert fp32_sync_warning({"mispo/log_ratio_abs_mean": 1e-6}, "sync", ("float32", "float32")) is None
+    assert fp32_sync_warning({"mismatch/log_ratio_abs_mean": 1e-6}, "sync", ("float32", "float32")) is None
     assert fp32_sync_warning(metrics, "async", ("float32", "float32")) is None
     assert fp32_sync_warning(metrics, "sync", ("float32", "bfloat16")) is None

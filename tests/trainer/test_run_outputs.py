@@ -125,6 +125,7 @@ def test_the_loop_leaves_a_checkpoint_whatever_save_every(tmp_path, monkeypatch,
     t.metrics_log = MetricsLog(tmp_path, [])
     t.policy = Stub(submit=lambda *a: [], all=lambda *a: None)
     t.tokenizer = Stub(save_pretrained=lambda *a: None)
+    t.probe = Stub(start=lambda: {})  # the weight-sync probe (mispo.sync_guard)
     one = Sample(prompt_ids=[1], response_ids=[2], rollout_logprobs=[-1.0], loss_mask=[1], finish_reason="stop")
     t._maybe_resume = lambda: None
     t.start_rollout = lambda: None
