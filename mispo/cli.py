@@ -27,6 +27,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return UsageError, RecipeError, DataError, PluginError, FilterError
 
 
+def _guard_errors() -> tuple[type[Exception], ...]:
+    """Errors of the run's invariant guards (raised in the driver or, wrapped by Ray, in an actor)."""
+    from mispo.sync_guard import WeightSyncError
+
+    return (WeightSyncError,)
+
+
 def _stderr():
     from rich.console import Console
 
@@ -333,3 +340,8 @@ def main(argv: list[str] | None = None) -> int:
 
         _stderr().print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
+    except _guard_errors() as exc:  # a run stopped by a runtime guard: its message, not Ray's traceback
+        from rich.markup import escape
+
+        _stderr().print(f"[red]error:[/red] {escape(str(getattr(exc, 'cause', None) or exc))}")
+        return 1

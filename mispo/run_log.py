@@ -56,6 +56,9 @@ def quiet_driver(log_file: Path) -> None:
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
     hf_logging.disable_progress_bar()
+    import datasets  # its "Generating train split" bars for local data files
+
+    datasets.disable_progress_bars()
     # DeepSpeed: its "DeepSpeed" logger prints to stdout from import on; naming the accelerator (as the
     # actors get it) spares the import's detection warning, then the logger goes to the file
     from mispo.cluster import deepspeed_env

@@ -77,3 +77,19 @@ def test_fp32_sync_warning_names_the_causes():
     assert fp32_sync_warning({"mismatch/log_ratio_abs_mean": 1e-6}, "sync", ("float32", "float32")) is None
     assert fp32_sync_warning(metrics, "async", ("float32", "float32")) is None
     assert fp32_sync_warning(metrics, "sync", ("float32", "bfloat16")) is None
+
+
+def test_cli_prints_a_guard_error_raised_in_an_actor_without_rays_traceback(monkeypatch, capsys):
+    from ray.exceptions import RayTaskError
+
+    import mispo.cli as cli
+
+    def fails(args):
+        raise RayTaskError("weight_bucket_refs", "ray traceback text", WeightSyncError("names differ")
+                           ).as_instanceof_cause()
+
+    monkeypatch.setattr(cli, "plan", fails)
+    monkeypatch.setattr(cli, "parse_args", lambda argv: type("A", (), {"func": staticmethod(fails)})())
+    assert cli.main(["plan", "x.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert "names differ" in err and "ray traceback text" not in err
