@@ -66,17 +66,28 @@ def train(args) -> int:
 
 
 @contextmanager
-def _run_output(output: Path, ray_address: str | None, verbose: bool):
+def _run_output(output: Path, ray_address: str | None, verbose: bool, log_file: Path | None = None,
+                in_process: bool = False):
     """A quiet run (unless `verbose`): library logging of this process and the output of every Ray worker
-    go to output/logs/run.log; an unexpected error points at that file."""
+    go to `log_file` (default output/logs/run.log); with `in_process` (an engine in this process, no Ray)
+    this process's stdout / stderr too, while the context runs. An unexpected error points at that file."""
     if verbose:
         yield
         return
     from mispo.cluster import start_ray
-    from mispo.run_log import quiet_driver, run_log_file
+    from mispo.run_log import output_into, quiet_driver, run_log_file
 
-    log_file = run_log_file(output)
+    log_file = log_file or run_log_file(output)
     quiet_driver(log_file)
+    if in_process:
+        _stderr().print(f"[dim]library output: {log_file} (--verbose prints it here)[/dim]")
+        try:
+            with output_into(log_file):
+                yield
+        except Exception:
+            _stderr().print(f"[dim]the full log (libraries, the engine): {log_file}[/dim]")
+            raise
+        return
     start_ray(ray_address, log_file=log_file)
     _stderr().print(f"[dim]library output: {log_file} (--verbose prints it here)[/dim]")
     try:
@@ -193,8 +204,9 @@ def generate(args) -> int:
     if not args.model:
         console.print(f"[dim]no model given: using the built-in tiny Step3p5 checkpoint at {model}[/dim]")
     start = time.time()
-    results = sample(model, args.prompt or ["12+30=", "The answer is"], engine=args.engine,
-                     max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    with _run_output(Path("."), None, args.verbose, log_file=Path(args.log).resolve(), in_process=True):
+        results = sample(model, args.prompt or ["12+30=", "The answer is"], engine=args.engine,
+                         max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, raw=args.raw)
     for r in results:
         mean_lp = sum(r["logprobs"]) / max(len(r["logprobs"]), 1)
         console.print(f"[bold]{r['prompt']!r}[/bold] -> {r['text']!r}  "
@@ -246,7 +258,8 @@ def evaluate(args) -> int:
     from mispo.evaluate import evaluate_model, k_values
 
     start = time.time()
-    report = evaluate_model(recipe, model, args.samples)
+    with _run_output(out.parent, recipe.trainer.ray_address, args.verbose, log_file=out.with_suffix(".log").resolve()):
+        report = evaluate_model(recipe, model, args.samples)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     table = Table(title=f"{recipe.name}: {model}",
@@ -298,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="send the prompts as plain text (default: the tokenizer's "
+                                                      "chat template, as training renders them)")
+    p.add_argument("--log", default="runs/generate.log", help="where the libraries' output goes (default "
+                                                             "runs/generate.log)")
+    p.add_argument("--verbose", "-v", action="store_true", help=VERBOSE)
     p.set_defaults(func=generate)
 
     p = sub.add_parser("plan", help="per-GPU memory plan of a recipe's roles (no model is allocated)")
@@ -312,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", help="checkpoint folder or hub name (default: the recipe's model.path)")
     p.add_argument("--samples", "-k", type=int, default=4, help="samples per prompt for pass@k (default 4)")
     p.add_argument("--json", help="where to write the results (default: MODEL/eval_<recipe name>.json for a "
-                                  "local --model folder, else ./eval_<recipe name>.json)")
+                                  "local --model folder, else ./eval_<recipe name>.json; the libraries' output "
+                                  "goes beside it, as .log)")
+    p.add_argument("--verbose", "-v", action="store_true", help=VERBOSE)
     p.set_defaults(func=evaluate)
     return parser
 

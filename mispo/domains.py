@@ -156,11 +156,17 @@ class Domain:
 
     def evaluate(self, rollout, tokenizer) -> float:
         """Greedy accuracy on the held-out rows: mean reward of one greedy answer each (1.0 = correct)."""
+        return self.greedy_answers(rollout, tokenizer)[0]
+
+    def greedy_answers(self, rollout, tokenizer) -> tuple[float, list[dict]]:
+        """(greedy accuracy, [{"prompt": the row's prompt, "completion", "reward"} per held-out row])."""
         if not self.eval_rows:
             raise ValueError(f"domain {self.name!r} has no eval rows; fix: set data.eval in {self.recipe.source}")
         samples = self.generate(rollout, self.requests(self.eval_rows, tokenizer), n=1, temperature=0.0)
         self.score(samples)
-        return sum(s.reward for s in samples) / len(samples)
+        answers = [{"prompt": s.row.get("prompt", s.prompt_text), "completion": s.response_text, "reward": s.reward}
+                   for s in samples]
+        return sum(s.reward for s in samples) / len(samples), answers
 
     def close(self) -> None:
         if self.reward is not None:

@@ -66,10 +66,14 @@ class Evaluator:
 
     def accuracy(self, checkpoint: str | Path) -> dict[str, float]:
         """{domain: greedy accuracy on its eval rows} of `checkpoint`."""
+        return {name: acc for name, (acc, _) in self.greedy(checkpoint).items()}
+
+    def greedy(self, checkpoint: str | Path) -> dict[str, tuple[float, list[dict]]]:
+        """{domain: (greedy accuracy, the greedy answer of each eval row)} of `checkpoint`."""
         self.load(checkpoint)
-        scores = {d.name: d.evaluate(self.rollout, self.tokenizer) for d in self.domains}
-        console.print(f"[dim]eval {checkpoint}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + "[/dim]")
-        return scores
+        out = {d.name: d.greedy_answers(self.rollout, self.tokenizer) for d in self.domains}
+        console.print(f"[dim]eval {checkpoint}: " + ", ".join(f"{k} {v[0]:.3f}" for k, v in out.items()) + "[/dim]")
+        return out
 
     def sampled(self, checkpoint: str | Path, n: int, temperature: float, top_p: float = 1.0,
                 seed: int | None = None) -> dict[str, dict]:
@@ -106,7 +110,7 @@ def evaluate_model(recipe: Recipe, model: str | Path, samples: int) -> dict:
     try:
         start_ray(recipe.trainer.ray_address)
         evaluator = Evaluator(model, domains, recipe)
-        greedy = evaluator.accuracy(model)
+        greedy = evaluator.greedy(model)
         sampled = evaluator.sampled(model, samples, recipe.rollout.temperature, recipe.rollout.top_p,
                                     seed=recipe.trainer.seed)
     finally:
@@ -114,8 +118,8 @@ def evaluate_model(recipe: Recipe, model: str | Path, samples: int) -> dict:
             evaluator.close()
         for d in domains:
             d.close()
-    per_domain = {d.name: {"eval_rows": len(d.eval_rows), "greedy_accuracy": greedy[d.name], **sampled[d.name]}
-                  for d in domains}
+    per_domain = {d.name: {"eval_rows": len(d.eval_rows), "greedy_accuracy": greedy[d.name][0], **sampled[d.name],
+                           "greedy_answers": greedy[d.name][1]} for d in domains}
     return {"model": str(model), "recipe": recipe.source, "samples": samples,
             "temperature": recipe.rollout.temperature, "top_p": recipe.rollout.top_p, "seed": recipe.trainer.seed,
             "domains": per_domain}

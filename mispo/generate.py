@@ -1,14 +1,14 @@
-"""What `mispo generate` runs: samples from a Step3p5 (or any Hugging Face) checkpoint with vLLM or
-transformers.
+"""What `mispo generate` runs: samples from a Step3p5 (or any Hugging Face) checkpoint with vLLM (the rollout
+workers' engine, `rollout.vllm_engine.RolloutWorker`, in this process) or transformers.
 
-With no model given it writes the built-in tiny Step3p5 checkpoint to the cache folder first, so it
-runs on a fresh CPU machine with no downloads (a random tiny model prints random characters; the
-point is the whole serving path: release-format checkpoint -> vLLM engine -> tokens and log-probs).
+Prompts go through the tokenizer's chat template, as training renders them (`data.render_prompt`), unless
+`raw`; the engine's context is the model's own (`rollout.max_model_len` left out). With no model given it writes
+the built-in tiny Step3p5 checkpoint to the cache folder first, so it runs on a fresh CPU machine with no
+downloads (a random tiny model prints random characters).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 
@@ -20,32 +20,42 @@ def tiny_model_dir() -> Path:
     return base_model_path(Recipe())
 
 
+def prompt_ids(tokenizer, prompt: str, raw: bool = False) -> list[int]:
+    """The token ids the model sees: the chat-templated user turn, as training renders a string prompt
+    (`data.render_prompt`), or with `raw` (or a tokenizer without a template) the plain text."""
+    from mispo.config import DataConfig
+    from mispo.data import render_prompt
+
+    return render_prompt({"prompt": prompt}, tokenizer, DataConfig(chat_template=not raw))[1]
+
+
 def generate(model: str | Path, prompts: list[str], engine: str = "vllm", max_tokens: int = 32,
-             temperature: float = 1.0, seed: int = 0) -> list[dict]:
+             temperature: float = 1.0, seed: int = 0, raw: bool = False) -> list[dict]:
     """Returns per prompt {prompt, text, token_ids, logprobs, finish_reason}."""
     if engine == "vllm":
-        return _generate_vllm(str(model), prompts, max_tokens, temperature, seed)
+        return _generate_vllm(str(model), prompts, max_tokens, temperature, seed, raw)
     if engine == "hf":
-        return _generate_hf(str(model), prompts, max_tokens, temperature, seed)
+        return _generate_hf(str(model), prompts, max_tokens, temperature, seed, raw)
     raise ValueError(f"engine = {engine!r}: use 'vllm' or 'hf'")
 
 
-def _generate_vllm(model, prompts, max_tokens, temperature, seed):
-    from vllm import LLM, SamplingParams
+def _generate_vllm(model, prompts, max_tokens, temperature, seed, raw):
+    from mispo.config import RolloutConfig
+    from mispo.rollout.vllm_engine import RolloutWorker
 
-    llm = LLM(model=model, dtype="float32", enforce_eager=True, seed=seed, max_model_len=1024,
-              gpu_memory_utilization=float(os.environ.get("MISPO_VLLM_MEMORY", "0.2")))
-    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0, seed=seed)
-    results = []
-    for prompt, out in zip(prompts, llm.generate(prompts, params)):
-        c = out.outputs[0]
-        lps = [lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)] if c.logprobs else []
-        results.append({"prompt": prompt, "text": c.text, "token_ids": list(c.token_ids), "logprobs": lps,
-                        "finish_reason": c.finish_reason})
-    return results
+    worker = RolloutWorker(model, RolloutConfig().model_dump(), seed=seed)
+    try:
+        requests = [{"prompt_ids": prompt_ids(worker.tokenizer, p, raw), "prompt_text": p, "group": i}
+                    for i, p in enumerate(prompts)]
+        samples = worker.generate(requests, n=1, temperature=temperature, top_p=1.0, max_new_tokens=max_tokens,
+                                  seed=seed)
+    finally:
+        worker.shutdown()
+    return [{"prompt": s.prompt_text, "text": s.response_text, "token_ids": s.response_ids,
+             "logprobs": s.rollout_logprobs, "finish_reason": s.finish_reason} for s in samples]
 
 
-def _generate_hf(model, prompts, max_tokens, temperature, seed):
+def _generate_hf(model, prompts, max_tokens, temperature, seed, raw):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,7 +66,7 @@ def _generate_hf(model, prompts, max_tokens, temperature, seed):
     lm = AutoModelForCausalLM.from_pretrained(model).eval()
     results = []
     for prompt in prompts:
-        ids = tok(prompt, return_tensors="pt").input_ids
+        ids = torch.tensor([prompt_ids(tok, prompt, raw)])
         with torch.no_grad():
             out = lm.generate(ids, max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature,
                               output_scores=True, return_dict_in_generate=True)

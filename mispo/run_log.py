@@ -11,6 +11,7 @@ An exception raised inside an actor still reaches the terminal: Ray returns it t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -79,6 +80,28 @@ def _from_mispo(record: logging.LogRecord) -> bool:
 def worker_runtime_env(log_file: Path) -> dict:
     """The Ray job runtime_env entries that send every worker's output to `log_file`."""
     return {"worker_process_setup_hook": WORKER_HOOK, "env_vars": {LOG_ENV: str(log_file)}}
+
+
+@contextlib.contextmanager
+def output_into(log_file: Path):
+    """Within the context this process's stdout and stderr file descriptors append to `log_file` (an engine
+    running in this process: vLLM's prints, C++ warnings and progress bars); restored on exit."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
 
 
 def redirect_worker_output() -> None:
