@@ -29,9 +29,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def _guard_errors() -> tuple[type[Exception], ...]:
     """Errors of the run's invariant guards (raised in the driver or, wrapped by Ray, in an actor)."""
+    from mispo.dead_actor import RunStopped
     from mispo.sync_guard import WeightSyncError
 
-    return (WeightSyncError,)
+    return WeightSyncError, RunStopped
 
 
 def _stderr():
@@ -62,7 +63,10 @@ def train(args) -> int:
     with _run_output(output, recipe.trainer.ray_address, args.verbose):
         if recipe.pipeline is not None:
             return _train_pipeline(recipe, output, start)
-        return _train_rl(recipe, output, start)
+        import shlex
+
+        resume = shlex.join(["mispo", "train", args.recipe, *args.overrides, "--output", str(output), "--resume"])
+        return _train_rl(recipe, output, start, resume)
 
 
 @contextmanager
@@ -98,13 +102,18 @@ def _run_output(output: Path, ray_address: str | None, verbose: bool, log_file: 
         raise
 
 
-def _train_rl(recipe, output: Path, start: float) -> int:
+def _train_rl(recipe, output: Path, start: float, resume_command: str = "") -> int:
+    import ray
+
+    from mispo.dead_actor import RunStopped, describe
     from mispo.trainer import Trainer
 
     trainer = None
     try:
         trainer = Trainer(recipe, output)
         final = trainer.fit()
+    except ray.exceptions.RayActorError as exc:  # a learner or an engine the run cannot do without died
+        raise RunStopped(describe(exc, output / "checkpoints", resume_command)) from None
     finally:
         if trainer is not None:
             trainer.shutdown()

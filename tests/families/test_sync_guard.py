@@ -93,3 +93,21 @@ def test_cli_prints_a_guard_error_raised_in_an_actor_without_rays_traceback(monk
     assert cli.main(["plan", "x.yaml"]) == 1
     err = capsys.readouterr().err
     assert "names differ" in err and "ray traceback text" not in err
+
+
+def test_a_dead_learner_is_described_with_the_checkpoint_and_the_resume_command(tmp_path):
+    from mispo.checkpoint_store import CheckpointStore
+    from mispo.dead_actor import describe
+
+    ray_text = ("The actor died unexpectedly before finishing this task.\n\tclass_name: PolicyWorker\n\tactor_id: "
+                "ab12\n\tpid: 4242\n\tThe actor is dead because its worker process has died. Worker exit type: "
+                "SYSTEM_ERROR Worker exit detail: killed by signal 9 (SIGKILL)")
+    command = "mispo train r.yaml --output runs/x --resume"
+    said = describe(RuntimeError(ray_text), tmp_path / "checkpoints", command)
+    assert said.startswith("the policy learner (pid 4242) died: ") and "No checkpoint was saved yet" in said
+    store = CheckpointStore(tmp_path / "checkpoints")
+    staging = store.staging(10)
+    (staging / "trainer_state.json").write_text('{"step": 10}')
+    store.commit(staging, 10, {"step": 10}, keep=2)
+    said = describe(RuntimeError(ray_text), tmp_path / "checkpoints", command)
+    assert "step 10" in said and said.endswith(command)
