@@ -282,6 +282,10 @@ class TrainerConfig(Section):
     save_every: int = Field(10, ge=0, description="checkpoint every N steps; the loop's end (max_steps, "
                             "time_limit_minutes) always saves one, so a stopped run can --resume; 0 = only at the end")
     keep_checkpoints: int = Field(2, ge=1, description="the newest N checkpoints are kept, older ones deleted")
+    max_restarts: int = Field(2, ge=0, description="a policy or critic learner that dies is started again from the "
+                              "last complete checkpoint (the engines re-synced, in-flight prompts drawn again) up to "
+                              "this many times a run; past that, or with no checkpoint, the run stops naming the "
+                              "role, the checkpoint and the --resume command")
     sync_check_every: int = Field(5, ge=0, description="probe the engines after the first weight sync and every N "
                                   "versions: their log-probs of fixed token sequences must equal the learner's "
                                   "within what the dtypes explain, else the run stops (mispo.sync_guard); 0 = off")

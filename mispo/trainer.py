@@ -100,15 +100,8 @@ class Trainer:
         self.band = adaptive_band(r.algorithm)
         with_critic = r.learner.critic is not None and r.algorithm.advantage == "gae"
         self.placement = place_roles(r.resources, with_critic, r.rollout.num_workers)  # None on a CPU run
-        common = dict(model=r.model.model_dump(), learner=r.learner.model_dump(),
-                      algorithm=r.algorithm.model_dump(), seed=r.trainer.seed, cpu_cores=cores.learner)
-        actor_opts, critic_opts = learner_options(self.placement, with_critic)
-        ranks = r.learner.ranks  # CPU runs; a GPU run has one rank per placed GPU
-        self.policy = LearnerGroup(PolicyWorker, actor_opts, self.policy_path, cpu_ranks=ranks,
-                                   max_new_tokens=max(d.max_new_tokens for d in self.domains),
-                                   temperature=r.rollout.temperature, **common)
-        self.critic = LearnerGroup(CriticWorker, critic_opts, self.policy_path, cpu_ranks=ranks,
-                                   **common) if with_critic else None
+        self._learner_cores, self.restarts = cores.learner, 0
+        self.policy, self.critic = self._start_learners(with_critic)
         # pi_old is the update's own first forward when that is exact and nothing needs it beforehand
         # (one mini-batch, no reference, no adaptive band, no critic masks, no dropout): one forward saved
         self.fused_old_logprobs = (r.learner.actor_mini_batches == 1 and not r.learner.reference
@@ -135,6 +128,44 @@ class Trainer:
         self.redrawn: deque[tuple] = deque()
         self._last_generate_end = None
 
+    def _start_learners(self, with_critic: bool) -> tuple[LearnerGroup, LearnerGroup | None]:
+        """The policy (and critic) learner groups at the starting policy's weights."""
+        r = self.recipe
+        common = dict(model=r.model.model_dump(), learner=r.learner.model_dump(),
+                      algorithm=r.algorithm.model_dump(), seed=r.trainer.seed, cpu_cores=self._learner_cores)
+        actor_opts, critic_opts = learner_options(self.placement, with_critic)
+        ranks = r.learner.ranks  # CPU runs; a GPU run has one rank per placed GPU
+        policy = LearnerGroup(PolicyWorker, actor_opts, self.policy_path, cpu_ranks=ranks,
+                              max_new_tokens=max(d.max_new_tokens for d in self.domains),
+                              temperature=r.rollout.temperature, **common)
+        critic = LearnerGroup(CriticWorker, critic_opts, self.policy_path, cpu_ranks=ranks,
+                              **common) if with_critic else None
+        return policy, critic
+
+    def restart_learners(self, exc: BaseException) -> None:
+        """A learner rank died (`exc`, Ray's error): start both learner groups again, load the last complete
+        checkpoint into them and re-sync the engines, as `--resume` would, so the run goes on and ends where an
+        uninterrupted one would (rollouts in flight are drawn again). Re-raises past trainer.max_restarts, with
+        no checkpoint, or for a process that is not a learner."""
+        from mispo.dead_actor import role_of, what_died
+
+        role = role_of(exc)
+        if role not in ("PolicyWorker", "CriticWorker") or self.restarts >= self.recipe.trainer.max_restarts \
+                or self.checkpoints.latest() is None:
+            raise exc
+        self.restarts += 1
+        console.print(f"[yellow]step {self.step + 1}: {what_died(exc)}; restarting the learners from the last "
+                      f"checkpoint (restart {self.restarts} of trainer.max_restarts = "
+                      f"{self.recipe.trainer.max_restarts})[/yellow]")
+        for group in (self.policy, self.critic):
+            if group is not None:
+                group.kill()
+        self.policy, self.critic = self._start_learners(self.critic is not None)
+        self.probe.policy = self.policy
+        self.in_flight.clear()  # their prompts are drawn again from the checkpoint's sampler states
+        self.redrawn.clear()
+        self._maybe_resume()
+
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         r = self.recipe
@@ -156,43 +187,48 @@ class Trainer:
                 # the current step's rollouts and, in async mode, those of the next `ahead` steps
                 while len(self.in_flight) <= self.ahead and self.step + len(self.in_flight) < r.trainer.max_steps:
                     self.in_flight.append(self.start_rollout())
-                t0 = time.time()
-                rollouts, metrics = self.finish_rollout(self.in_flight.popleft())
-                t = time.time()
-                metrics.update(self.score(rollouts))
-                if r.algorithm.dynamic_sampling is not None:
-                    rollouts, filled = self.fill_batch(rollouts)
-                    metrics.update(filled)
-                    if not filled["dynamic_sampling/groups"]:  # not one group with reward variance: draw again
-                        uninformative_in_a_row += 1
+                try:
+                    t0 = time.time()
+                    rollouts, metrics = self.finish_rollout(self.in_flight.popleft())
+                    t = time.time()
+                    metrics.update(self.score(rollouts))
+                    if r.algorithm.dynamic_sampling is not None:
+                        rollouts, filled = self.fill_batch(rollouts)
+                        metrics.update(filled)
+                        if not filled["dynamic_sampling/groups"]:  # no group with reward variance: draw again
+                            uninformative_in_a_row += 1
+                            dropped_before += metrics["rollout/dropped_stale"]
+                            warning = no_variance_streak(uninformative_in_a_row,
+                                                         r.algorithm.dynamic_sampling.max_refills)
+                            console.print(f"[yellow]step {self.step + 1}: {warning}[/yellow]")
+                            continue
+                        uninformative_in_a_row = 0
+                    metrics["time/reward_s"] = time.time() - t
+                    if not any(samples for _, samples in rollouts):  # every sample too stale: draw again
+                        empty_in_a_row += 1
                         dropped_before += metrics["rollout/dropped_stale"]
-                        warning = no_variance_streak(uninformative_in_a_row, r.algorithm.dynamic_sampling.max_refills)
-                        console.print(f"[yellow]step {self.step + 1}: {warning}[/yellow]")
+                        if empty_in_a_row > self.ahead + 1:
+                            raise RuntimeError(f"{empty_in_a_row} rollouts in a row were all more than "
+                                               f"trainer.max_staleness = {self.ahead} versions behind the learner: "
+                                               "the rollout engines are not receiving weights")
                         continue
-                    uninformative_in_a_row = 0
-                metrics["time/reward_s"] = time.time() - t
-                if not any(samples for _, samples in rollouts):  # every sample too stale: draw again
-                    empty_in_a_row += 1
-                    dropped_before += metrics["rollout/dropped_stale"]
-                    if empty_in_a_row > self.ahead + 1:
-                        raise RuntimeError(f"{empty_in_a_row} rollouts in a row were all more than "
-                                           f"trainer.max_staleness = {self.ahead} versions behind the learner: "
-                                           "the rollout engines are not receiving weights")
+                    metrics["rollout/dropped_stale"] += dropped_before  # counted with the step that follows
+                    empty_in_a_row = dropped_before = 0
+                    metrics.update(self.train_step(rollouts))
+                    if probed:  # the gap before training, logged with the first step
+                        metrics["sync/probe_logprob_diff_start"], probed = probed["sync/probe_logprob_diff"], {}
+                    self.step += 1
+                    metrics["time/step_s"] = time.time() - t0
+                    if r.trainer.eval_every and self.step % r.trainer.eval_every == 0 and self.can_evaluate:
+                        last_eval = self.evaluate()
+                        metrics.update(last_eval)
+                    self.metrics_log.log(self.step, metrics)
+                    progress.update(self.step, metrics)
+                    if periodic_save(self.step, r.trainer.save_every):
+                        self.save()
+                except ray.exceptions.RayActorError as exc:  # a learner died: restart it, or stop
+                    self.restart_learners(exc)
                     continue
-                metrics["rollout/dropped_stale"] += dropped_before  # counted with the step that follows
-                empty_in_a_row = dropped_before = 0
-                metrics.update(self.train_step(rollouts))
-                if probed:  # the gap before training, logged with the first step
-                    metrics["sync/probe_logprob_diff_start"], probed = probed["sync/probe_logprob_diff"], {}
-                self.step += 1
-                metrics["time/step_s"] = time.time() - t0
-                if r.trainer.eval_every and self.step % r.trainer.eval_every == 0 and self.can_evaluate:
-                    last_eval = self.evaluate()
-                    metrics.update(last_eval)
-                self.metrics_log.log(self.step, metrics)
-                progress.update(self.step, metrics)
-                if periodic_save(self.step, r.trainer.save_every):
-                    self.save()
                 if deadline and time.time() > deadline:
                     console.print(f"[yellow]trainer.time_limit_minutes reached at step {self.step}[/yellow]")
                     break

