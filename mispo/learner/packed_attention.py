@@ -18,8 +18,9 @@ transformers' two extension points:
   where the position does not follow the previous one), once per forward, not per layer.
 
 Handled: GQA / MQA, sliding windows (the module's `sliding_window` argument, the flash-attention
-contract, or the mask's window), logit soft-capping (Gemma 2; the plain-torch path). Refused with an error
-naming the cause: attention dropout, attention sinks, non-causal attention.
+contract, or the mask's window), logit soft-capping (Gemma 2) and attention sinks (gpt-oss), both on the
+plain-torch path. Refused with an error naming the cause: attention dropout, position biases, non-causal
+attention.
 """
 
 from __future__ import annotations
@@ -115,9 +116,10 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if dropout:
         raise ValueError(f"{PACKED_ATTENTION} attention has no dropout (got p = {dropout}): set the model "
                          "config's attention_dropout to 0 (log-prob ratios need one function in both passes)")
-    if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
-        raise ValueError(f"{PACKED_ATTENTION} attention supports no attention sinks or position biases ({name}); "
-                         "load the model with another attn_implementation")
+    if kwargs.get("position_bias") is not None:
+        raise ValueError(f"{PACKED_ATTENTION} attention supports no position biases ({name}); load the model with "
+                         "another attn_implementation")
+    sinks = kwargs.get("s_aux")  # gpt-oss: a learned sink logit per head
     if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
         raise ValueError(f"{PACKED_ATTENTION} attention is causal only ({name} is not)")
     if key.shape[2] != query.shape[2]:
@@ -128,14 +130,15 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, L, H, D]
     rows = []
     for b, (cu, max_len) in enumerate(_boundaries(position_ids, batch, length, query.device)):
-        if _flash_varlen_available(query) and not softcap:
+        if _flash_varlen_available(query) and not softcap and sinks is None:
             from flash_attn import flash_attn_varlen_func
 
             window_size = (-1, -1) if window is None else (window - 1, 0)  # keys i - (window - 1) .. i
             rows.append(flash_attn_varlen_func(q[b], k[b], v[b], cu, cu, max_len, max_len, causal=True,
                                                softmax_scale=scaling, window_size=window_size))
         else:
-            rows.append(segment_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], cu, window, scaling, softcap)[0])
+            rows.append(segment_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], cu, window, scaling, softcap,
+                                          sinks)[0])
     return torch.stack(rows), None
 
 

