@@ -53,10 +53,17 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("mispo_cache")
 
 
-def test_train_writes_outputs_and_resumes_exactly(tmp_path, cache):
-    full = tmp_path / "full"
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, cache) -> Path:
+    """One uninterrupted QUICK run, the reference of the resume and restart tests."""
+    full = tmp_path_factory.mktemp("full") / "run"
     done = mispo_train(["recipes/math_expert.yaml", *QUICK, "--output", str(full)], cache)
     assert done.returncode == 0, done.stderr[-3000:]
+    return full
+
+
+def test_train_writes_outputs_and_resumes_exactly(tmp_path, cache, full_run):
+    full = full_run
     rows = metrics(full)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert rows[1]["mispo/traj_keep_frac"] == 1.0  # on-policy fp32: engine and learner agree to ~1e-6
@@ -158,32 +165,30 @@ def test_sigkill_then_resume(tmp_path, cache):
     assert steps == sorted(set(steps)) and steps[-1] == 6
 
 
-def test_a_killed_policy_learner_is_restarted_and_the_run_ends_as_an_uninterrupted_one(tmp_path, cache):
-    """SIGKILL of the policy learner (its pid, found among this run's own processes) once step 2's checkpoint
+def test_a_killed_policy_learner_is_restarted_and_the_run_ends_as_an_uninterrupted_one(tmp_path, cache, full_run):
+    """SIGKILL of the policy learner (its pid, found among this run's own processes) once step 1's checkpoint
     exists: the trainer restarts the learners from it, says so in one line, and every step's metrics and the
     final weights equal an uninterrupted run's (sync mode is deterministic)."""
-    args = ["recipes/math_expert.yaml", *QUICK, "trainer.max_steps=4", "trainer.eval_every=0"]
-    clean = tmp_path / "clean"
-    done = mispo_train([*args, "--output", str(clean)], cache)
-    assert done.returncode == 0, done.stderr[-3000:]
+    args, clean = ["recipes/math_expert.yaml", *QUICK], full_run
     run = tmp_path / "run"
     env = {**os.environ, "MISPO_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     proc = subprocess.Popen([sys.executable, "-m", "mispo", "train", *args, "--output", str(run)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     latest, deadline, victim = run / "checkpoints" / "latest", time.time() + 600, None
     while time.time() < deadline and proc.poll() is None and victim is None:
-        if latest.exists() and latest.read_text() >= "step_000002":
+        if latest.exists() and latest.read_text() >= "step_000001":
             ours = psutil.Process(proc.pid).children(recursive=True)
             victim = next((p for p in ours if "PolicyWorker" in " ".join(p.cmdline())), None)
         time.sleep(0.2)
-    assert victim is not None, "the run ended before step 2's checkpoint"
+    assert victim is not None, "the run ended before step 1's checkpoint"
     victim.kill()
     said, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, said[-3000:]
     assert said.count("restarting the learners") == 1 and "the policy learner (pid" in said, said[-3000:]
     ref, got = metrics(clean), metrics(run)
-    assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2, 3, 4]
-    for a, b in zip(ref, got):
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == [0, 1, 2, 3]
+    for a, b in zip(ref[1:], got[1:]):
         for key in ("reward/mean", "actor/loss", "mispo/token_keep_frac", "critic/vf_loss"):
             assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
+    assert got[2]["eval/accuracy"] == ref[2]["eval/accuracy"]
     assert max_weight_difference(clean / "final", run / "final") <= 1e-6
