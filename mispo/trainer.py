@@ -165,6 +165,8 @@ class Trainer:
         self.in_flight.clear()  # their prompts are drawn again from the checkpoint's sampler states
         self.redrawn.clear()
         self._maybe_resume()
+        if self.recipe.trainer.mismatch_attribution:  # the new rank 0 keeps the versions from here on
+            self.policy.rank0("keep_version", self.step, self.ahead)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
