@@ -3,7 +3,7 @@ own classes, the learner's model (`load_policy`) and a real vLLM engine (`Rollou
 learner weight (what an update does), one sync through the family's checkpoint names and the guards, then the
 engine's log-probs of fixed sequences against the learner's.
 
-    python benchmarks/family_matrix.py [--families llama,qwen3_moe] [--json out.json]
+    python benchmarks/family_matrix.py [--families llama,qwen3_moe] [--lora qwen3] [--json out.json]
 
 Prints one row per family: the log-prob gap before training (both loaded from disk), after the sync, and what the
 guards say of a sync that sends the in-memory names instead (what mispo did before families).
@@ -106,25 +106,28 @@ def fam_vocab(model) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--lora", default="", help="families to sync again with LoRA adapters (comma-separated)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    runs = [(f, False) for f in args.families.split(",") if f] + [(f, True) for f in args.lora.split(",") if f]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for family in args.families.split(","):
+        for family, lora in runs:
             start = time.time()
             try:
-                row = sync_parity(family, Path(tmp))
+                row = sync_parity(family, Path(tmp) / ("lora" if lora else "full"), lora=lora)
             except Exception as exc:
-                row = {"family": family, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                row = {"family": family, "lora": lora, "error": f"{type(exc).__name__}: {str(exc)[:600]}"}
             row["seconds"] = round(time.time() - start, 1)
             rows.append(row)
+            name = family + (" +LoRA" if lora else "")
             if "error" in row:
-                print(f"{family:12s} ERROR {row['error']}", flush=True)
+                print(f"{name:18s} ERROR {row['error']}", flush=True)
             else:
                 verdict = ("refused by " + " and ".join(g.split("_")[0] for g in ("names_guard", "engine_guard")
                                                         if row[g]) if row["names_guard"] or row["engine_guard"]
                            else "same as the checkpoint's")
-                print(f"{family:12s} before {row['before']:.2e}  after sync {row['after']:.2e}  "
+                print(f"{name:18s} before {row['before']:.2e}  after sync {row['after']:.2e}  "
                       f"in-memory names: {verdict}  ({row['seconds']} s)", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -105,14 +105,16 @@ def _run_output(output: Path, ray_address: str | None, verbose: bool, log_file: 
 def _train_rl(recipe, output: Path, start: float, resume_command: str = "") -> int:
     import ray
 
-    from mispo.dead_actor import RunStopped, describe
+    from mispo.dead_actor import RunStopped, describe, role_of
     from mispo.trainer import Trainer
 
     trainer = None
     try:
         trainer = Trainer(recipe, output)
         final = trainer.fit()
-    except ray.exceptions.RayActorError as exc:  # a learner or an engine the run cannot do without died
+    except ray.exceptions.RayActorError as exc:  # a learner died past what the trainer restarts
+        if role_of(exc) not in ("PolicyWorker", "CriticWorker") or getattr(exc, "actor_init_failed", False):
+            raise  # an error raised in the actor (its own message says more than ours)
         raise RunStopped(describe(exc, output / "checkpoints", resume_command)) from None
     finally:
         if trainer is not None:

@@ -45,7 +45,7 @@ def test_eval_on_the_tiny_recipe(tiny_checkpoint, tmp_path, capsys):
 
     try:  # in this process: the command's Ray cluster must not outlive the test (others start their own)
         assert cli.main(["eval", str(ROOT / "recipes/math_expert.yaml"), *overrides, "--model", str(model),
-                         "--samples", "4"]) == 0
+                         "--samples", "4", "--verbose"]) == 0  # (quiet mode would set up this process's logging)
     finally:
         ray.shutdown()
     table = capsys.readouterr().out
@@ -53,7 +53,9 @@ def test_eval_on_the_tiny_recipe(tiny_checkpoint, tmp_path, capsys):
     report = json.loads((model / "eval_math_expert.json").read_text())  # the default place: the model folder
     assert (report["model"], report["samples"], report["temperature"]) == (str(model), 4, 1.0)
     r = report["domains"]["math_expert"]
-    assert set(r) == {"eval_rows", "greedy_accuracy", "pass@1", "pass@2", "pass@4", "correct"}
+    assert set(r) == {"eval_rows", "greedy_accuracy", "pass@1", "pass@2", "pass@4", "correct", "greedy_answers"}
+    assert len(r["greedy_answers"]) == r["eval_rows"]
+    assert {"prompt", "completion", "reward"} <= set(r["greedy_answers"][0])
     correct = r["correct"]
     assert r["eval_rows"] == len(correct) == 12 and all(0 <= c <= 4 for c in correct)
     assert 0 < sum(correct) < 4 * 12  # a mix of right and wrong samples
