@@ -82,7 +82,7 @@ class ModelFamily:
                 continue
             for name in ROUTER_NAMES:
                 router = getattr(module, name, None)
-                if isinstance(router, nn.Linear) or (router is not None and hasattr(router, "weight")):
+                if hasattr(router, "weight"):  # a Linear, or transformers' TopKRouter modules
                     out.append(router)
         return out
 
