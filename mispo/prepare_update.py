@@ -10,7 +10,9 @@ the recipe's `algorithm:` section (testable without Ray or engines).
                  traj_keep  = 1[traj_bounds[0] <= geo-mean ratio <= traj_bounds[1]] per sequence
                  (geo-mean over all response tokens, or over the token-kept ones when
                  `traj_stat_includes_rejected` is false; the band adapted per step when
-                 `adaptive_traj_band`)
+                 `adaptive_traj_band`); for a loss that reads pi_v (mispo_decoupled) with
+                 batch.version_logprobs set, the ratio is the engine's alone, pi_v / pi_rollout
+    lag:         per lag bucket (versions between sampling and training), `lag_diagnostics`
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import torch
 
 from mispo.algorithms import AdaptiveTrajBand, compute_gae, group_advantages, whiten_advantages
 from mispo.algorithms.advantages import last_token_index, outcome_to_token_rewards
-from mispo.algorithms.filters import mis_filter_detailed
+from mispo.algorithms.filters import mis_filter_detailed, token_log_ratio
+from mispo.algorithms.lag import lag_metrics, lag_weight
+from mispo.algorithms.policy_losses import PolicyLossConfig, loss_spec
 from mispo.batch import RolloutBatch
+from mispo.learner.mismatch_attribution import token_versions
 
 
 def adaptive_band(algorithm) -> AdaptiveTrajBand | None:
@@ -51,15 +56,15 @@ def prepare_update(batch: RolloutBatch, algorithm, band: AdaptiveTrajBand | None
             raise ValueError("the adaptive trajectory band needs batch.old_logprobs before the update")
         batch.token_keep = batch.traj_keep = None
         return metrics
-    traj_bounds = tuple(a.traj_bounds)
+    traj_bounds, learner = tuple(a.traj_bounds), engine_reference(batch, a)
     if band is not None:
         token_keep = None
         if not a.traj_stat_includes_rejected:
-            token_keep = mis_filter_detailed(batch.old_logprobs, batch.rollout_logprobs, mask,
+            token_keep = mis_filter_detailed(learner, batch.rollout_logprobs, mask,
                                              tuple(a.token_bounds), traj_bounds).token_keep
-        traj_bounds = band.update(batch.old_logprobs, batch.rollout_logprobs, mask, token_keep)
+        traj_bounds = band.update(learner, batch.rollout_logprobs, mask, token_keep)
         metrics.update(band.metrics())
-    result = mis_filter_detailed(batch.old_logprobs, batch.rollout_logprobs, mask, tuple(a.token_bounds),
+    result = mis_filter_detailed(learner, batch.rollout_logprobs, mask, tuple(a.token_bounds),
                                  traj_bounds, a.traj_stat_includes_rejected)
     batch.token_keep, batch.traj_keep = result.token_keep, result.traj_keep
     return metrics
@@ -76,3 +81,31 @@ def gae_rewards(batch: RolloutBatch, truncated: torch.Tensor | None) -> torch.Te
     penalty = torch.tensor([s.overlong_penalty for s in batch.samples], dtype=torch.float32)
     penalty = torch.where(truncated.bool() & mask.bool().any(dim=-1), penalty, torch.zeros(()))
     return rewards.scatter_add(1, last_token_index(mask)[:, None], penalty[:, None])
+
+
+def engine_reference(batch: RolloutBatch, algorithm) -> torch.Tensor:
+    """The learner's log-probs that MIS-PO's filters compare with the engine's: pi_v (batch.version_logprobs,
+    the weights that sampled each token) for a loss that reads it, else pi_old."""
+    if loss_spec(algorithm.policy_loss).reads_version and batch.version_logprobs is not None:
+        return batch.version_logprobs
+    return batch.old_logprobs
+
+
+def lag_diagnostics(batch: RolloutBatch, version: int, algorithm) -> dict[str, float]:
+    """`lag/<k>/*` (mispo.algorithms.lag.lag_metrics) of a prepared batch trained at `version`: tokens k versions
+    old, the share the loss trains on (MIS-PO's masks; every token for a loss without them), the ESS of the
+    kept tokens' weights (mispo_decoupled's lag weight; 1 for a binary mask), |log pi_old / pi_rollout| and,
+    with batch.version_logprobs, the drift |log pi_old / pi_v|. Empty without batch.old_logprobs."""
+    if batch.old_logprobs is None:
+        return {}
+    mask = batch.response_mask.bool()
+    lags = version - token_versions(batch.samples, mask.shape[1])
+    keep = mask if batch.token_keep is None else batch.token_keep.bool() & batch.traj_keep.bool()[:, None] & mask
+    spec, weights, drift = loss_spec(algorithm.policy_loss), None, None
+    if batch.version_logprobs is not None:
+        drift = token_log_ratio(batch.old_logprobs, batch.version_logprobs, mask)
+        if spec.reads_version:
+            weights = lag_weight(batch.old_logprobs, batch.version_logprobs, mask,
+                                 algorithm.loss_options.get("lag_cap", PolicyLossConfig.lag_cap))
+    total = token_log_ratio(batch.old_logprobs, batch.rollout_logprobs, mask)
+    return lag_metrics(lags, mask, keep if spec.reads_masks else mask, weights, total, drift)

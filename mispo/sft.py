@@ -113,12 +113,12 @@ def run_sft(model_path: str | Path, samples: list[Sample], cfg: WarmupConfig, re
                     rng.shuffle(fresh)
                     order += fresh
                 batch, order = order[:cfg.batch_size], order[cfg.batch_size:]
-                parts = group.all("sft_step", ray.put([samples[i] for i in batch]))  # each rank its share
+                parts = group.all(PolicyWorker.sft_step, ray.put([samples[i] for i in batch]))  # each rank its share
                 metrics = {"sft/loss": sum(m["sft/loss"] for m in parts), "sft/lr": parts[0]["sft/lr"]}
                 if log is not None:
                     log(step + 1, metrics)
                 bar.update(task, advance=1, description=f"{description} loss {metrics['sft/loss']:.3f}")
-        group.all("export", str(output))
+        group.all(PolicyWorker.export, str(output))
         AutoTokenizer.from_pretrained(model_path).save_pretrained(output)
     finally:
         group.kill()

@@ -105,7 +105,7 @@ def mean_abs_diff(engine: list[list[float]], learner) -> float:
 class SyncProbe:
     """Check 3, driven by the trainer: `start()` once the engines and learners are up (the gap at identical
     weights, both loaded from the same checkpoint or synced on resume), `after_sync(version)` after a sync.
-    `policy.first("probe_logprobs", seqs)` and `rollout.probe_logprobs(seqs)` (one answer per engine) score."""
+    `policy.first(PolicyWorker.probe_logprobs, seqs)` and `rollout.probe_logprobs(seqs)` (one answer per engine) score."""
 
     def __init__(self, policy, rollout, family: str, learner_dtype: str, engine_dtype: str, vocab_size: int,
                  every: int):
@@ -116,7 +116,9 @@ class SyncProbe:
         self.synced = 0  # syncs checked so far
 
     def _diff(self) -> float:
-        learner = self.policy.first("probe_logprobs", self.sequences)
+        from mispo.learner.policy_worker import PolicyWorker
+
+        learner = self.policy.first(PolicyWorker.probe_logprobs, self.sequences)
         return max(mean_abs_diff(engine, learner) for engine in self.rollout.probe_logprobs(self.sequences))
 
     def start(self) -> dict[str, float]:

@@ -45,11 +45,12 @@ from mispo.learner.critic_worker import CriticWorker
 from mispo.learner.data_parallel import merge_row_results
 from mispo.learner.group import LearnerGroup
 from mispo.learner.metrics import combine_partials
+from mispo.learner.mismatch_attribution import logprobs_at_versions
 from mispo.learner.policy_worker import PolicyWorker
 from mispo.metrics_log import MetricsLog
 from mispo.placement import learner_options, place_roles
 from mispo.prepare_model import starting_policy
-from mispo.prepare_update import adaptive_band, prepare_update
+from mispo.prepare_update import adaptive_band, lag_diagnostics, prepare_update
 from mispo.progress import StepProgress
 from mispo.rollout.agent_episodes import serve_agents
 from mispo.rollout.group import RolloutGroup
@@ -106,7 +107,8 @@ class Trainer:
         # (one mini-batch, no reference, no adaptive band, no critic masks, no dropout): one forward saved
         self.fused_old_logprobs = (r.learner.actor_mini_batches == 1 and not r.learner.reference
                                    and self.band is None and not (with_critic and r.algorithm.critic_masks)
-                                   and not self.policy.first("has_dropout"))
+                                   and self.version_source is None
+                                   and not self.policy.first(PolicyWorker.has_dropout))
         self.rollout = RolloutGroup(self.policy_path, r.rollout, dtype=r.rollout.dtype or r.model.dtype,
                                     seed=r.trainer.seed,
                                     options=self.placement.rollout.options if self.placement else None,
@@ -165,16 +167,16 @@ class Trainer:
         self.in_flight.clear()  # their prompts are drawn again from the checkpoint's sampler states
         self.redrawn.clear()
         self._maybe_resume()
-        if self.recipe.trainer.mismatch_attribution:  # the new rank 0 keeps the versions from here on
-            self.policy.rank0("keep_version", self.step, self.ahead)
+        if self.keeps_versions:  # the new rank 0 keeps the versions from here on
+            self.policy.rank0(PolicyWorker.keep_version, self.step, self.ahead)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         r = self.recipe
         self._maybe_resume()
         probed = self.probe.start()  # the engines serve the learner's weights before anything trains
-        if r.trainer.mismatch_attribution:  # the weights of every version a trained sample may come from
-            self.policy.rank0("keep_version", self.step, self.ahead)
+        if self.keeps_versions:  # the weights of every version a trained sample may come from
+            self.policy.rank0(PolicyWorker.keep_version, self.step, self.ahead)
         self.in_flight: deque[PendingRollout] = deque()
         progress = StepProgress(r.trainer.max_steps, start=self.step)
         last_eval = {}
@@ -236,7 +238,7 @@ class Trainer:
                     break
             if final_save(self.step, self.saved_step):  # save_every 0 included: a run always leaves one
                 self.save()
-            self.policy.all("export", str(self.output / "final"))
+            self.policy.all(PolicyWorker.export, str(self.output / "final"))
             self.tokenizer.save_pretrained(self.output / "final")  # final/ loads on its own
         except KeyboardInterrupt:
             interrupted = True
@@ -324,30 +326,37 @@ class Trainer:
 
         t = time.time()
         batch_ref = ray.put(batch)
-        logp_refs = [] if self.fused_old_logprobs else self.policy.submit("compute_logprobs", batch_ref)
-        values_refs = self.critic.submit("compute_values", batch_ref) if self.critic else []
+        logp_refs = [] if self.fused_old_logprobs else self.policy.submit(PolicyWorker.compute_logprobs, batch_ref)
+        values_refs = self.critic.submit(CriticWorker.compute_values, batch_ref) if self.critic else []
         for refs in (logp_refs, values_refs):  # each rank fills its own rows
             for k, v in (merge_row_results(ray.get(refs)) if refs else {}).items():
                 setattr(batch, k, v)
         metrics["time/forward_s"] = time.time() - t
         if r.trainer.mismatch_attribution:
             t = time.time()
-            metrics.update(self.policy.rank0("attribute_mismatch", batch_ref, self.step))
+            metrics.update(self.policy.rank0(PolicyWorker.attribute_mismatch, batch_ref, self.step))
             metrics["time/attribution_s"] = time.time() - t
 
+        if self.version_source is not None:
+            t = time.time()
+            metrics.update(self.score_at_sampling_versions(batch))
+            metrics["time/version_logprobs_s"] = time.time() - t
+
         metrics.update(prepare_update(batch, r.algorithm, self.band))
+        if self.ahead:
+            metrics.update(lag_diagnostics(batch, self.step, r.algorithm))
 
         t = time.time()
         batch_ref = ray.put(batch)
-        actor_refs = self.policy.submit("train", batch_ref)
-        critic_refs = self.critic.submit("train", batch_ref) if self.critic else []
+        actor_refs = self.policy.submit(PolicyWorker.train, batch_ref)
+        critic_refs = self.critic.submit(CriticWorker.train, batch_ref) if self.critic else []
         metrics.update(combine_partials(ray.get(actor_refs)))  # ranks hold shares of each loss
         if critic_refs:
             metrics.update(combine_partials(ray.get(critic_refs)))
         metrics["time/train_s"] = time.time() - t
         if r.model.router_bias_update_rate > 0:
-            self.policy.all("update_router_bias", r.model.router_bias_update_rate)
-        metrics.update(self.policy.first("routing_stats"))
+            self.policy.all(PolicyWorker.update_router_bias, r.model.router_bias_update_rate)
+        metrics.update(self.policy.first(PolicyWorker.routing_stats))
 
         t = time.time()
         self.sync_weights(version=self.step + 1)
@@ -356,8 +365,8 @@ class Trainer:
         warning = fp32_sync_warning(metrics, r.trainer.mode, self.probe.dtypes)
         if warning:
             console.print(f"[yellow]step {self.step + 1}: {warning}[/yellow]")
-        if r.trainer.mismatch_attribution:
-            self.policy.rank0("keep_version", self.step + 1, self.ahead)
+        if self.keeps_versions:
+            self.policy.rank0(PolicyWorker.keep_version, self.step + 1, self.ahead)
         n_tokens = float(batch.response_mask.sum())
         metrics.update({
             "rollout/response_len": n_tokens / len(samples),
@@ -365,6 +374,26 @@ class Trainer:
             "throughput/tokens": n_tokens,
         })
         return metrics
+
+    @property
+    def version_source(self) -> str | None:
+        """Where pi_v comes from (mispo_decoupled in async mode): "kept_versions", "rollout", or None."""
+        return self.recipe.version_logprobs_source()
+
+    @property
+    def keeps_versions(self) -> bool:
+        """Whether learner rank 0 keeps CPU copies of the versions in flight (pi_v, or mismatch attribution)."""
+        return self.recipe.trainer.mismatch_attribution or self.version_source == "kept_versions"
+
+    def score_at_sampling_versions(self, batch: RolloutBatch) -> dict:
+        """Set batch.version_logprobs, log pi_v of each token under the weights that sampled it: scored on learner
+        rank 0's kept copies, or the engine's log-prob for stale tokens (algorithm.version_logprobs: rollout)."""
+        if self.version_source == "kept_versions":
+            out = self.policy.rank0(PolicyWorker.version_logprobs, ray.put(batch), self.step)  # with pi_old filled in
+            batch.version_logprobs = out.pop("version_logprobs")
+            return out
+        batch.version_logprobs, unscored = logprobs_at_versions(batch, self.step, (), None)
+        return {"lag/unscored_tokens": float(unscored)}
 
     def score(self, rollouts: list[tuple]) -> dict:
         """Reward every sample; one domain logs `reward/*` as it is, several add `reward/<domain>/*`
@@ -412,9 +441,9 @@ class Trainer:
 
         backend = sync_backend(self.recipe.resources)
         if backend is None:
-            self.rollout.sync(self.policy.first("weight_bucket_refs"), version)
+            self.rollout.sync(self.policy.first(PolicyWorker.weight_bucket_refs), version)
         else:
-            send = lambda group: self.policy.submit("broadcast_weights", group)  # noqa: E731
+            send = lambda group: self.policy.submit(PolicyWorker.broadcast_weights, group)  # noqa: E731
             self.rollout.sync_broadcast(send, version, backend)
 
     # ------------------------------------------------------------------ evaluation
@@ -439,9 +468,9 @@ class Trainer:
         those prompts again, generates them with the same seeds, then continues from the samplers' current
         states (which include prompts drawn since, e.g. by dynamic sampling's refills)."""
         staging = self.checkpoints.staging(self.step)
-        refs = self.policy.submit("save", str(staging / "policy"), "state")
+        refs = self.policy.submit(PolicyWorker.save, str(staging / "policy"), "state")
         if self.critic:
-            refs += self.critic.submit("save", str(staging / "critic"), "state")
+            refs += self.critic.submit(CriticWorker.save, str(staging / "critic"), "state")
         ray.get(refs)
         in_flight = [{"index": p.index, "samplers": p.sampler_states} for p in self.in_flight] + \
                     [{"index": index, "samplers": states} for index, states, _, _ in self.redrawn]
@@ -457,9 +486,9 @@ class Trainer:
         if found is None:
             return
         folder, state = found
-        refs = self.policy.submit("load", str(folder / "policy"), "state")
+        refs = self.policy.submit(PolicyWorker.load, str(folder / "policy"), "state")
         if self.critic:
-            refs += self.critic.submit("load", str(folder / "critic"), "state")
+            refs += self.critic.submit(CriticWorker.load, str(folder / "critic"), "state")
         ray.get(refs)
         self.step = self.saved_step = state["step"]
         self.rollouts_started = state.get("rollouts_started", self.step)

@@ -1,7 +1,8 @@
 """MIS-PO and its baselines as pure tensor functions (no Ray, vLLM or DeepSpeed).
 
 - filters:        mis_filter (token / trajectory MIS-PO masks), AdaptiveTrajBand
-- policy_losses:  mispo, ppo / grpo, gspo, tis, icepop, cispo behind get_policy_loss(name)
+- policy_losses:  mispo, mispo_decoupled, ppo / grpo, gspo, tis, icepop, cispo: one registry (loss_spec(name))
+- lag:            the lag weight of mispo_decoupled, ESS and per-lag diagnostics
 - advantages:     GAE with truncation-aware bootstrap, group-normalised (GRPO, RLOO), whitening
 - critic:         value_loss (masked MSE, optional value clipping)
 - kl:             k1 / k2 / k3 / unbiased (DeepSeek-V3.2) estimators
@@ -43,7 +44,8 @@ from mispo.algorithms.masked import (
     masked_whiten,
 )
 from mispo.algorithms.policy_losses import (
-    POLICY_LOSSES,
+    LOSSES,
+    LossSpec,
     PolicyLossConfig,
     PolicyLossInputs,
     cispo_loss,
@@ -51,6 +53,8 @@ from mispo.algorithms.policy_losses import (
     get_policy_loss,
     gspo_loss,
     icepop_loss,
+    loss_spec,
+    mispo_decoupled_loss,
     mispo_loss,
     ppo_loss,
     register_policy_loss,
@@ -98,7 +102,8 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
-    "POLICY_LOSSES",
+    "LOSSES",
+    "LossSpec",
     "PolicyLossConfig",
     "PolicyLossInputs",
     "cispo_loss",
@@ -106,6 +111,8 @@ __all__ = [
     "get_policy_loss",
     "gspo_loss",
     "icepop_loss",
+    "loss_spec",
+    "mispo_decoupled_loss",
     "mispo_loss",
     "ppo_loss",
     "register_policy_loss",

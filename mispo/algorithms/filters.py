@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from mispo.algorithms.masked import masked_count, masked_mean
+from mispo.bands import TOKEN_BAND, TRAJ_BAND
 
 LOG_BOUND_ATOL = 1e-6
 """Slack (in log space) by which a log ratio may pass a bound and still count as on it."""
@@ -81,8 +82,8 @@ def mis_filter_detailed(
     logp_old: Tensor,
     logp_rollout: Tensor,
     mask: Tensor,
-    token_bounds: Tuple[float, float] = (0.5, 2.0),
-    traj_bounds: Tuple[float, float] = (0.996, 1.001),
+    token_bounds: Tuple[float, float] = TOKEN_BAND,
+    traj_bounds: Tuple[float, float] = TRAJ_BAND,
     traj_stat_includes_rejected: bool = True,
     atol: float = LOG_BOUND_ATOL,
 ) -> MISFilterResult:
@@ -116,8 +117,8 @@ def mis_filter(
     logp_old: Tensor,
     logp_rollout: Tensor,
     mask: Tensor,
-    token_bounds: Tuple[float, float] = (0.5, 2.0),
-    traj_bounds: Tuple[float, float] = (0.996, 1.001),
+    token_bounds: Tuple[float, float] = TOKEN_BAND,
+    traj_bounds: Tuple[float, float] = TRAJ_BAND,
 ) -> Tuple[Tensor, Tensor]:
     """MIS-PO token and trajectory filters -> ``(token_keep [B, T], traj_keep [B])`` booleans.
 
@@ -175,7 +176,7 @@ class AdaptiveTrajBand:
     def __init__(
         self,
         target_keep: float = 0.9,
-        base_bounds: Tuple[float, float] = (0.996, 1.001),
+        base_bounds: Tuple[float, float] = TRAJ_BAND,
         ema_decay: float = 0.9,
         min_width: Optional[float] = None,
         max_width: Optional[float] = None,

@@ -17,6 +17,7 @@ Metrics are detached 0-d fp32 tensors (no device sync; call ``float()`` when log
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -32,6 +33,7 @@ from mispo.algorithms.filters import (
     token_log_ratio,
 )
 from mispo.algorithms.kl import KL_ESTIMATORS, kl_penalty
+from mispo.bands import TOKEN_BAND, TRAJ_BAND
 from mispo.algorithms.masked import LOSS_AGG_MODES, aggregate_loss, masked_mean, masked_std
 
 Metrics = Dict[str, Tensor]
@@ -51,8 +53,11 @@ class PolicyLossInputs:
     logp_rollout: log pi_rollout from the inference engine (MIS-PO, TIS, IcePop; else metrics).
     logp_ref:     reference policy (KL term / metric).
     entropy:      per-token entropy H_t (metric; with grad if entropy_coef > 0).
+    logp_version: log pi_v, the learner at the weights that sampled each token (mispo_decoupled; None =
+                  logp_old, i.e. no lag).
     token_keep, traj_keep: MIS-PO masks [B, T] / [B] computed once per rollout batch (e.g. with
-                  an adaptive band); when None, MIS-PO computes them from logp_old/logp_rollout.
+                  an adaptive band); when None, MIS-PO computes them from logp_old (mispo_decoupled:
+                  logp_version) and logp_rollout.
     num_tokens, num_seqs: mini-batch totals for the loss denominator (see aggregate_loss).
     """
 
@@ -63,6 +68,7 @@ class PolicyLossInputs:
     logp_rollout: Optional[Tensor] = None
     logp_ref: Optional[Tensor] = None
     entropy: Optional[Tensor] = None
+    logp_version: Optional[Tensor] = None
     token_keep: Optional[Tensor] = None
     traj_keep: Optional[Tensor] = None
     num_tokens: Optional[float] = None
@@ -72,7 +78,7 @@ class PolicyLossInputs:
         shape = tuple(self.mask.shape)
         if len(shape) != 2:
             raise ValueError(f"PolicyLossInputs.mask must be [B, T], got {shape}")
-        for name in ("logp", "logp_old", "logp_rollout", "logp_ref", "entropy", "token_keep"):
+        for name in ("logp", "logp_old", "logp_rollout", "logp_ref", "entropy", "logp_version", "token_keep"):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != shape:
                 raise ValueError(f"PolicyLossInputs.{name} has shape {tuple(t.shape)}, mask has {shape}")
@@ -96,11 +102,12 @@ class PolicyLossConfig:
     loss_agg: "token-mean" (default: over all response tokens, so MIS-PO's rejected tokens
         shrink the step), "seq-mean-token-mean", or "token-sum-norm" (Dr.GRPO, divided by
         ``norm_length``, which should be the generation max length).
-    MIS-PO: token_bounds (0.5, 2.0), traj_bounds (0.996, 1.001), traj_stat_includes_rejected
+    MIS-PO: token_bounds TOKEN_BAND (0.5, 2), traj_bounds TRAJ_BAND (0.996, 1.001), traj_stat_includes_rejected
         True (rho over all generated tokens).
     PPO / GRPO / TIS / IcePop: clip_eps_low = clip_eps_high = 0.2; dual_clip_c 3.0 (None: off).
     GSPO: gspo_eps_low 3e-4, gspo_eps_high 4e-4 (the GSPO paper).
     TIS: tis_cap C = 2.0.  IcePop: icepop_bounds (0.5, 5.0).
+    mispo_decoupled: lag_cap C = 2.0 (the lag weight min(pi_old / pi_v, C), mispo.algorithms.lag).
     CISPO: cispo_eps_high 0.28 (MiniMax-M1 gives no number; DAPO's clip-higher value, tune it),
         cispo_eps_low None (no lower clip, as in MiniMax-M1).
     kl_coef 0.0 (the report uses 0.001 in its final stage), kl_estimator "unbiased" (or k1/k2/k3).
@@ -109,8 +116,8 @@ class PolicyLossConfig:
 
     loss_agg: str = "token-mean"
     norm_length: Optional[float] = None
-    token_bounds: Tuple[float, float] = (0.5, 2.0)
-    traj_bounds: Tuple[float, float] = (0.996, 1.001)
+    token_bounds: Tuple[float, float] = TOKEN_BAND
+    traj_bounds: Tuple[float, float] = TRAJ_BAND
     traj_stat_includes_rejected: bool = True
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
@@ -118,6 +125,7 @@ class PolicyLossConfig:
     gspo_eps_low: float = 3e-4
     gspo_eps_high: float = 4e-4
     tis_cap: float = 2.0
+    lag_cap: float = 2.0
     icepop_bounds: Tuple[float, float] = (0.5, 5.0)
     cispo_eps_low: Optional[float] = None
     cispo_eps_high: float = 0.28
@@ -139,8 +147,9 @@ class PolicyLossConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
             raise ValueError(f"dual_clip_c must be > 1 (None turns dual clip off), got {self.dual_clip_c}")
-        if self.tis_cap <= 0:
-            raise ValueError(f"tis_cap must be > 0, got {self.tis_cap}")
+        for name in ("tis_cap", "lag_cap"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.norm_length is not None and self.norm_length <= 0:
             raise ValueError(f"norm_length must be > 0, got {self.norm_length}")
 
@@ -251,6 +260,37 @@ def mispo_loss(inputs: PolicyLossInputs, config: PolicyLossConfig) -> Tuple[Tens
     when given, else from :func:`mis_filter_detailed` with the config's bands. The KL and
     entropy terms are masked the same way: a rejected sample contributes nothing.
     """
+    return _masked_policy_gradient(inputs, config, inputs.logp_old, None)
+
+
+def mispo_decoupled_loss(inputs: PolicyLossInputs, config: PolicyLossConfig) -> Tuple[Tensor, Metrics]:
+    """Staleness-aware MIS-PO: the report's filters on the engine mismatch e_t = pi_v / pi_rollout (pi_v: the
+    learner at the weights that sampled token t), the lag g_t = pi_old / pi_v corrected by a truncated weight:
+
+        l_t = -I(e_t in token band) * I(geo-mean e in traj band) * min(g_t, lag_cap) * logp_t * A_t
+
+    Without ``logp_version`` (or with pi_v = pi_old: no lag) g_t = 1 and this is :func:`mispo_loss` exactly.
+    """
+    from mispo.algorithms.lag import effective_sample_size, lag_weight
+
+    m = inputs.mask.bool()
+    if inputs.logp_version is None:
+        return _masked_policy_gradient(inputs, config, inputs.logp_old, None)
+    weight = lag_weight(inputs.logp_old, inputs.logp_version, m, config.lag_cap)
+    loss, metrics = _masked_policy_gradient(inputs, config, inputs.logp_version, weight)
+    with torch.no_grad():
+        log_g = token_log_ratio(inputs.logp_old, inputs.logp_version, m)
+        metrics["lag/weight_mean"] = masked_mean(weight, m)
+        metrics["lag/capped_frac"] = masked_mean((log_g > math.log(config.lag_cap)).float(), m)
+        metrics["lag/log_ratio_abs_mean"] = masked_mean(log_g.abs(), m)
+        metrics["lag/ess"] = effective_sample_size(weight, m)
+    return loss, metrics
+
+
+def _masked_policy_gradient(inputs: PolicyLossInputs, config: PolicyLossConfig, engine_reference: Tensor,
+                            weight: Optional[Tensor]) -> Tuple[Tensor, Metrics]:
+    """l_t = -keep_t * w_t * logp_t * A_t with keep = MIS-PO's masks of engine_reference / pi_rollout (or the
+    precomputed ones), w_t = ``weight`` (None: 1, the report's loss exactly)."""
     m, logp, adv = _prep(inputs)
     metrics: Metrics = {}
     with torch.no_grad():
@@ -259,7 +299,7 @@ def mispo_loss(inputs: PolicyLossInputs, config: PolicyLossConfig) -> Tuple[Tens
                 raise ValueError(
                     "MIS-PO needs PolicyLossInputs.logp_rollout, or precomputed token_keep/traj_keep"
                 )
-            res = mis_filter_detailed(inputs.logp_old, inputs.logp_rollout, m, config.token_bounds,
+            res = mis_filter_detailed(engine_reference, inputs.logp_rollout, m, config.token_bounds,
                                       config.traj_bounds, config.traj_stat_includes_rejected)
             token_keep, traj_keep = res.token_keep, res.traj_keep
             metrics.update(mis_filter_metrics(res, m))
@@ -271,7 +311,8 @@ def mispo_loss(inputs: PolicyLossInputs, config: PolicyLossConfig) -> Tuple[Tens
             metrics["mispo/keep_frac"] = masked_mean((token_keep & traj_keep[:, None]).float(), m)
         keep = token_keep & traj_keep[:, None] & m
     z = _zero(m.device)
-    pg_mat = -(torch.where(keep, logp, z) * torch.where(keep, adv, z))
+    weighted = logp if weight is None else weight * logp
+    pg_mat = -(torch.where(keep, weighted, z) * torch.where(keep, adv, z))
     return _finish(pg_mat, inputs, config, m, logp, adv, metrics, reg_weight=keep)
 
 
@@ -367,58 +408,71 @@ def cispo_loss(inputs: PolicyLossInputs, config: PolicyLossConfig) -> Tuple[Tens
 
 
 # ----------------------------------------------------------------------------------------------
-# registry
+# registry: each loss declared once
 
-POLICY_LOSSES: Dict[str, PolicyLossFn] = {}
+_CLIP = ("clip_eps_low", "clip_eps_high", "dual_clip_c")
 
 
-def register_policy_loss(*names: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Decorator: make ``fn`` available to :func:`get_policy_loss` under ``names``."""
+@dataclass(frozen=True)
+class LossSpec:
+    """One policy loss and what it reads, declared once (the recipe's validation and the trainer ask here).
+
+    options:       the PolicyLossConfig fields beyond the shared ones (loss_agg, norm_length, kl_coef,
+                   kl_estimator, entropy_coef) that a recipe's ``algorithm.loss_options`` may set for it.
+    reads_rollout: it corrects each token against the engine's log-prob (logp_rollout): its update stays
+                   right when a sample's tokens come from several weight versions (partial rollouts), and
+                   rollout.top_p < 1 would bias it.
+    reads_masks:   it reads MIS-PO's token / trajectory masks (algorithm.token_bounds, traj_bounds, the
+                   adaptive band).
+    reads_version: it reads logp_version, the learner at the weights that sampled each token.
+    default_agg:   the aggregation it was published with (a recipe's algorithm.loss_agg overrides it).
+    """
+
+    fn: PolicyLossFn
+    options: Tuple[str, ...] = ()
+    reads_rollout: bool = False
+    reads_masks: bool = False
+    reads_version: bool = False
+    default_agg: str = "token-mean"
+
+
+LOSSES: Dict[str, LossSpec] = {}
+
+
+def register_policy_loss(*names: str, **spec) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Decorator: make ``fn`` available under ``names`` (keyword arguments: the LossSpec fields)."""
 
     def deco(fn: PolicyLossFn) -> PolicyLossFn:
         for name in names:
-            POLICY_LOSSES[name] = fn
+            LOSSES[name.lower()] = LossSpec(fn, **spec)
         return fn
 
     return deco
 
 
-for _names, _fn in ((("mispo", "mis-po"), mispo_loss), (("ppo", "grpo"), ppo_loss), (("gspo",), gspo_loss),
-                    (("tis",), tis_loss), (("icepop", "masked_is"), icepop_loss), (("cispo",), cispo_loss)):
-    register_policy_loss(*_names)(_fn)
+for _names, _fn, _spec in (
+        (("mispo", "mis-po"), mispo_loss, dict(reads_rollout=True, reads_masks=True)),
+        (("mispo_decoupled",), mispo_decoupled_loss,
+         dict(options=("lag_cap",), reads_rollout=True, reads_masks=True, reads_version=True)),
+        (("ppo", "grpo"), ppo_loss, dict(options=_CLIP)),
+        (("gspo",), gspo_loss, dict(options=("gspo_eps_low", "gspo_eps_high"), default_agg="seq-mean-token-mean")),
+        (("tis",), tis_loss, dict(options=("tis_cap", *_CLIP), reads_rollout=True)),
+        (("icepop", "masked_is"), icepop_loss, dict(options=("icepop_bounds", *_CLIP), reads_rollout=True)),
+        (("cispo",), cispo_loss, dict(options=("cispo_eps_low", "cispo_eps_high")))):
+    register_policy_loss(*_names, **_spec)(_fn)
 
 
-# The PolicyLossConfig fields each loss reads beyond the ones every loss shares (loss_agg, norm_length,
-# kl_coef, kl_estimator, entropy_coef): what a recipe's algorithm.loss_options may set for that loss.
-# MIS-PO reads none: its masks come precomputed from the recipe's algorithm bands.
-_CLIP = ("clip_eps_low", "clip_eps_high", "dual_clip_c")
-LOSS_OPTIONS = {"mispo": (), "mis-po": (), "ppo": _CLIP, "grpo": _CLIP, "gspo": ("gspo_eps_low", "gspo_eps_high"),
-                "tis": ("tis_cap", *_CLIP), "icepop": ("icepop_bounds", *_CLIP), "masked_is": ("icepop_bounds", *_CLIP),
-                "cispo": ("cispo_eps_low", "cispo_eps_high")}
-
-# The losses that correct each token against the engine's own log-prob (logp_rollout): the only ones whose
-# update stays right when a sample's tokens come from different weight versions (partial rollouts).
-PER_TOKEN_ROLLOUT_LOSSES = ("mispo", "mis-po", "tis", "icepop", "masked_is")
-
-# The losses that read MIS-PO's token / trajectory masks (algorithm.token_bounds, traj_bounds, the adaptive
-# band); every other loss ignores them (the critic reads them too with algorithm.critic_masks).
-MASK_LOSSES = ("mispo", "mis-po")
-
-# Aggregation each loss was published with; a recipe's algorithm.loss_agg overrides it.
-DEFAULT_LOSS_AGG = {"gspo": "seq-mean-token-mean"}
-
-
-def default_loss_agg(name: str) -> str:
-    """The loss's own aggregation: GSPO averages per sequence, every other loss over all tokens."""
-    return DEFAULT_LOSS_AGG.get(name.lower(), "token-mean")
+def loss_spec(name: str) -> LossSpec:
+    """The loss registered as ``name``: mispo, mispo_decoupled, ppo, grpo (= ppo), gspo, tis, icepop, cispo, ..."""
+    try:
+        return LOSSES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown policy loss {name!r}; known: {', '.join(sorted(LOSSES))}") from None
 
 
 def get_policy_loss(name: str) -> PolicyLossFn:
-    """The loss registered as ``name``: mispo, ppo, grpo (= ppo), gspo, tis, icepop, cispo, ..."""
-    try:
-        return POLICY_LOSSES[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown policy loss {name!r}; known: {sorted(POLICY_LOSSES)}") from None
+    """The function of the loss registered as ``name``."""
+    return loss_spec(name).fn
 
 
 def compute_policy_loss(name: str, inputs: PolicyLossInputs,

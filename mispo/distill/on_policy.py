@@ -61,12 +61,12 @@ def distill_on_policy(merge, model_dir) -> None:
                 merge.rollout, jobs, cfg.samples_per_prompt, cfg.temperature, seed=step_seed(r.trainer.seed, step))
                 if samples]
             batch = RolloutBatch.from_samples([s for _, samples in parts for s in samples])
-            logp = merge_row_results(policy.all("compute_logprobs", ray.put(batch)))  # each rank its rows
+            logp = merge_row_results(policy.all(PolicyWorker.compute_logprobs, ray.put(batch)))  # each rank its rows
             batch.old_logprobs = logp["old_logprobs"]
             teacher, metrics, row = torch.zeros_like(batch.old_logprobs), {}, 0
             for name, samples in parts:
                 rows = list(range(row, row + len(samples)))
-                sub = sum(teachers[name].all("compute_logprobs", ray.put(batch.select(rows))))  # ranks' rows
+                sub = sum(teachers[name].all(TeacherWorker.compute_logprobs, ray.put(batch.select(rows))))  # ranks' rows
                 teacher[rows, : sub.shape[1]] = sub
                 if len(parts) > 1:
                     metrics[f"distill/{name}/reverse_kl"] = _reverse_kl(batch.select(rows).old_logprobs, sub,
@@ -77,13 +77,13 @@ def distill_on_policy(merge, model_dir) -> None:
             batch.advantages = (teacher - batch.old_logprobs) * mask
             batch.token_keep, batch.traj_keep = mis_filter(batch.old_logprobs, batch.rollout_logprobs, mask,
                                                            tuple(algorithm.token_bounds), tuple(algorithm.traj_bounds))
-            metrics.update(combine_partials(policy.all("train", ray.put(batch))))
-            merge.rollout.sync(policy.first("weight_bucket_refs"), version=step)
+            metrics.update(combine_partials(policy.all(PolicyWorker.train, ray.put(batch))))
+            merge.rollout.sync(policy.first(PolicyWorker.weight_bucket_refs), version=step)
             merge.evaluator.loaded = None  # the engine now serves the updated student
             metrics["time/step_s"] = time.time() - start
             run.log(step, metrics)
         tmp = str(model_dir) + ".tmp"
-        policy.all("export", tmp)
+        policy.all(PolicyWorker.export, tmp)
         merge.tokenizer.save_pretrained(tmp)
         os.replace(tmp, model_dir)
     finally:

@@ -2,10 +2,15 @@
 join one torch.distributed group (gloo on CPU, NCCL on GPU) for DeepSpeed.
 
     policy = LearnerGroup(PolicyWorker, options, model_path, **kwargs)   # options: one dict per rank
-    refs   = policy.submit("compute_logprobs", ray.put(batch))            # every rank, the whole batch
+    refs   = policy.submit(PolicyWorker.compute_logprobs, ray.put(batch))   # every rank, the whole batch
     logp   = merge_row_results(ray.get(refs))      # each rank filled its own rows: summed
-    policy.all("save", directory, "state")         # collectives: every rank, wait for all
-    refs   = policy.first("weight_bucket_refs")    # every rank runs it; rank 0's answer
+    policy.all(PolicyWorker.save, directory, "state")        # collectives: every rank, wait for all
+    refs   = policy.first(PolicyWorker.weight_bucket_refs)    # every rank runs it; rank 0's answer
+    policy.rank0(PolicyWorker.keep_version, step, keep)      # a @rank0_only method: rank 0 alone
+
+Methods are passed by reference, never by name: a renamed method fails in the driver, where the tests that
+import the module see it, not inside a Ray actor. Who runs a method is declared once, on the method: every
+rank, unless it is marked `@rank0_only` (then only `rank0` may call it, and `rank0` only such methods).
 
 The rendezvous is rank 0's address and a free port on its node: on a CPU run (no placement) every rank
 is pinned to the driver's node and they meet on the loopback, as does a single rank without placement;
@@ -14,9 +19,17 @@ placed ranks meet at rank 0's node address and port, read by a probe task in ran
 
 from __future__ import annotations
 
+from typing import Callable
+
 import ray
 
 from mispo.cluster import free_port
+
+
+def rank0_only(method: Callable) -> Callable:
+    """Mark a learner method that runs on rank 0 alone (no collective): `LearnerGroup.rank0` calls it."""
+    method.rank0_only = True
+    return method
 
 
 @ray.remote(num_cpus=0)
@@ -45,26 +58,40 @@ class LearnerGroup:
             address, port = "127.0.0.1", free_port()
         else:
             raise ValueError("several learner ranks need placement options (a scheduling_strategy each)")
-        self.world_size = len(options)
+        self.world_size, self.worker_cls = len(options), worker_cls
         self.workers = [ray.remote(worker_cls).options(**o).remote(
             *args, rank=rank, world_size=self.world_size, master_addr=address, master_port=port, **kwargs)
             for rank, o in enumerate(options)]
 
-    def submit(self, method: str, *args) -> list:
-        """Start `method` on every rank; the ObjectRefs of their answers."""
-        return [getattr(w, method).remote(*args) for w in self.workers]
+    def submit(self, method: Callable, *args) -> list:
+        """Start `method` (e.g. PolicyWorker.train) on every rank; the ObjectRefs of their answers."""
+        name = self._name(method, rank0=False)
+        return [getattr(w, name).remote(*args) for w in self.workers]
 
-    def all(self, method: str, *args) -> list:
+    def all(self, method: Callable, *args) -> list:
         """Every rank's answer (a collective method: all ranks take part)."""
         return ray.get(self.submit(method, *args))
 
-    def first(self, method: str, *args):
+    def first(self, method: Callable, *args):
         """Rank 0's answer, after every rank has run `method`."""
         return self.all(method, *args)[0]
 
-    def rank0(self, method: str, *args):
-        """`method` on rank 0 alone (not a collective: the other ranks are not involved)."""
-        return ray.get(getattr(self.workers[0], method).remote(*args))
+    def rank0(self, method: Callable, *args):
+        """A `@rank0_only` method on rank 0 alone (not a collective: the other ranks are not involved)."""
+        return ray.get(getattr(self.workers[0], self._name(method, rank0=True)).remote(*args))
+
+    def _name(self, method: Callable, rank0: bool) -> str:
+        """The name of `method`, checked: a method of this group's worker class, run by the right ranks."""
+        cls = self.worker_cls.__name__
+        if isinstance(method, str):
+            raise TypeError(f"learner methods are called by reference ({cls}.{method}), not by name")
+        name = getattr(method, "__name__", "")
+        if getattr(self.worker_cls, name, None) is not method:
+            raise TypeError(f"{getattr(method, '__qualname__', method)} is not a method of {cls}")
+        if getattr(method, "rank0_only", False) != rank0:
+            raise TypeError(f"{cls}.{name} is {'not ' if rank0 else ''}a @rank0_only method; call it with "
+                            f"LearnerGroup.{'submit / all / first' if rank0 else 'rank0'}")
+        return name
 
     def kill(self) -> None:
         for w in self.workers:

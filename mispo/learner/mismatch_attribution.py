@@ -52,6 +52,32 @@ def token_versions(samples: list[Sample], length: int) -> torch.Tensor:
     return out
 
 
+def logprobs_at_versions(batch: RolloutBatch, version: int, kept: Container[int],
+                         score: Callable[[int, list[int]], torch.Tensor] | None) -> tuple[torch.Tensor, int]:
+    """(pi_v [B, T], tokens not scored): log pi_v of each response token, the learner at the weights that
+    sampled it, with the learner now at `version`. Tokens sampled at `version` read batch.old_logprobs (no
+    forward); older ones are scored by `score(v, rows)` (one call per kept version v, on the rows it sampled)
+    when v is in `kept`. The rest (a version no longer kept, or `score` None: ZeRO-3 / expert parallelism,
+    where no whole copy fits) take the engine's log-prob, pi_v ~ pi_rollout: that approximation puts all of
+    their mismatch into the lag and none into the engine filter."""
+    shape, mask = batch.response_mask.shape, batch.response_mask.bool()
+    by_token = token_versions(batch.samples, shape[1])
+    if batch.old_logprobs is None:
+        raise ValueError("logprobs_at_versions needs batch.old_logprobs (the learner now, for the unlagged tokens)")
+    out = torch.where(by_token == version, batch.old_logprobs.float(), batch.rollout_logprobs.float())
+    unscored = mask & (by_token != version)
+    for v in sorted(set(by_token[mask].tolist()) - {version}):
+        here = mask & (by_token == v)
+        if score is None or v not in kept:
+            continue
+        rows = here.any(dim=1).nonzero()[:, 0].tolist()
+        values, full = score(v, rows), torch.zeros(shape)
+        full[rows, : values.shape[1]] = values
+        out[here] = full[here]
+        unscored &= ~here
+    return torch.where(mask, out, torch.zeros(())), int(unscored.sum())
+
+
 def attribution_metrics(now: torch.Tensor, at_version: torch.Tensor, rollout: torch.Tensor,
                         mask: torch.Tensor) -> dict[str, float]:
     """[B, T] log p (learner, now), log q (learner, the sampling version), r (engine) and a 0/1 mask of the

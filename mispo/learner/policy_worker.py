@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 from mispo.algorithms import PolicyLossConfig, PolicyLossInputs, compute_policy_loss
-from mispo.algorithms.policy_losses import default_loss_agg
+from mispo.algorithms.policy_losses import loss_spec
 from mispo.batch import RolloutBatch
 from mispo.families import family_of, replay_routing
 from mispo.config import AlgorithmConfig
 from mispo.learner.engine import average_over_ranks, full_parameters
 from mispo.learner.frozen_model import frozen_model
+from mispo.learner.group import rank0_only
 from mispo.learner.metrics import combine_partials, mean_metrics, mini_batches
 from mispo.learner.models import load_policy
 from mispo.learner.packing import (PackedMicroBatch, gather_response, response_logprobs, token_logprobs,
@@ -34,7 +35,7 @@ from mispo.weight_transport import bucketize, put_bucket
 
 
 def policy_loss_config(algo: AlgorithmConfig, max_new_tokens: int) -> PolicyLossConfig:
-    options = dict(loss_agg=algo.loss_agg or default_loss_agg(algo.policy_loss), token_bounds=tuple(algo.token_bounds),
+    options = dict(loss_agg=algo.loss_agg or loss_spec(algo.policy_loss).default_agg, token_bounds=tuple(algo.token_bounds),
                    traj_bounds=tuple(algo.traj_bounds), traj_stat_includes_rejected=algo.traj_stat_includes_rejected,
                    kl_coef=algo.kl_coef, entropy_coef=algo.entropy_coef, clip_eps_low=algo.clip_eps,
                    clip_eps_high=algo.clip_eps, norm_length=float(max_new_tokens))
@@ -115,6 +116,7 @@ class PolicyWorker(LearnerWorker):
         return out
 
     # ------------------------------------------------------------------ mismatch attribution (rank 0 alone)
+    @rank0_only
     def keep_version(self, version: int, keep: int) -> None:
         """Keep a CPU copy of the current weights as `version` (and the `keep` versions before it); the first
         call also builds the spare model that `attribute_mismatch` scores on (mismatch_attribution.py)."""
@@ -124,6 +126,7 @@ class PolicyWorker(LearnerWorker):
             self.versions, self.spare = VersionStore(keep), self._policy_module().to(self.device).eval()
         self.versions.add(version, self.engine.module.state_dict())
 
+    @rank0_only
     @torch.no_grad()
     def attribute_mismatch(self, batch: RolloutBatch, version: int) -> dict[str, float]:
         """mismatch/total, from_staleness, from_engine of the batch with the learner at `version`: each token
@@ -133,13 +136,31 @@ class PolicyWorker(LearnerWorker):
         if self.versions is None or version not in self.versions:
             raise RuntimeError(f"attribute_mismatch at version {version}: no copy of those weights; the trainer "
                                "calls keep_version after every update")
+        return attribute(batch, version, self.versions, self._score_at_version(batch))
+
+    @rank0_only
+    @torch.no_grad()
+    def version_logprobs(self, batch: RolloutBatch, version: int) -> dict:
+        """{"version_logprobs": [B, T] log pi_v, "lag/unscored_tokens": n}: each response token scored by the
+        learner at the weights that sampled it (mismatch_attribution.logprobs_at_versions), the stale ones on
+        the spare model, one forward per kept version over the rows it sampled."""
+        from mispo.learner.mismatch_attribution import logprobs_at_versions
+
+        if self.versions is None:
+            raise RuntimeError("version_logprobs: no copies of earlier weights; the trainer calls keep_version "
+                               "after every update")
+        values, unscored = logprobs_at_versions(batch, version, self.versions, self._score_at_version(batch))
+        return {"version_logprobs": values, "lag/unscored_tokens": float(unscored)}
+
+    def _score_at_version(self, batch: RolloutBatch):
+        """score(v, rows) -> [len(rows), T_v] log-probs of those rows' responses under the kept weights v."""
         samples, tokens, t = batch.samples, self.learner_cfg.micro_batch_tokens, self.temperature
 
         def score(v: int, rows: list[int]) -> torch.Tensor:
             self.spare.load_state_dict(self.versions[v])
             return response_logprobs(self.spare, [samples[i] for i in rows], tokens, self.device, temperature=t)
 
-        return attribute(batch, version, self.versions, score)
+        return score
 
     # ------------------------------------------------------------------ update
     def train(self, batch: RolloutBatch) -> dict[str, float]:
@@ -193,6 +214,7 @@ class PolicyWorker(LearnerWorker):
             logp=logp, logp_old=logp_old, advantages=sub.advantages.to(d),
             mask=mask, logp_rollout=sub.rollout_logprobs.to(d),
             logp_ref=sub.ref_logprobs.to(d) if sub.ref_logprobs is not None else None, entropy=ent,
+            logp_version=sub.version_logprobs.to(d) if sub.version_logprobs is not None else None,
             token_keep=sub.token_keep.to(d) if sub.token_keep is not None else None,
             traj_keep=sub.traj_keep.to(d) if sub.traj_keep is not None else None,
             num_tokens=num_tokens, num_seqs=float(len(mini)),

@@ -8,7 +8,7 @@ of the rows (`mispo.learner.data_parallel`; the other rows are 0, so the ranks' 
 whole), and with `zero_stage` 3 the teacher is sharded over the ranks (`frozen_model.py`):
 
     teacher = LearnerGroup(TeacherWorker, options, path, cpu_ranks=n, zero_stage=3, ...)
-    logp_teacher = sum(teacher.all("compute_logprobs", ray.put(batch)))   # every rank, the whole batch
+    logp_teacher = sum(teacher.all(TeacherWorker.compute_logprobs, ray.put(batch)))   # every rank, the whole batch
 """
 
 from __future__ import annotations

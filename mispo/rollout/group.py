@@ -5,7 +5,7 @@
                          expert_parallel=recipe.resources.rollout_expert_parallel)
     samples = group.generate(requests, n=8, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=step)
     group.sync([put_bucket(b) for b in policy.weight_buckets(bytes)], version=step)  # weight_transport
-    group.sync_broadcast(lambda g: policy_group.submit("broadcast_weights", g), version=step)  # or broadcast
+    group.sync_broadcast(lambda g: policy_group.submit(PolicyWorker.broadcast_weights, g), version=step)  # or broadcast
     group.shutdown()
 
 Requests are split into contiguous chunks, one per worker, and the Samples come back in request
@@ -86,7 +86,7 @@ class RolloutGroup:
     def generate(self, requests: list[dict], n: int, temperature: float, top_p: float, max_new_tokens: int,
                  seed: int | None = None) -> list[Sample]:
         """RolloutWorker.generate over all workers; Samples in request order (n per request)."""
-        return self._map("generate", requests, n=n, temperature=temperature, top_p=top_p,
+        return self._map(RolloutWorker.generate, requests, n=n, temperature=temperature, top_p=top_p,
                          max_new_tokens=max_new_tokens, seed=seed)
 
     def generate_episodes(self, requests: list[dict], env_spec: str, n: int, temperature: float, top_p: float,
@@ -94,12 +94,16 @@ class RolloutGroup:
                           max_episode_tokens: int | None = None) -> list[Sample]:
         """RolloutWorker.generate_episodes over all workers (env_spec: an absolute path or a module);
         `max_new_tokens` per model turn, `max_episode_tokens` per episode (model + environment tokens)."""
-        return self._map("generate_episodes", requests, env_spec=env_spec, n=n, temperature=temperature,
+        return self._map(RolloutWorker.generate_episodes, requests, env_spec=env_spec, n=n, temperature=temperature,
                          top_p=top_p, max_new_tokens=max_new_tokens, max_turns=max_turns, seed=seed,
                          max_episode_tokens=max_episode_tokens)
 
-    def _map(self, method: str, requests: list[dict], **kwargs) -> list[Sample]:
+    def _map(self, method, requests: list[dict], **kwargs) -> list[Sample]:
+        """`method` (a RolloutWorker method, by reference) over the workers, each its share of the requests;
+        a worker that dies is restarted, re-synced and given its share again (up to max_retries)."""
         import ray
+
+        method = method.__name__
 
         chunks = split(len(requests), len(self.workers))
         calls = {i: getattr(self.workers[i], method).remote(requests[a:b], **kwargs)

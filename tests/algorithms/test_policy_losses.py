@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mispo.algorithms import (
-    POLICY_LOSSES,
+    LOSSES,
     PolicyLossConfig,
     PolicyLossInputs,
     compute_policy_loss,
@@ -333,7 +333,7 @@ def test_kl_and_entropy_terms():
 
 
 def test_registry_config_and_input_validation():
-    assert set(ALL) <= set(POLICY_LOSSES)
+    assert set(ALL) <= set(LOSSES)
     assert get_policy_loss("grpo") is get_policy_loss("ppo")
     with pytest.raises(ValueError, match="known"):
         get_policy_loss("nope")
@@ -343,7 +343,7 @@ def test_registry_config_and_input_validation():
         return inputs.logp.sum() * 0, {}
 
     assert get_policy_loss("my_loss") is my_loss
-    POLICY_LOSSES.pop("my_loss")
+    LOSSES.pop("my_loss")
     with pytest.raises(ValueError, match="loss_agg"):
         PolicyLossConfig(loss_agg="mean")
     with pytest.raises(ValueError, match="kl_estimator"):

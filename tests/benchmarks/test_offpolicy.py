@@ -41,8 +41,29 @@ def test_run_summary_reads_the_losses_own_keep_metric():
     mispo_rows = [{**r, "mispo/keep_frac": 0.9} for r in rows]
     assert offpolicy.run_summary(mispo_rows, "mispo")["keep"] == pytest.approx(0.9)
     cell = offpolicy.cell_summary([s, {**s, "final_eval": 0.7}])
-    assert cell["final_eval"] == {"mean": pytest.approx(0.6), "min": 0.5, "max": 0.7}
+    assert {k: cell["final_eval"][k] for k in ("mean", "min", "max", "n")} == \
+        {"mean": pytest.approx(0.6), "min": 0.5, "max": 0.7, "n": 2}
+    lo, hi = cell["final_eval"]["ci95"]  # mean 0.6, sd 0.1414, t(1) 12.706: 0.6 -+ 1.2706
+    assert (lo, hi) == (pytest.approx(0.6 - 1.2706), pytest.approx(0.6 + 1.2706))
     assert cell["traj_keep"] is None
+
+
+def test_interval_and_drift_per_version_of_lag():
+    assert offpolicy.interval95([1.0]) is None
+    lo, hi = offpolicy.interval95([0.5, 0.6, 0.7, 0.8, 0.9])  # sd 0.158, t(4) 2.776: +-0.196
+    assert (lo, hi) == (pytest.approx(0.7 - 0.19629, abs=1e-4), pytest.approx(0.7 + 0.19629, abs=1e-4))
+    rows = [{"step": 1, "time/step_s": 1.0, "lag/0/drift": 0.0, "lag/2/drift": 0.04, "lag/4+/drift": 0.08,
+             "lag/ess": 0.9}]
+    s = offpolicy.run_summary(rows, "mispo_decoupled")
+    assert s["drift_per_version"] == pytest.approx(0.02) and s["ess"] == pytest.approx(0.9)  # 0.04/2, 0.08/4
+
+
+def test_the_calibrated_condition_slows_learning_and_lengthens_the_run():
+    slow = offpolicy.recipe("mispo_decoupled", "stale4_slow", 0, 24, 1000, 3e-4)
+    assert slow["learner"]["actor"]["lr"] == pytest.approx(7.5e-5) and slow["trainer"]["max_steps"] == 96
+    assert slow["trainer"]["max_staleness"] == 4 and slow["algorithm"]["policy_loss"] == "mispo_decoupled"
+    r3 = offpolicy.recipe("mispo", "bf16_r3", 0, 24, 1000, 3e-4)["rollout"]
+    assert r3["dtype"] == "bfloat16" and r3["routing_replay"] is True
 
 
 def test_recipes_differ_only_in_the_algorithm_condition_and_seed():
@@ -62,15 +83,18 @@ def test_quick_grid_writes_the_table_and_the_plot(tmp_path):
     subprocess.run([sys.executable, "benchmarks/offpolicy.py", "--quick", "--work", str(tmp_path / "runs"),
                     "--output", str(out), "--plot", str(png)], cwd=ROOT, check=True, timeout=1200)
     result = json.loads(out.read_text())
-    cells = result["results"]["bf16"]
-    assert set(cells) == {"mispo", "grpo"}
+    cells = result["results"]["stale4"]
+    assert set(cells) == {"mispo_decoupled", "grpo"}
     for algorithm, cell in cells.items():
         (run,) = cell["runs"]
-        assert len([r for r in run["rows"] if "time/step_s" in r]) == 2
+        steps = [r for r in run["rows"] if "time/step_s" in r]
+        assert len(steps) == 3
         assert run["rows"][0]["step"] == 0 and "eval/accuracy" in run["rows"][0]
-        assert run["summary"]["log_ratio"] > 0  # bf16 rollouts against the fp32 learner: a real mismatch
-    assert cells["mispo"]["summary"]["traj_keep"] is not None and cells["grpo"]["summary"]["traj_keep"] is None
-    assert "| bf16 | mispo |" in result["table"] and png.stat().st_size > 10_000
+        assert any("lag/1/tokens" in r for r in steps)  # async: samples trained a version after they were drawn
+    decoupled = [r for r in cells["mispo_decoupled"]["runs"][0]["rows"] if "lag/1/tokens" in r]
+    assert all("lag/1/drift" in r and "lag/ess" in r for r in decoupled)  # scored at their own version
+    assert cells["mispo_decoupled"]["summary"]["traj_keep"] is not None and cells["grpo"]["summary"]["traj_keep"] is None
+    assert "| stale4 | mispo_decoupled |" in result["table"] and png.stat().st_size > 10_000
 
 
 def test_best_rates_pick_each_algorithms_rate_by_reward_auc_not_held_out_accuracy():

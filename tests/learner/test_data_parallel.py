@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from mispo.learner.data_parallel import deal_rows, rank_micro_batches
 from mispo.learner.packing import pack_rows
+from mispo.learner.critic_worker import CriticWorker
+from mispo.learner.policy_worker import PolicyWorker
 
 lengths_st = st.lists(st.integers(1, 60), min_size=1, max_size=40)
 
@@ -91,8 +93,8 @@ def one_step(policy, critic, batch):
 
     before = weights(policy)
     ref = ray.put(batch)
-    logp = merge_row_results(ray.get(policy.submit("compute_logprobs", ref)))
-    values = merge_row_results(ray.get(critic.submit("compute_values", ref)))
+    logp = merge_row_results(ray.get(policy.submit(PolicyWorker.compute_logprobs, ref)))
+    values = merge_row_results(ray.get(critic.submit(CriticWorker.compute_values, ref)))
     batch.old_logprobs = logp["old_logprobs"]
     batch.rollout_logprobs = logp["old_logprobs"] + 0.01 * torch.randn(logp["old_logprobs"].shape,
                                                                        generator=torch.Generator().manual_seed(0))
@@ -104,8 +106,8 @@ def one_step(policy, critic, batch):
     batch.token_keep, batch.traj_keep = mis_filter(batch.old_logprobs, batch.rollout_logprobs, mask,
                                                    (0.5, 2.0), (0.9, 1.1))
     ref = ray.put(batch)
-    metrics = mean_metrics(ray.get(policy.submit("train", ref)))
-    metrics.update(mean_metrics(ray.get(critic.submit("train", ref))))
+    metrics = mean_metrics(ray.get(policy.submit(PolicyWorker.train, ref)))
+    metrics.update(mean_metrics(ray.get(critic.submit(CriticWorker.train, ref))))
     after = weights(policy)
     return logp, values, metrics, {k: after[k].float() - before[k].float() for k in after}
 
@@ -113,7 +115,7 @@ def one_step(policy, critic, batch):
 def weights(policy) -> dict:
     from mispo.weight_transport import resolve
 
-    return {k: v.clone() for ref in policy.first("weight_bucket_refs") for k, v in resolve(ref)}
+    return {k: v.clone() for ref in policy.first(PolicyWorker.weight_bucket_refs) for k, v in resolve(ref)}
 
 
 @pytest.mark.slow  # starts DeepSpeed engines

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mispo.models.step3p5.expert_parallel import check_divides
+from mispo.learner.policy_worker import PolicyWorker
 
 
 def test_ep_size_must_divide_experts_and_ranks():
@@ -122,7 +123,7 @@ def _policy(ckpt, ranks: int, ep: int, zero_stage: int):
 def _weights(policy) -> dict:
     from mispo.weight_transport import resolve
 
-    return {k: v.clone() for ref in policy.first("weight_bucket_refs") for k, v in resolve(ref)}
+    return {k: v.clone() for ref in policy.first(PolicyWorker.weight_bucket_refs) for k, v in resolve(ref)}
 
 
 def _step(policy, batch):
@@ -134,13 +135,13 @@ def _step(policy, batch):
     from mispo.learner.metrics import mean_metrics
 
     before = _weights(policy)
-    logp = merge_row_results(ray.get(policy.submit("compute_logprobs", ray.put(batch))))["old_logprobs"]
+    logp = merge_row_results(ray.get(policy.submit(PolicyWorker.compute_logprobs, ray.put(batch))))["old_logprobs"]
     batch.old_logprobs = logp
     batch.rollout_logprobs = logp + 0.01 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(0))
     batch.advantages = torch.where(batch.rewards[:, None] > 0, 1.0, -1.0) * batch.response_mask
     batch.token_keep, batch.traj_keep = mis_filter(logp, batch.rollout_logprobs, batch.response_mask,
                                                    (0.5, 2.0), (0.9, 1.1))
-    metrics = mean_metrics(ray.get(policy.submit("train", ray.put(batch))))
+    metrics = mean_metrics(ray.get(policy.submit(PolicyWorker.train, ray.put(batch))))
     after = _weights(policy)
     return logp, metrics, {k: after[k].float() - before[k].float() for k in after}, before
 

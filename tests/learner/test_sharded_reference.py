@@ -64,20 +64,20 @@ def test_zero3_reference_and_teacher_hold_half_and_score_like_one_copy(ray_clust
                           learner=learner.model_dump(), algorithm=AlgorithmConfig().model_dump(), max_new_tokens=8,
                           temperature=TEMPERATURE)
     try:
-        before = merge_row_results(policy.all("compute_logprobs", ray.put(batch)))
+        before = merge_row_results(policy.all(PolicyWorker.compute_logprobs, ray.put(batch)))
         mask = batch.response_mask  # one update moves the actor; the reference stays where it was
         batch.old_logprobs = batch.rollout_logprobs = before["old_logprobs"]
         batch.advantages = torch.where(batch.rewards[:, None] > 0, 1.0, -1.0) * mask
         batch.token_keep, batch.traj_keep = mis_filter(batch.old_logprobs, batch.rollout_logprobs, mask)
-        policy.all("train", ray.put(batch))
-        after = merge_row_results(policy.all("compute_logprobs", ray.put(batch)))
+        policy.all(PolicyWorker.train, ray.put(batch))
+        after = merge_row_results(policy.all(PolicyWorker.compute_logprobs, ray.put(batch)))
         reference_state = sharded_state(policy, "reference")
     finally:
         policy.kill()
     teacher = LearnerGroup(TeacherWorker, None, str(tiny_checkpoint), "bfloat16", cpu_ranks=2,
                            micro_batch_tokens=TOKENS, temperature=TEMPERATURE, zero_stage=3)
     try:
-        logp_teacher = sum(teacher.all("compute_logprobs", ray.put(batch)))  # each rank filled its own rows
+        logp_teacher = sum(teacher.all(TeacherWorker.compute_logprobs, ray.put(batch)))  # each rank filled its own rows
         teacher_state = sharded_state(teacher, "model")
     finally:
         teacher.kill()

@@ -129,13 +129,14 @@ def test_routing_replay_is_refused_for_a_checkpoint_without_routed_experts(tmp_p
     check_replayable(tmp_path / "moe")  # layer 1 is MoE: nothing to refuse
 
 
-def test_routing_replay_is_refused_where_vllm_cannot_record_it():
+def test_routing_replay_is_refused_where_nothing_records_it():
+    """CPU runs record it in mispo's Step3p5 vLLM model (tests/rollout/test_routing_record_cpu.py); multi-turn
+    episodes are refused everywhere; on GPU vLLM records it."""
     from mispo.config import Recipe
     from mispo.config import RolloutConfig
     from mispo.rollout.vllm_engine import engine_kwargs
 
-    with pytest.raises(ValueError, match="rollout.routing_replay on a CPU run"):
-        Recipe(rollout={"routing_replay": True})
+    assert Recipe(rollout={"routing_replay": True}).rollout.routing_replay  # a CPU run
     with pytest.raises(ValueError, match="routing_replay covers single-turn"):
         Recipe(rollout={"routing_replay": True, "environment": "x:Y"},
                resources={"gpus_per_node": 8, "actor_gpus": 4, "rollout_gpus": 4})

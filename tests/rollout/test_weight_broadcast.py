@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mispo.weight_transport import ALIGN, flatten, layout, unflatten
+from mispo.learner.policy_worker import PolicyWorker
 
 TOL = 2e-3  # mean |log-prob difference|, as the object-store sync test (test_rollout.py) and vLLM parity
 
@@ -113,13 +114,13 @@ def gap_to_learner(learner, samples) -> float:
     from mispo.learner.data_parallel import merge_row_results
 
     batch = RolloutBatch.from_samples(samples)
-    logp = merge_row_results(ray.get(learner.submit("compute_logprobs", ray.put(batch))))["old_logprobs"]
+    logp = merge_row_results(ray.get(learner.submit(PolicyWorker.compute_logprobs, ray.put(batch))))["old_logprobs"]
     mask = batch.response_mask.bool()
     return float((logp - batch.rollout_logprobs)[mask].abs().mean())
 
 
 def broadcast(group, learner, version: int) -> float:
-    return group.sync_broadcast(lambda g: learner.submit("broadcast_weights", g, 64 << 10), version, "gloo")
+    return group.sync_broadcast(lambda g: learner.submit(PolicyWorker.broadcast_weights, g, 64 << 10), version, "gloo")
 
 
 def generate(group):
@@ -151,7 +152,7 @@ def test_restarted_worker_is_resynced_and_the_group_re_formed(group, learner, ra
     assert "rollout worker 1 died" in caplog.text and group.versions() == [2, 2]
     assert [s.response_ids for s in again] == [s.response_ids for s in reqs_before]  # the same weights
 
-    ray_cluster.get(learner.submit("sft_step", again))  # the learner moves on
+    ray_cluster.get(learner.submit(PolicyWorker.sft_step, again))  # the learner moves on
     assert gap_to_learner(learner, again) > 0.05
     broadcast(group, learner, version=3)  # on a new group: the restarted worker was not in the old one
     assert group.versions() == [3, 3]
@@ -179,7 +180,7 @@ def test_a_worker_in_the_engines_own_process_joins_through_collective_rpc(learne
         rendezvous = Rendezvous(ray_cluster.util.get_node_ip_address())
         group = rendezvous.group(world_size=2, backend="gloo")
         received = actor.receive_weights.remote(group, 1, 7)
-        ray_cluster.get(learner.submit("broadcast_weights", group, 64 << 10))
+        ray_cluster.get(learner.submit(PolicyWorker.broadcast_weights, group, 64 << 10))
         assert ray_cluster.get(received) > 0
         after = sample()
         assert all(s.version == 7 for s in after) and gap_to_learner(learner, after) < TOL

@@ -73,3 +73,45 @@ def test_options_a_loss_would_not_honour_are_refused(overrides, message):
 ])
 def test_options_that_act_are_accepted(overrides):
     load_recipe(None, overrides)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["algorithm.version_logprobs=rollout"], "version_logprobs = 'rollout' has no effect with algorithm.policy_loss = "
+                                             "'mispo'"),
+    (["algorithm.policy_loss=mispo_decoupled", "algorithm.version_logprobs=kept_versions"],
+     "has no effect in trainer.mode = sync"),
+    (["algorithm.policy_loss=mispo_decoupled", "algorithm.version_logprobs=kept_versions", "trainer.mode=async",
+      "learner.zero_stage=3"], "fix: algorithm.version_logprobs: rollout"),
+    (["algorithm.policy_loss=mispo", "algorithm.loss_options={lag_cap: 3.0}"], "lag_cap has no effect"),
+])
+def test_where_pi_v_comes_from_is_checked(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, overrides)
+
+
+def test_where_pi_v_comes_from_resolves_per_layout():
+    base = ["algorithm.policy_loss=mispo_decoupled", "algorithm.loss_options={lag_cap: 3.0}"]
+    assert load_recipe(None, base).version_logprobs_source() is None  # sync: pi_v = pi_old
+    assert load_recipe(None, base + ["trainer.mode=async"]).version_logprobs_source() == "kept_versions"
+    assert load_recipe(None, base + ["trainer.mode=async", "learner.zero_stage=3"]).version_logprobs_source() == \
+        "rollout"
+    partial = load_recipe(None, base + ["trainer.mode=async", "rollout.partial_rollout_tokens=8"])
+    assert partial.algorithm.policy_loss == "mispo_decoupled"  # it corrects each token: partial rollouts allowed
+
+
+def test_a_loss_registered_by_a_user_is_a_known_loss_with_its_options():
+    from mispo.algorithms import LOSSES, register_policy_loss
+
+    @register_policy_loss("my_capped_loss", options=("tis_cap",))
+    def my_loss(inputs, config):
+        return inputs.logp.sum() * 0, {}
+
+    try:
+        r = load_recipe(None, ["algorithm.policy_loss=my_capped_loss", "algorithm.advantage=grpo",
+                               "algorithm.loss_options={tis_cap: 3.0}"])
+        assert r.algorithm.loss_options == {"tis_cap": 3.0}
+        with pytest.raises(RecipeError, match="icepop_bounds has no effect"):
+            load_recipe(None, ["algorithm.policy_loss=my_capped_loss", "algorithm.advantage=grpo",
+                               "algorithm.loss_options={icepop_bounds: [0.5, 3]}"])
+    finally:
+        LOSSES.pop("my_capped_loss")

@@ -54,6 +54,7 @@ def test_async_rollouts_run_ahead_within_the_bound(tmp_path, cache):
 LAGGING = textwrap.dedent("""
     import sys
     from mispo.config import load_recipe
+    from mispo.learner.policy_worker import PolicyWorker
     from mispo.trainer import Trainer
 
     class LaggingSync(Trainer):
@@ -63,7 +64,7 @@ LAGGING = textwrap.dedent("""
         trained = []
 
         def sync_weights(self, version):
-            refs = self.policy.first("weight_bucket_refs")
+            refs = self.policy.first(PolicyWorker.weight_bucket_refs)
             if self.held is not None:
                 self.rollout.sync(*self.held)
             self.held = (refs, version)

