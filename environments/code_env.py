@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from environments.base import StepResult
+from mispo.rollout.environment import StepResult
 from rewards.code import evaluate, extract_program
 
 INSTRUCTIONS = ("\n\nAnswer with a complete Python solution in a ```python code block. "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from environments.base import StepResult
+from mispo.rollout.environment import StepResult
 from environments.tools import Tool, default_tools
 from rewards import tool as tool_reward
 from rewards.toolcalls import MalformedCall, parse_tool_calls

@@ -14,6 +14,7 @@ def start_ray(address: str | None = None, log_file: Path | None = None) -> None:
     to the file); None: everything is printed here, each worker's lines prefixed "(Actor pid=...)"."""
     import ray
 
+    from mispo.accelerator import deepspeed_env
     from mispo.run_log import worker_runtime_env
 
     if ray.is_initialized():
@@ -24,13 +25,6 @@ def start_ray(address: str | None = None, log_file: Path | None = None) -> None:
         env = {**quiet, "env_vars": {**env["env_vars"], **quiet["env_vars"]}}
     ray.init(address=address, include_dashboard=False, log_to_driver=log_file is None,
              configure_logging=log_file is None, runtime_env=env)
-
-
-def deepspeed_env() -> dict[str, str]:
-    """DS_ACCELERATOR=cpu on a machine without CUDA (DeepSpeed's CPU accelerator, named rather than detected)."""
-    import torch
-
-    return {} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu"}
 
 
 def free_port() -> int:

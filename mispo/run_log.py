@@ -62,7 +62,7 @@ def quiet_driver(log_file: Path) -> None:
     datasets.disable_progress_bars()
     # DeepSpeed: its "DeepSpeed" logger prints to stdout from import on; naming the accelerator (as the
     # actors get it) spares the import's detection warning, then the logger goes to the file
-    from mispo.cluster import deepspeed_env
+    from mispo.accelerator import deepspeed_env
 
     os.environ.update(deepspeed_env())
     from deepspeed.utils import logger as deepspeed_logger

@@ -27,7 +27,7 @@ def sft_samples(rows: list[dict], tokenizer, recipe: Recipe) -> list[Sample]:
     """Prompt ids from the chat template; response = completion followed by the end-of-turn token.
 
     With a multi-turn environment the worked solution is replayed through the environment exactly
-    as a rollout would play it (`environments.episode.run_episode`): the prompt is `env.reset(row)`,
+    as a rollout would play it (`mispo.rollout.episode_loop.run_episode`): the prompt is `env.reset(row)`,
     the model turns are `tool_call` (when the row has one) then `completion`, each ending with the
     end-of-turn token, and the environment's observations in between are context (loss mask 0)."""
     if not recipe.rollout.environment:
@@ -38,7 +38,7 @@ def sft_samples(rows: list[dict], tokenizer, recipe: Recipe) -> list[Sample]:
             out.append(Sample(prompt_ids=prompt_ids, response_ids=response, rollout_logprobs=[0.0] * len(response),
                               loss_mask=[1] * len(response), finish_reason="stop", row=row))
         return out
-    from environments.episode import run_episode
+    from mispo.rollout.episode_loop import run_episode
     from mispo.plugins import ENVIRONMENT_GROUP, load_object
     from mispo.rollout.episodes import chat_encoder, env_factory, observation_wrapper
 

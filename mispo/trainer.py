@@ -73,6 +73,17 @@ class PendingRollout:
     generate_s: tuple[float, float] = (0.0, 0.0)  # wall-clock start and end of its generation
 
 
+@dataclass
+class Redraw:
+    """The prompts of a rollout that was in flight when the resumed checkpoint was taken, drawn again as they
+    were: its `index` (sampling seed), the samplers' states before the draw, the jobs and data metrics."""
+
+    index: int
+    sampler_states: dict
+    jobs: list
+    data_metrics: dict
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, output: str | Path):
         self.recipe = recipe
@@ -109,13 +120,13 @@ class Trainer:
                                    and self.band is None and not (with_critic and r.algorithm.critic_masks)
                                    and self.version_source is None
                                    and not self.policy.first(PolicyWorker.has_dropout))
-        self.rollout = RolloutGroup(self.policy_path, r.rollout, dtype=r.rollout.dtype or r.model.dtype,
+        self.engines = RolloutGroup(self.policy_path, r.rollout, dtype=r.rollout.dtype or r.model.dtype,
                                     seed=r.trainer.seed,
                                     options=self.placement.rollout.options if self.placement else None,
                                     tensor_parallel=r.resources.rollout_tensor_parallel,
                                     expert_parallel=r.resources.rollout_expert_parallel, cpu_cores=cores.rollout,
                                     fp32_lm_head=r.model.fp32_lm_head)
-        self.probe = SyncProbe(self.policy, self.rollout, family_of(Path(self.policy_path)).name, r.model.dtype,
+        self.probe = SyncProbe(self.policy, self.engines, family_of(Path(self.policy_path)).name, r.model.dtype,
                                r.rollout.dtype or r.model.dtype, len(self.tokenizer), r.trainer.sync_check_every)
         # Rollouts run in background threads; Ray runs each worker's calls in submission order, so a
         # weight sync submitted after a rollout is applied after it (that rollout trains one step stale).
@@ -126,8 +137,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken = the learner's policy version
         self.rollouts_started = 0
         self.saved_step: int | None = None  # the step of the newest checkpoint (resumed or written)
-        # (index, sampler states, jobs, data metrics) of rollouts in flight at the resumed checkpoint
-        self.redrawn: deque[tuple] = deque()
+        self.redrawn: deque[Redraw] = deque()  # the rollouts in flight at the resumed checkpoint
         self._last_generate_end = None
 
     def _start_learners(self, with_critic: bool) -> tuple[LearnerGroup, LearnerGroup | None]:
@@ -193,11 +203,11 @@ class Trainer:
                     self.in_flight.append(self.start_rollout())
                 try:
                     t0 = time.time()
-                    rollouts, metrics = self.finish_rollout(self.in_flight.popleft())
+                    by_domain, metrics = self.finish_rollout(self.in_flight.popleft())
                     t = time.time()
-                    metrics.update(self.score(rollouts))
+                    metrics.update(self.score(by_domain))
                     if r.algorithm.dynamic_sampling is not None:
-                        rollouts, filled = self.fill_batch(rollouts)
+                        by_domain, filled = self.refill_groups(by_domain)
                         metrics.update(filled)
                         if not filled["dynamic_sampling/groups"]:  # no group with reward variance: draw again
                             uninformative_in_a_row += 1
@@ -208,7 +218,7 @@ class Trainer:
                             continue
                         uninformative_in_a_row = 0
                     metrics["time/reward_s"] = time.time() - t
-                    if not any(samples for _, samples in rollouts):  # every sample too stale: draw again
+                    if not any(samples for _, samples in by_domain):  # every sample too stale: draw again
                         empty_in_a_row += 1
                         dropped_before += metrics["rollout/dropped_stale"]
                         if empty_in_a_row > self.ahead + 1:
@@ -218,7 +228,7 @@ class Trainer:
                         continue
                     metrics["rollout/dropped_stale"] += dropped_before  # counted with the step that follows
                     empty_in_a_row = dropped_before = 0
-                    metrics.update(self.train_step(rollouts))
+                    metrics.update(self.train_step(by_domain))
                     if probed:  # the gap before training, logged with the first step
                         metrics["sync/probe_logprob_diff_start"], probed = probed["sync/probe_logprob_diff"], {}
                     self.step += 1
@@ -258,15 +268,16 @@ class Trainer:
         resumed checkpoint was taken) and start generating them (in a background thread) with the weights
         the workers have when the engine reaches them."""
         if self.redrawn:
-            index, states, jobs, data_metrics = self.redrawn.popleft()
+            again = self.redrawn.popleft()
+            index, states, jobs, data_metrics = again.index, again.sampler_states, again.jobs, again.data_metrics
         else:
             index, (states, jobs, data_metrics) = self.rollouts_started, self._draw()
             self.rollouts_started += 1
         pending = PendingRollout(index, None, states, data_metrics)
-        pending.future = self.pool.submit(self.generate, jobs, pending)
+        pending.future = self.pool.submit(self.run_rollout, jobs, pending)
         return pending
 
-    def generate(self, jobs: list[tuple], pending: PendingRollout) -> list[tuple]:
+    def run_rollout(self, jobs: list[tuple], pending: PendingRollout) -> list[tuple]:
         """[(domain, requests)] -> [(domain, samples)], n = rollout.n_samples per request, seeded by the
         rollout's index."""
         start = time.time()
@@ -277,23 +288,23 @@ class Trainer:
     def _sample(self, jobs: list[tuple], index: int) -> list[tuple]:
         """The recipe's sampling of [(domain, requests)], seeded by the rollout index."""
         r = self.recipe
-        return generate_step(self.rollout, jobs, r.rollout.n_samples, r.rollout.temperature, r.rollout.top_p,
+        return generate_step(self.engines, jobs, r.rollout.n_samples, r.rollout.temperature, r.rollout.top_p,
                              seed=step_seed(r.trainer.seed, index))
 
     def finish_rollout(self, pending: PendingRollout) -> tuple[list[tuple], dict]:
         """Wait for a rollout; drop its samples older than the staleness bound. Metrics: the time the
         learner waited for it, the time the engine stood idle before it (waiting for weights), staleness."""
         t = time.time()
-        rollouts = pending.future.result()
+        by_domain = pending.future.result()
         metrics = {"time/wait_rollout_s": time.time() - t,
                    "time/generate_s": pending.generate_s[1] - pending.generate_s[0]}
         if self._last_generate_end is not None:
             metrics["time/rollout_idle_s"] = max(0.0, pending.generate_s[0] - self._last_generate_end)
         self._last_generate_end = pending.generate_s[1]
-        rollouts, staleness = drop_stale(rollouts, self.step, self.ahead)
-        return rollouts, {**metrics, **staleness, **pending.data_metrics}
+        by_domain, staleness = drop_stale(by_domain, self.step, self.ahead)
+        return by_domain, {**metrics, **staleness, **pending.data_metrics}
 
-    def fill_batch(self, rollouts: list[tuple]) -> tuple[list[tuple], dict]:
+    def refill_groups(self, by_domain: list[tuple]) -> tuple[list[tuple], dict]:
         """Dynamic sampling: drop the groups without reward variance, generate and score more prompts
         now (with the engines' current weights) until the step is full or the refill cap is reached."""
         r = self.recipe
@@ -306,22 +317,22 @@ class Trainer:
             self.score(more)
             return more
 
-        rollouts, metrics = fill_batch(rollouts, r.rollout.prompts_per_step, r.algorithm.dynamic_sampling.max_refills,
-                                       draw_more)
+        by_domain, metrics = fill_batch(by_domain, r.rollout.prompts_per_step,
+                                        r.algorithm.dynamic_sampling.max_refills, draw_more)
         if metrics["dynamic_sampling/cap_reached"]:
             console.print(f"[yellow]step {self.step + 1}: dynamic sampling kept {metrics['dynamic_sampling/groups']:.0f} "
                           f"of rollout.prompts_per_step = {r.rollout.prompts_per_step} groups after "
                           f"algorithm.dynamic_sampling.max_refills = {r.algorithm.dynamic_sampling.max_refills} refills "
                           f"({metrics['dynamic_sampling/dropped_groups']:.0f} groups had one reward for all samples)"
                           "[/yellow]")
-        return rollouts, metrics
+        return by_domain, metrics
 
-    def train_step(self, rollouts: list[tuple]) -> dict:
-        """One update on scored rollouts [(domain, samples)]: forward, advantages and masks, updates, sync.
+    def train_step(self, by_domain: list[tuple]) -> dict:
+        """One update on the scored samples of each domain, by_domain = [(domain, samples)]: forward, advantages and masks, updates, sync.
         With `fused_old_logprobs` the policy's forward is skipped: the update computes pi_old and the masks."""
         r = self.recipe
         metrics: dict = {}
-        samples = [s for _, domain_samples in rollouts for s in domain_samples]
+        samples = [s for _, domain_samples in by_domain for s in domain_samples]
         batch = RolloutBatch.from_samples(samples)
 
         t = time.time()
@@ -395,17 +406,17 @@ class Trainer:
         batch.version_logprobs, unscored = logprobs_at_versions(batch, self.step, (), None)
         return {"lag/unscored_tokens": float(unscored)}
 
-    def score(self, rollouts: list[tuple]) -> dict:
+    def score(self, by_domain: list[tuple]) -> dict:
         """Reward every sample; one domain logs `reward/*` as it is, several add `reward/<domain>/*`
         and the overall `reward/mean`."""
-        if len(rollouts) == 1:
-            domain, samples = rollouts[0]
+        if len(by_domain) == 1:
+            domain, samples = by_domain[0]
             return domain.score(samples)
         metrics = {}
-        for domain, samples in rollouts:
+        for domain, samples in by_domain:
             for k, v in domain.score(samples).items():
                 metrics[k.replace("reward/", f"reward/{domain.name}/", 1)] = v
-        every = [s.reward for _, samples in rollouts for s in samples]
+        every = [s.reward for _, samples in by_domain for s in samples]
         if every:
             metrics["reward/mean"] = sum(every) / len(every)
         return metrics
@@ -441,10 +452,10 @@ class Trainer:
 
         backend = sync_backend(self.recipe.resources)
         if backend is None:
-            self.rollout.sync(self.policy.first(PolicyWorker.weight_bucket_refs), version)
+            self.engines.sync(self.policy.first(PolicyWorker.weight_bucket_refs), version)
         else:
             send = lambda group: self.policy.submit(PolicyWorker.broadcast_weights, group)  # noqa: E731
-            self.rollout.sync_broadcast(send, version, backend)
+            self.engines.sync_broadcast(send, version, backend)
 
     # ------------------------------------------------------------------ evaluation
     @property
@@ -454,7 +465,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """Greedy decoding on each domain's held-out rows; eval/accuracy = mean reward (1.0 = correct),
         averaged over domains, with eval/accuracy/<domain> when there are several."""
-        per_domain = {d.name: d.evaluate(self.rollout, self.tokenizer) for d in self.domains}
+        per_domain = {d.name: d.evaluate(self.engines, self.tokenizer) for d in self.domains}
         out = {"eval/accuracy": sum(per_domain.values()) / len(per_domain),
                "eval/n": float(sum(len(d.eval_rows) for d in self.domains))}
         if len(per_domain) > 1:
@@ -473,7 +484,7 @@ class Trainer:
             refs += self.critic.submit(CriticWorker.save, str(staging / "critic"), "state")
         ray.get(refs)
         in_flight = [{"index": p.index, "samplers": p.sampler_states} for p in self.in_flight] + \
-                    [{"index": index, "samplers": states} for index, states, _, _ in self.redrawn]
+                    [{"index": again.index, "samplers": again.sampler_states} for again in self.redrawn]
         state = {"step": self.step, "samplers": self._sampler_states(), "in_flight": in_flight,
                  "rollouts_started": self.rollouts_started,
                  "band": self.band.state_dict() if self.band else None,
@@ -494,7 +505,7 @@ class Trainer:
         self.rollouts_started = state.get("rollouts_started", self.step)
         for pending in state.get("in_flight", []):  # their prompts again, as they were drawn
             self._load_samplers(pending["samplers"], folder)
-            self.redrawn.append((pending["index"], *self._draw()))
+            self.redrawn.append(Redraw(pending["index"], *self._draw()))
         self._load_samplers(state["samplers"], folder)
         if self.band and state.get("band"):
             self.band.load_state_dict(state["band"])
@@ -511,7 +522,7 @@ class Trainer:
     def shutdown(self) -> None:
         """Stop the rollout workers and learners (the Ray cluster stays up for the next job)."""
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self.rollout.shutdown()
+        self.engines.shutdown()
         for group in (self.policy, self.critic):
             if group is not None:
                 group.kill()

@@ -123,7 +123,7 @@ def batched_generate(rollout, temperature: float, top_p: float) -> Callable[[dic
     """TurnBatcher's generate over `rollout.generate` (a RolloutGroup or RolloutWorker):
     {episode: (ids, budget, seed)} -> {episode: Completion}, one engine call per distinct budget."""
 
-    def generate(turns: dict) -> dict:
+    def generate_turns(turns: dict) -> dict:
         by_budget: dict[int, list] = {}
         for k, (_, budget, _) in turns.items():
             by_budget.setdefault(budget, []).append(k)
@@ -139,7 +139,7 @@ def batched_generate(rollout, temperature: float, top_p: float) -> Callable[[dic
                                     list(s.rollout_logprobs), s.version)
         return out
 
-    return generate
+    return generate_turns
 
 
 def call_agent(agent: Callable, base_url: str, model: str, prompt: Any, row: dict) -> tuple[float, dict]:

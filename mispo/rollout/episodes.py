@@ -7,7 +7,7 @@
 `generate_turns({episode: (token_ids, budget, seed)}) -> {episode: (new_ids, text, finish_reason,
 logprobs)}` is one engine call for the pending turns of every running episode (RolloutWorker's).
 
-Each episode runs `environments.episode.run_episode` in its own thread (`TurnBatcher`). The prompt is
+Each episode runs `mispo.rollout.episode_loop.run_episode` in its own thread (`TurnBatcher`). The prompt is
 `env.reset(row)` rendered as one user message with the tokenizer's chat template (`chat_encoder`;
 plain text without one); the request's `prompt_ids`/`prompt_text` are not used, since the
 environment may add to the row's prompt (tool instructions). Observations are wrapped by
@@ -40,7 +40,7 @@ def play_episodes(requests: list[dict], make_env: Callable[[], Any], tokenizer,
     {"source": "environment", "turns", "episode_finish"}. finish_reason is "stop" when the
     environment ended the episode and "length" when it was cut (a budget, the context or max_turns;
     see episode_finish)."""
-    from environments.episode import run_episode
+    from mispo.rollout.episode_loop import run_episode
 
     default_wrap = observation_wrapper(tokenizer)
     jobs = [(req, j) for req in requests for j in range(n)]

@@ -1,7 +1,7 @@
 """The token-level episode driver, with a scripted generator in place of vLLM."""
 
-from environments.base import StepResult
-from environments.episode import run_episode
+from mispo.rollout.environment import StepResult
+from mispo.rollout.episode_loop import run_episode
 from environments.tool_env import ToolEnv
 
 

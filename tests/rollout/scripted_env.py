@@ -1,6 +1,6 @@
 """A scripted multi-turn environment for the rollout tests (loaded by the workers by file path)."""
 
-from environments.base import StepResult
+from mispo.rollout.environment import StepResult
 
 
 class Countdown:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from environments.base import StepResult
+from mispo.rollout.environment import StepResult
 from mispo.rollout.episodes import TurnBatcher, env_factory, observation_wrapper, play_episodes
 
 OBSERVATION = "x" * 40  # a long tool response

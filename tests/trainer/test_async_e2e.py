@@ -66,12 +66,12 @@ LAGGING = textwrap.dedent("""
         def sync_weights(self, version):
             refs = self.policy.first(PolicyWorker.weight_bucket_refs)
             if self.held is not None:
-                self.rollout.sync(*self.held)
+                self.engines.sync(*self.held)
             self.held = (refs, version)
 
-        def train_step(self, rollouts):
-            self.trained += [self.step - s.version for _, samples in rollouts for s in samples]
-            return super().train_step(rollouts)
+        def train_step(self, by_domain):
+            self.trained += [self.step - s.version for _, samples in by_domain for s in samples]
+            return super().train_step(by_domain)
 
     recipe = load_recipe("recipes/math_expert.yaml", sys.argv[2:])
     trainer = Trainer.__new__(LaggingSync)

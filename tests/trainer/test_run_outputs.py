@@ -130,8 +130,8 @@ def test_the_loop_leaves_a_checkpoint_whatever_save_every(tmp_path, monkeypatch,
     t._maybe_resume = lambda: None
     t.start_rollout = lambda: None
     t.finish_rollout = lambda pending: ([("d", [one])], {"rollout/dropped_stale": 0.0})
-    t.score = lambda rollouts: {}
-    t.train_step = lambda rollouts: {}
+    t.score = lambda by_domain: {}
+    t.train_step = lambda by_domain: {}
     commits = []
     real_commit = t.checkpoints.commit
     t.checkpoints.commit = lambda staging, step, state, keep: commits.append(step) or real_commit(staging, step,
