@@ -105,6 +105,7 @@ def _run_output(output: Path, ray_address: str | None, verbose: bool, log_file: 
 def _train_rl(recipe, output: Path, start: float, resume_command: str = "") -> int:
     import ray
 
+    from mispo.call_timeout import CallTimedOut
     from mispo.dead_actor import RunStopped, describe, role_of
     from mispo.trainer import Trainer
 
@@ -112,7 +113,7 @@ def _train_rl(recipe, output: Path, start: float, resume_command: str = "") -> i
     try:
         trainer = Trainer(recipe, output)
         final = trainer.fit()
-    except ray.exceptions.RayActorError as exc:  # a learner died past what the trainer restarts
+    except (ray.exceptions.RayActorError, CallTimedOut) as exc:  # a learner died or hung past the restarts
         if role_of(exc) not in ("PolicyWorker", "CriticWorker") or getattr(exc, "actor_init_failed", False):
             raise  # an error raised in the actor (its own message says more than ours)
         raise RunStopped(describe(exc, output / "checkpoints", resume_command)) from None

@@ -299,6 +299,11 @@ class TrainerConfig(Section):
                               "last complete checkpoint (the engines re-synced, in-flight prompts drawn again) up to "
                               "this many times a run; past that, or with no checkpoint, the run stops naming the "
                               "role, the checkpoint and the --resume command")
+    call_timeout_s: float | None = Field(None, gt=0, description="how long the driver waits for a learner call, a "
+                                         "generation or a weight sync before it stops the process as hung and "
+                                         "recovers as from its death (learners: restart from the last checkpoint; "
+                                         "engines: restart and re-sync); None: 10x the slowest call of that kind "
+                                         "so far, at least 30 minutes (mispo.call_timeout)")
     sync_check_every: int = Field(5, ge=0, description="probe the engines after the first weight sync and every N "
                                   "versions: their log-probs of fixed token sequences must equal the learner's "
                                   "within what the dtypes explain, else the run stops (mispo.sync_guard); 0 = off")

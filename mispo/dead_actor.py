@@ -17,14 +17,20 @@ class RunStopped(RuntimeError):
 
 
 def role_of(exc: BaseException) -> str | None:
-    """The actor class whose death Ray reports in `exc` (PolicyWorker, ...), None when it names none."""
+    """The actor class whose death Ray reports in `exc` (PolicyWorker, ...), or that a CallTimedOut names;
+    None when it names none."""
+    if getattr(exc, "role", None):
+        return exc.role
     found = re.search(r"class_name: (\w+)", str(exc))
     return found[1] if found else None
 
 
 def what_died(exc: BaseException) -> str:
-    """"the policy learner (pid 4242) died: <Ray's reason>"."""
+    """"the policy learner (pid 4242) died: <Ray's reason>", or "the policy learner hung: ..." for a call past
+    its time limit (mispo.call_timeout)."""
     text = str(exc)
+    if getattr(exc, "role", None):
+        return f"{ROLES.get(exc.role, exc.role)} hung: {text}"
     cls, pid = role_of(exc), re.search(r"pid[=:] ?(\d+)", text)
     why = re.search(r"Worker exit detail: ([^.\n]+)", text) or re.search(r"The actor is dead because ([^.\n]+)", text)
     role = ROLES.get(cls, cls) if cls else "a process of the run"

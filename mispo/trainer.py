@@ -33,6 +33,7 @@ import torch
 from rich.console import Console
 
 from mispo.batch import RolloutBatch
+from mispo.call_timeout import CallTimedOut, CallTimeouts
 from mispo.checkpoint_store import CheckpointStore, final_save, periodic_save
 from mispo.cluster import start_ray
 from mispo.config import Recipe, dump_recipe
@@ -113,6 +114,7 @@ class Trainer:
         with_critic = r.learner.critic is not None and r.algorithm.advantage == "gae"
         self.placement = place_roles(r.resources, with_critic, r.rollout.num_workers)  # None on a CPU run
         self._learner_cores, self.restarts = cores.learner, 0
+        self.call_timeouts = CallTimeouts(r.trainer.call_timeout_s)  # learnt per kind of call, kept over restarts
         self.policy, self.critic = self._start_learners(with_critic)
         # pi_old is the update's own first forward when that is exact and nothing needs it beforehand
         # (one mini-batch, no reference, no adaptive band, no critic masks, no dropout): one forward saved
@@ -125,7 +127,7 @@ class Trainer:
                                     options=self.placement.rollout.options if self.placement else None,
                                     tensor_parallel=r.resources.rollout_tensor_parallel,
                                     expert_parallel=r.resources.rollout_expert_parallel, cpu_cores=cores.rollout,
-                                    fp32_lm_head=r.model.fp32_lm_head)
+                                    fp32_lm_head=r.model.fp32_lm_head, timeouts=self.call_timeouts)
         self.probe = SyncProbe(self.policy, self.engines, family_of(Path(self.policy_path)).name, r.model.dtype,
                                r.rollout.dtype or r.model.dtype, len(self.tokenizer), r.trainer.sync_check_every)
         # Rollouts run in background threads; Ray runs each worker's calls in submission order, so a
@@ -152,6 +154,9 @@ class Trainer:
                               temperature=r.rollout.temperature, **common)
         critic = LearnerGroup(CriticWorker, critic_opts, self.policy_path, cpu_ranks=ranks,
                               **common) if with_critic else None
+        for group in (policy, critic):
+            if group is not None:
+                group.timeouts = self.call_timeouts
         return policy, critic
 
     def restart_learners(self, exc: BaseException) -> None:
@@ -240,7 +245,7 @@ class Trainer:
                     progress.update(self.step, metrics)
                     if periodic_save(self.step, r.trainer.save_every):
                         self.save()
-                except ray.exceptions.RayActorError as exc:  # a learner died: restart it, or stop
+                except (ray.exceptions.RayActorError, CallTimedOut) as exc:  # a learner died or hung: restart, or stop
                     self.restart_learners(exc)
                     continue
                 if deadline and time.time() > deadline:
@@ -339,8 +344,9 @@ class Trainer:
         batch_ref = ray.put(batch)
         logp_refs = [] if self.fused_old_logprobs else self.policy.submit(PolicyWorker.compute_logprobs, batch_ref)
         values_refs = self.critic.submit(CriticWorker.compute_values, batch_ref) if self.critic else []
-        for refs in (logp_refs, values_refs):  # each rank fills its own rows
-            for k, v in (merge_row_results(ray.get(refs)) if refs else {}).items():
+        for group, method, refs in ((self.policy, PolicyWorker.compute_logprobs, logp_refs),
+                                    (self.critic, CriticWorker.compute_values, values_refs)):
+            for k, v in (merge_row_results(group.wait(refs, method)) if refs else {}).items():  # rows per rank
                 setattr(batch, k, v)
         metrics["time/forward_s"] = time.time() - t
         if r.trainer.mismatch_attribution:
@@ -361,9 +367,9 @@ class Trainer:
         batch_ref = ray.put(batch)
         actor_refs = self.policy.submit(PolicyWorker.train, batch_ref)
         critic_refs = self.critic.submit(CriticWorker.train, batch_ref) if self.critic else []
-        metrics.update(combine_partials(ray.get(actor_refs)))  # ranks hold shares of each loss
+        metrics.update(combine_partials(self.policy.wait(actor_refs, PolicyWorker.train)))  # ranks' shares
         if critic_refs:
-            metrics.update(combine_partials(ray.get(critic_refs)))
+            metrics.update(combine_partials(self.critic.wait(critic_refs, CriticWorker.train)))
         metrics["time/train_s"] = time.time() - t
         if r.model.router_bias_update_rate > 0:
             self.policy.all(PolicyWorker.update_router_bias, r.model.router_bias_update_rate)
@@ -479,10 +485,10 @@ class Trainer:
         those prompts again, generates them with the same seeds, then continues from the samplers' current
         states (which include prompts drawn since, e.g. by dynamic sampling's refills)."""
         staging = self.checkpoints.staging(self.step)
-        refs = self.policy.submit(PolicyWorker.save, str(staging / "policy"), "state")
-        if self.critic:
-            refs += self.critic.submit(CriticWorker.save, str(staging / "critic"), "state")
-        ray.get(refs)
+        critic_refs = self.critic.submit(CriticWorker.save, str(staging / "critic"), "state") if self.critic else []
+        self.policy.wait(self.policy.submit(PolicyWorker.save, str(staging / "policy"), "state"), PolicyWorker.save)
+        if critic_refs:
+            self.critic.wait(critic_refs, CriticWorker.save)
         in_flight = [{"index": p.index, "samplers": p.sampler_states} for p in self.in_flight] + \
                     [{"index": again.index, "samplers": again.sampler_states} for again in self.redrawn]
         state = {"step": self.step, "samplers": self._sampler_states(), "in_flight": in_flight,
@@ -497,10 +503,10 @@ class Trainer:
         if found is None:
             return
         folder, state = found
-        refs = self.policy.submit(PolicyWorker.load, str(folder / "policy"), "state")
-        if self.critic:
-            refs += self.critic.submit(CriticWorker.load, str(folder / "critic"), "state")
-        ray.get(refs)
+        critic_refs = self.critic.submit(CriticWorker.load, str(folder / "critic"), "state") if self.critic else []
+        self.policy.wait(self.policy.submit(PolicyWorker.load, str(folder / "policy"), "state"), PolicyWorker.load)
+        if critic_refs:
+            self.critic.wait(critic_refs, CriticWorker.load)
         self.step = self.saved_step = state["step"]
         self.rollouts_started = state.get("rollouts_started", self.step)
         for pending in state.get("in_flight", []):  # their prompts again, as they were drawn

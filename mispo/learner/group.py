@@ -23,6 +23,7 @@ from typing import Callable
 
 import ray
 
+from mispo.call_timeout import CallTimedOut, CallTimeouts
 from mispo.cluster import free_port
 
 
@@ -58,7 +59,7 @@ class LearnerGroup:
             address, port = "127.0.0.1", free_port()
         else:
             raise ValueError("several learner ranks need placement options (a scheduling_strategy each)")
-        self.world_size, self.worker_cls = len(options), worker_cls
+        self.world_size, self.worker_cls, self.timeouts = len(options), worker_cls, CallTimeouts()
         self.workers = [ray.remote(worker_cls).options(**o).remote(
             *args, rank=rank, world_size=self.world_size, master_addr=address, master_port=port, **kwargs)
             for rank, o in enumerate(options)]
@@ -70,7 +71,7 @@ class LearnerGroup:
 
     def all(self, method: Callable, *args) -> list:
         """Every rank's answer (a collective method: all ranks take part)."""
-        return ray.get(self.submit(method, *args))
+        return self.wait(self.submit(method, *args), method)
 
     def first(self, method: Callable, *args):
         """Rank 0's answer, after every rank has run `method`."""
@@ -78,7 +79,18 @@ class LearnerGroup:
 
     def rank0(self, method: Callable, *args):
         """A `@rank0_only` method on rank 0 alone (not a collective: the other ranks are not involved)."""
-        return ray.get(getattr(self.workers[0], self._name(method, rank0=True)).remote(*args))
+        return self.wait([getattr(self.workers[0], self._name(method, rank0=True)).remote(*args)], method)[0]
+
+    def wait(self, refs: list, method: Callable) -> list:
+        """The answers of a `submit(method, ...)`, within the call's time limit (`self.timeouts`, set by the
+        trainer from trainer.call_timeout_s); past it the group's ranks are stopped and CallTimedOut raised."""
+        role = self.worker_cls.__name__
+
+        def hung(seconds: float):
+            self.kill()
+            raise CallTimedOut(role, method.__name__, seconds) from None
+
+        return self.timeouts.wait(refs, f"{role}.{method.__name__}", hung)
 
     def _name(self, method: Callable, rank0: bool) -> str:
         """The name of `method`, checked: a method of this group's worker class, run by the right ranks."""

@@ -30,6 +30,7 @@ import time
 
 from mispo.batch import Sample
 from mispo.config import RolloutConfig
+from mispo.call_timeout import CallTimedOut, CallTimeouts
 from mispo.rollout.vllm_engine import RolloutWorker
 
 log = logging.getLogger("mispo.rollout")
@@ -53,13 +54,15 @@ class RolloutGroup:
     def __init__(self, model_path: str, rollout_cfg: RolloutConfig, dtype: str = "float32", seed: int = 0,
                  max_retries: int = 3, restart_timeout_s: float = 300.0,
                  options: list[dict] | None = None, tensor_parallel: int = 1, expert_parallel: bool = False,
-                 cpu_cores: list[list[int]] | None = None, fp32_lm_head: bool = False):
+                 cpu_cores: list[list[int]] | None = None, fp32_lm_head: bool = False,
+                 timeouts: CallTimeouts | None = None):
         """`options`: Ray `.options(...)` per worker (mispo.placement bundles on a GPU cluster); None: no
         CPU reservation and `tensor_parallel` GPUs per worker when the cluster has GPUs.
         `tensor_parallel` / `expert_parallel`: each engine's vLLM tensor_parallel_size and
         enable_expert_parallel (`resources.rollout_tensor_parallel` / `rollout_expert_parallel`; 1 / False
         on CPU). `cpu_cores`: the cores each worker is pinned to (a CPU run's `cpu_split`), None = not pinned.
-        `fp32_lm_head`: the engines' lm_head in fp32 (`model.fp32_lm_head`)."""
+        `fp32_lm_head`: the engines' lm_head in fp32 (`model.fp32_lm_head`). `timeouts`: how long a generation or
+        a weight load may take before the worker is stopped as hung and recovered as from its death."""
         import ray
 
         if not ray.is_initialized():
@@ -75,6 +78,7 @@ class RolloutGroup:
                                                               fp32_lm_head)
                         for rank in range(rollout_cfg.num_workers)]
         self.max_retries, self.restart_timeout_s = max_retries, restart_timeout_s
+        self.timeouts = timeouts or CallTimeouts()
         self.tensor_parallel = tensor_parallel
         self.buckets: list = []  # latest weights (ObjectRefs, or a ref to their list); [] = model_path's
         self.version = 0
@@ -113,9 +117,10 @@ class RolloutGroup:
         while calls:
             for i, ref in list(calls.items()):
                 try:
-                    results[i] = ray.get(ref)
+                    results[i] = self.timeouts.wait(ref, f"RolloutWorker.{method}",
+                                                    lambda seconds: self._stop_hung(i, method, seconds))
                     del calls[i]
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, CallTimedOut) as exc:
                     attempts[i] += 1
                     if attempts[i] > self.max_retries:
                         raise RuntimeError(f"rollout worker {i} died {attempts[i]} times; giving up") from exc
@@ -142,9 +147,11 @@ class RolloutGroup:
         seconds = 0.0
         for i, ref in calls.items():
             try:
-                seconds = max(seconds, ray.get(ref))
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                log.warning("rollout worker %d died during weight sync; restarting and re-syncing", i)
+                seconds = max(seconds, self.timeouts.wait(ref, "RolloutWorker.update_weights",
+                                                          lambda limit: self._stop_hung(i, "update_weights", limit)))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, CallTimedOut) as exc:
+                log.warning("rollout worker %d failed during weight sync (%s); restarting and re-syncing", i,
+                            type(exc).__name__)
                 self._recover(i)
         return seconds
 
@@ -197,6 +204,15 @@ class RolloutGroup:
                 self._rendezvous = Rendezvous(ray.util.get_node_ip_address())
             self._group = self._rendezvous.group(1 + len(self.workers) * self.tensor_parallel, backend)
         return self._group
+
+    def _stop_hung(self, i: int, method: str, seconds: float) -> None:
+        """Worker i did not answer `method` within `seconds`: kill its process (Ray starts it again) and raise
+        CallTimedOut, which the callers recover from as from a death."""
+        import ray
+
+        log.warning("rollout worker %d did not answer %s within %.0f s; stopping it as hung", i, method, seconds)
+        ray.kill(self.workers[i], no_restart=False)
+        raise CallTimedOut("RolloutWorker", method, seconds) from None
 
     def _await_restart(self, i: int) -> None:
         """Wait until Ray has restarted worker i (up to restart_timeout_s)."""

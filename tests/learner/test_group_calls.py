@@ -3,6 +3,7 @@ rank-0 method called on every rank (or the reverse) is a TypeError in the driver
 
 import pytest
 
+from mispo.call_timeout import CallTimeouts
 from mispo.learner.critic_worker import CriticWorker
 from mispo.learner.group import LearnerGroup
 from mispo.learner.policy_worker import PolicyWorker
@@ -21,13 +22,14 @@ class _Handle:
 def group_of(cls, ranks=2):
     group, calls = LearnerGroup.__new__(LearnerGroup), []
     group.worker_cls, group.world_size, group.workers = cls, ranks, [_Handle(calls) for _ in range(ranks)]
+    group.timeouts = CallTimeouts()
     return group, calls
 
 
 def test_methods_by_reference_fan_out_as_declared(monkeypatch):
     import ray
 
-    monkeypatch.setattr(ray, "get", lambda refs: refs)
+    monkeypatch.setattr(ray, "get", lambda refs, timeout=None: refs)
     group, calls = group_of(PolicyWorker)
     assert group.submit(PolicyWorker.compute_logprobs, "batch") == ["compute_logprobs"] * 2
     assert group.first(PolicyWorker.save, "dir", "state") == "save"  # inherited from LearnerWorker: still its own

@@ -123,7 +123,7 @@ def test_the_loop_leaves_a_checkpoint_whatever_save_every(tmp_path, monkeypatch,
     t.redrawn = deque()
     t.checkpoints = CheckpointStore(tmp_path / "checkpoints")
     t.metrics_log = MetricsLog(tmp_path, [])
-    t.policy = Stub(submit=lambda *a: [], all=lambda *a: None)
+    t.policy = Stub(submit=lambda *a: [], all=lambda *a: None, wait=lambda refs, method: refs)
     t.tokenizer = Stub(save_pretrained=lambda *a: None)
     t.probe = Stub(start=lambda: {})  # the weight-sync probe (mispo.sync_guard)
     one = Sample(prompt_ids=[1], response_ids=[2], rollout_logprobs=[-1.0], loss_mask=[1], finish_reason="stop")
@@ -136,7 +136,7 @@ def test_the_loop_leaves_a_checkpoint_whatever_save_every(tmp_path, monkeypatch,
     real_commit = t.checkpoints.commit
     t.checkpoints.commit = lambda staging, step, state, keep: commits.append(step) or real_commit(staging, step,
                                                                                                   state, keep)
-    monkeypatch.setattr(trainer_mod.ray, "get", lambda refs: refs)
+    monkeypatch.setattr(trainer_mod.ray, "get", lambda refs, timeout=None: refs)
     t.fit()
     assert commits == saved
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{max_steps:06d}"

@@ -192,3 +192,44 @@ def test_a_killed_policy_learner_is_restarted_and_the_run_ends_as_an_uninterrupt
             assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
     assert got[2]["eval/accuracy"] == ref[2]["eval/accuracy"]
     assert max_weight_difference(clean / "final", run / "final") <= 1e-6
+
+
+@pytest.mark.parametrize("role, said_line", [
+    ("PolicyWorker", "the policy learner hung: PolicyWorker."),
+    ("RolloutWorker", "rollout worker 0 did not answer"),
+])
+def test_a_hung_process_is_stopped_restarted_and_the_run_ends_as_an_uninterrupted_one(tmp_path, cache, full_run,
+                                                                                       role, said_line):
+    """SIGSTOP of the policy learner, or of the rollout engine, once step 1's checkpoint exists (a hang: the
+    process lives and answers nothing): the driver's next call to it runs past trainer.call_timeout_s, the
+    process is stopped and recovered (the learners restarted from the checkpoint; the engine restarted and
+    re-synced, its requests sent again), the output says so, and every step's metrics and the final weights
+    equal an uninterrupted run's. On code without call timeouts the run waits forever."""
+    args, clean = ["recipes/math_expert.yaml", *QUICK, "trainer.call_timeout_s=60"], full_run
+    run = tmp_path / "run"
+    env = {**os.environ, "MISPO_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "mispo", "train", *args, "--output", str(run)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    latest, deadline, victim = run / "checkpoints" / "latest", time.time() + 600, None
+    while time.time() < deadline and proc.poll() is None and victim is None:
+        if latest.exists() and latest.read_text() >= "step_000001":
+            ours = psutil.Process(proc.pid).children(recursive=True)
+            victim = next((p for p in ours if role in " ".join(p.cmdline())), None)
+        time.sleep(0.2)
+    assert victim is not None, "the run ended before step 1's checkpoint"
+    victim.suspend()
+    try:
+        said, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            kill_run(proc)
+    assert proc.returncode == 0, said[-3000:]
+    assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE  # stopped, not left behind
+    assert said_line in said and "within 60 s" in said, said[-3000:]
+    assert said.count("restarting the learners") == (role == "PolicyWorker"), said[-3000:]
+    ref, got = metrics(clean), metrics(run)
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == [0, 1, 2, 3]
+    for a, b in zip(ref[1:], got[1:]):
+        for key in ("reward/mean", "actor/loss", "mispo/token_keep_frac", "critic/vf_loss"):
+            assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
+    assert max_weight_difference(clean / "final", run / "final") <= 1e-6
