@@ -15,10 +15,23 @@ loop ends (time limit, max_steps), so every run leaves a checkpoint to resume fr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from pathlib import Path
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a read-only folder); the previous one is kept."""
+
+
+def write_failure(folder: Path, step: int, exc: OSError, previous: str | None) -> CheckpointWriteError:
+    """The error a user reads when saving step `step` into `folder` failed with `exc`."""
+    why = "the disk is full" if exc.errno == errno.ENOSPC else f"{exc.strerror or exc}"
+    kept = f"the last complete checkpoint, {previous}, is kept" if previous else "no earlier checkpoint exists"
+    return CheckpointWriteError(exc.errno, f"saving step {step} into {folder} failed: {why}; {kept}. Fix: free "
+                                f"space there (or give --output on another disk), then continue with --resume")
 
 
 def periodic_save(step: int, save_every: int) -> bool:
@@ -47,9 +60,14 @@ class CheckpointStore:
     def commit(self, staging: Path, step: int, state: dict, keep: int) -> Path:
         """Write trainer_state.json, move the staged folder into place, point `latest` at it, then delete
         older copies of the same step and keep the newest `keep` checkpoints. At every moment `latest`
-        names a complete checkpoint (the previous one until the new one is in place)."""
-        (staging / "trainer_state.json").write_text(json.dumps(state))
+        names a complete checkpoint (the previous one until the new one is in place). A write that fails (a
+        full disk) removes the staged folder and raises CheckpointWriteError; `latest` is untouched."""
         pointed = self._pointed()
+        try:
+            (staging / "trainer_state.json").write_text(json.dumps(state))
+        except OSError as exc:
+            self.discard(staging)
+            raise write_failure(self.folder, step, exc, pointed) from exc
         names = [f"step_{step:06d}", f"step_{step:06d}_1"]  # a step saved twice alternates between two names
         name = next(n for n in names if n != pointed)
         final = self.folder / name
@@ -57,7 +75,10 @@ class CheckpointStore:
             shutil.rmtree(final)
         os.replace(staging, final)
         tmp = self.folder / "latest.tmp"
-        tmp.write_text(final.name)
+        try:
+            tmp.write_text(final.name)
+        except OSError as exc:  # `latest` still names the previous checkpoint, which is still there
+            raise write_failure(self.folder, step, exc, pointed) from exc
         os.replace(tmp, self.folder / "latest")
         for other in names:
             if other != name and (self.folder / other).exists():
@@ -66,6 +87,10 @@ class CheckpointStore:
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def discard(self, staging: Path) -> None:
+        """Remove a staged folder whose save failed (it never becomes a checkpoint)."""
+        shutil.rmtree(staging, ignore_errors=True)
 
     def _pointed(self) -> str | None:
         """The folder name `latest` holds, or None."""

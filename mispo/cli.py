@@ -29,10 +29,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def _guard_errors() -> tuple[type[Exception], ...]:
     """Errors of the run's invariant guards (raised in the driver or, wrapped by Ray, in an actor)."""
+    from mispo.checkpoint_store import CheckpointWriteError
     from mispo.dead_actor import RunStopped
     from mispo.sync_guard import WeightSyncError
 
-    return WeightSyncError, RunStopped
+    return WeightSyncError, RunStopped, CheckpointWriteError
 
 
 def _stderr():

@@ -34,7 +34,7 @@ from rich.console import Console
 
 from mispo.batch import RolloutBatch
 from mispo.call_timeout import CallTimedOut, CallTimeouts
-from mispo.checkpoint_store import CheckpointStore, final_save, periodic_save
+from mispo.checkpoint_store import CheckpointStore, final_save, periodic_save, write_failure
 from mispo.cluster import start_ray
 from mispo.config import Recipe, dump_recipe
 from mispo.cpu_split import CoreSplit, available_cores, split_cores
@@ -486,9 +486,19 @@ class Trainer:
         states (which include prompts drawn since, e.g. by dynamic sampling's refills)."""
         staging = self.checkpoints.staging(self.step)
         critic_refs = self.critic.submit(CriticWorker.save, str(staging / "critic"), "state") if self.critic else []
-        self.policy.wait(self.policy.submit(PolicyWorker.save, str(staging / "policy"), "state"), PolicyWorker.save)
-        if critic_refs:
-            self.critic.wait(critic_refs, CriticWorker.save)
+        try:
+            self.policy.wait(self.policy.submit(PolicyWorker.save, str(staging / "policy"), "state"),
+                             PolicyWorker.save)
+            if critic_refs:
+                self.critic.wait(critic_refs, CriticWorker.save)
+        except ray.exceptions.RayTaskError as exc:  # a learner's write failed (a full disk): keep the last one
+            self.checkpoints.discard(staging)
+            cause = getattr(exc, "cause", None)  # the learner's own exception
+            if not isinstance(cause, OSError):
+                raise
+            previous = self.checkpoints.latest()
+            raise write_failure(self.checkpoints.folder, self.step, cause,
+                                previous[0].name if previous else None) from None
         in_flight = [{"index": p.index, "samplers": p.sampler_states} for p in self.in_flight] + \
                     [{"index": again.index, "samplers": again.sampler_states} for again in self.redrawn]
         state = {"step": self.step, "samplers": self._sampler_states(), "in_flight": in_flight,

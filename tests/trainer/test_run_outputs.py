@@ -141,3 +141,31 @@ def test_the_loop_leaves_a_checkpoint_whatever_save_every(tmp_path, monkeypatch,
     assert commits == saved
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{max_steps:06d}"
     assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == [f"step_{max_steps:06d}"]  # keep 1
+
+
+def test_a_full_disk_during_a_save_is_a_clear_error_that_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from mispo.checkpoint_store import CheckpointWriteError
+
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.commit(store.staging(1), 1, {"step": 1}, keep=2)
+    real_write = Path.write_text
+
+    def full_disk(self, *args, **kwargs):  # the disk fills up as step 2's state is written
+        if self.name == "trainer_state.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    staging = store.staging(2)
+    (staging / "policy.bin").write_bytes(b"half")
+    with pytest.raises(CheckpointWriteError, match=r"saving step 2 into .*checkpoints failed: the disk is full; "
+                                                   r"the last complete checkpoint, step_000001, is kept\. Fix: "
+                                                   r"free space .* --resume"):
+        store.commit(staging, 2, {"step": 2}, keep=2)
+    monkeypatch.undo()
+    folder, state = store.latest()
+    assert folder.name == "step_000001" and state == {"step": 1}
+    assert not staging.exists() and sorted(p.name for p in store.folder.iterdir()) == ["latest", "step_000001"]
