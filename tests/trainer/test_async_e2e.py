@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
@@ -111,33 +113,72 @@ def reward(prompt, completion, **row):
 """
 
 
-def test_async_resume_loses_and_repeats_no_prompt(tmp_path, cache):
-    """With dynamic sampling on, whose refills draw prompts after the rollouts in flight were drawn: the
-    checkpoint keeps where each rollout in flight started and where the samplers are now."""
-    plugin = tmp_path / "parity_reward.py"
+def async_args(plugin_folder: Path) -> list[str]:
+    """The async runs of the resume and restart tests: dynamic sampling, whose refills draw prompts after the
+    rollouts in flight were drawn, and a reward that drops about half the groups."""
+    plugin = plugin_folder / "parity_reward.py"
     plugin.write_text(PARITY_REWARD)
-    common = [*QUICK, "trainer.eval_every=0", "trainer.mode=async", "trainer.max_staleness=2",
-              "trainer.save_every=2", "algorithm.dynamic_sampling={max_refills: 2}",
-              f"reward.plugins=[{{fn: '{plugin}:reward'}}]"]
-    full, split = tmp_path / "full", tmp_path / "split"
-    done = mispo_train(["recipes/math_expert.yaml", *common, "trainer.max_steps=5", "--output", str(full)], cache)
+    return ["recipes/math_expert.yaml", *QUICK, "trainer.eval_every=0", "trainer.mode=async",
+            "trainer.max_staleness=2", "trainer.save_every=2", "algorithm.dynamic_sampling={max_refills: 2}",
+            f"reward.plugins=[{{fn: '{plugin}:reward'}}]", "trainer.max_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def async_full_run(tmp_path_factory, cache) -> Path:
+    """One uninterrupted async run (async_args), the reference of the resume and restart tests."""
+    folder = tmp_path_factory.mktemp("async_full")
+    done = mispo_train([*async_args(folder), "--output", str(folder / "run")], cache)
     assert done.returncode == 0, done.stderr[-3000:]
+    return folder / "run"
+
+
+def same_prompts(rows: list[dict], ref: list[dict]) -> None:
+    """The same prompts, step by step: which groups were dropped depends on nothing else."""
+    assert [r["step"] for r in rows] == [r["step"] for r in ref] == [1, 2, 3, 4, 5]
+    for key in ("data/samples_seen", "dynamic_sampling/dropped_groups", "dynamic_sampling/refills"):
+        assert [r[key] for r in rows] == [r[key] for r in ref], key
+    assert all(r["rollout/staleness_max"] <= 2 for r in rows)  # the bound held throughout
+
+
+def test_async_resume_loses_and_repeats_no_prompt(tmp_path, cache, async_full_run):
+    """The checkpoint keeps where each rollout in flight started and where the samplers are now."""
+    split = tmp_path / "split"
     # the split run stops at its time limit after step 1, checkpointing while the rollouts of steps 2
     # and 3 are in flight and after step 1's refills were drawn; the resumed run draws those prompts again
-    first = mispo_train(["recipes/math_expert.yaml", *common, "trainer.max_steps=5", "trainer.time_limit_minutes=0.001",
-                         "--output", str(split)], cache)
+    first = mispo_train([*async_args(tmp_path), "trainer.time_limit_minutes=0.001", "--output", str(split)], cache)
     assert first.returncode == 0, first.stderr[-3000:]
     assert [r["step"] for r in metrics(split)] == [1]
-    second = mispo_train(["recipes/math_expert.yaml", *common, "trainer.max_steps=5", "--output", str(split),
-                          "--resume"], cache)
+    second = mispo_train([*async_args(tmp_path), "--output", str(split), "--resume"], cache)
     assert second.returncode == 0, second.stderr[-3000:]
-    rows, split_rows = metrics(full), metrics(split)
-    assert [r["step"] for r in split_rows] == [1, 2, 3, 4, 5]
+    rows, split_rows = metrics(async_full_run), metrics(split)
     assert rows[0]["dynamic_sampling/refills"] > 0  # step 3's prompts are drawn after step 1's refills
-    # the same prompts, step by step: which groups were dropped depends on nothing else
-    for key in ("data/samples_seen", "dynamic_sampling/dropped_groups", "dynamic_sampling/refills"):
-        assert [r[key] for r in split_rows] == [r[key] for r in rows], key
+    same_prompts(split_rows, rows)
     # data/samples_seen of a step counts the prompts drawn up to and including the ones it trained on
     # (its refills are drawn later), so it grows by more than 4 prompts a step after refills
     seen = [r["data/samples_seen"] for r in rows]
     assert all(b > a for a, b in zip(seen, seen[1:])) and seen[-1] > 4.0 * 5
+
+
+def test_an_async_run_whose_learner_dies_trains_each_prompt_once(tmp_path, cache, async_full_run):
+    """SIGKILL of the policy learner after step 2's checkpoint, with rollouts in flight: the learners restart
+    from it, the prompts in flight are drawn again as the checkpoint recorded them, and the run trains on the
+    same prompts step by step as the uninterrupted one (none lost, none twice), within the staleness bound."""
+    import psutil
+
+    run = tmp_path / "run"
+    env = {**os.environ, "MISPO_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "mispo", "train", *async_args(tmp_path), "--output", str(run)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    latest, deadline, victim = run / "checkpoints" / "latest", time.time() + 600, None
+    while time.time() < deadline and proc.poll() is None and victim is None:
+        if latest.exists() and latest.read_text() >= "step_000002":
+            ours = psutil.Process(proc.pid).children(recursive=True)
+            victim = next((p for p in ours if "PolicyWorker" in " ".join(p.cmdline())), None)
+        time.sleep(0.2)
+    assert victim is not None, "the run ended before step 2's checkpoint"
+    victim.kill()
+    said, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, said[-3000:]
+    assert said.count("restarting the learners") == 1, said[-3000:]
+    same_prompts(metrics(run), metrics(async_full_run))
