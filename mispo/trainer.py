@@ -27,6 +27,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import ray
 import torch
@@ -44,17 +45,15 @@ from mispo.families import family_of
 from mispo.families.preflight import check_policy
 from mispo.learner.critic_worker import CriticWorker
 from mispo.learner.data_parallel import merge_row_results
-from mispo.learner.group import LearnerGroup
 from mispo.learner.metrics import combine_partials
 from mispo.learner.mismatch_attribution import logprobs_at_versions
 from mispo.learner.policy_worker import PolicyWorker
 from mispo.metrics_log import MetricsLog
-from mispo.placement import learner_options, place_roles
 from mispo.prepare_model import starting_policy
 from mispo.prepare_update import adaptive_band, lag_diagnostics, prepare_update
+from mispo.roles import Roles, start_roles
 from mispo.progress import StepProgress
 from mispo.rollout.agent_episodes import serve_agents
-from mispo.rollout.group import RolloutGroup
 from mispo.staleness import drop_stale
 from mispo.sync_guard import SyncProbe, fp32_sync_warning
 
@@ -86,7 +85,9 @@ class Redraw:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, output: str | Path):
+    def __init__(self, recipe: Recipe, output: str | Path, roles: Callable[..., Roles] = start_roles):
+        """Check the recipe's policy, load its domains, and start the run's processes with `roles` (mispo.roles:
+        `start_roles`, or in-process fakes in tests)."""
         self.recipe = recipe
         self.output = Path(output)
         self.metrics_log = MetricsLog(self.output, recipe.trainer.loggers, config=recipe.model_dump(mode="json"))
@@ -100,7 +101,6 @@ class Trainer:
                               "`mispo plan` can size this layout but `mispo train` cannot run it; fix: "
                               "rollout_data_parallel: 1 and more engines (rollout.num_workers = rollout_gpus / "
                               "rollout_tensor_parallel), with rollout_expert_parallel for MoE experts")
-        start_ray(r.trainer.ray_address)
         self.domains = load_domains(r)  # before any model work: bad data or plugins fail fast
         self.samplers = {d.name: d.sampler() for d in self.domains}
         cores = CoreSplit(None, None) if r.resources.gpus_per_node else \
@@ -111,23 +111,16 @@ class Trainer:
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         self.band = adaptive_band(r.algorithm)
-        with_critic = r.learner.critic is not None and r.algorithm.advantage == "gae"
-        self.placement = place_roles(r.resources, with_critic, r.rollout.num_workers)  # None on a CPU run
-        self._learner_cores, self.restarts = cores.learner, 0
+        self.restarts = 0
         self.call_timeouts = CallTimeouts(r.trainer.call_timeout_s)  # learnt per kind of call, kept over restarts
-        self.policy, self.critic = self._start_learners(with_critic)
+        self.roles = roles(r, self.policy_path, cores, self.call_timeouts, max(d.max_new_tokens for d in self.domains))
+        self.policy, self.critic, self.engines = self.roles.policy, self.roles.critic, self.roles.engines
         # pi_old is the update's own first forward when that is exact and nothing needs it beforehand
         # (one mini-batch, no reference, no adaptive band, no critic masks, no dropout): one forward saved
         self.fused_old_logprobs = (r.learner.actor_mini_batches == 1 and not r.learner.reference
-                                   and self.band is None and not (with_critic and r.algorithm.critic_masks)
+                                   and self.band is None and not (self.critic and r.algorithm.critic_masks)
                                    and self.version_source is None
                                    and not self.policy.first(PolicyWorker.has_dropout))
-        self.engines = RolloutGroup(self.policy_path, r.rollout, dtype=r.rollout.dtype or r.model.dtype,
-                                    seed=r.trainer.seed,
-                                    options=self.placement.rollout.options if self.placement else None,
-                                    tensor_parallel=r.resources.rollout_tensor_parallel,
-                                    expert_parallel=r.resources.rollout_expert_parallel, cpu_cores=cores.rollout,
-                                    fp32_lm_head=r.model.fp32_lm_head, timeouts=self.call_timeouts)
         self.probe = SyncProbe(self.policy, self.engines, family_of(Path(self.policy_path)).name, r.model.dtype,
                                r.rollout.dtype or r.model.dtype, len(self.tokenizer), r.trainer.sync_check_every)
         # Rollouts run in background threads; Ray runs each worker's calls in submission order, so a
@@ -141,23 +134,6 @@ class Trainer:
         self.saved_step: int | None = None  # the step of the newest checkpoint (resumed or written)
         self.redrawn: deque[Redraw] = deque()  # the rollouts in flight at the resumed checkpoint
         self._last_generate_end = None
-
-    def _start_learners(self, with_critic: bool) -> tuple[LearnerGroup, LearnerGroup | None]:
-        """The policy (and critic) learner groups at the starting policy's weights."""
-        r = self.recipe
-        common = dict(model=r.model.model_dump(), learner=r.learner.model_dump(),
-                      algorithm=r.algorithm.model_dump(), seed=r.trainer.seed, cpu_cores=self._learner_cores)
-        actor_opts, critic_opts = learner_options(self.placement, with_critic)
-        ranks = r.learner.ranks  # CPU runs; a GPU run has one rank per placed GPU
-        policy = LearnerGroup(PolicyWorker, actor_opts, self.policy_path, cpu_ranks=ranks,
-                              max_new_tokens=max(d.max_new_tokens for d in self.domains),
-                              temperature=r.rollout.temperature, **common)
-        critic = LearnerGroup(CriticWorker, critic_opts, self.policy_path, cpu_ranks=ranks,
-                              **common) if with_critic else None
-        for group in (policy, critic):
-            if group is not None:
-                group.timeouts = self.call_timeouts
-        return policy, critic
 
     def restart_learners(self, exc: BaseException) -> None:
         """A learner rank died (`exc`, Ray's error): start both learner groups again, load the last complete
@@ -177,7 +153,7 @@ class Trainer:
         for group in (self.policy, self.critic):
             if group is not None:
                 group.kill()
-        self.policy, self.critic = self._start_learners(self.critic is not None)
+        self.policy, self.critic = self.roles.policy, self.roles.critic = self.roles.start_learners()
         self.probe.policy = self.policy
         self.in_flight.clear()  # their prompts are drawn again from the checkpoint's sampler states
         self.redrawn.clear()
@@ -341,7 +317,7 @@ class Trainer:
         batch = RolloutBatch.from_samples(samples)
 
         t = time.time()
-        batch_ref = ray.put(batch)
+        batch_ref = self.policy.share(batch)
         logp_refs = [] if self.fused_old_logprobs else self.policy.submit(PolicyWorker.compute_logprobs, batch_ref)
         values_refs = self.critic.submit(CriticWorker.compute_values, batch_ref) if self.critic else []
         for group, method, refs in ((self.policy, PolicyWorker.compute_logprobs, logp_refs),
@@ -364,7 +340,7 @@ class Trainer:
             metrics.update(lag_diagnostics(batch, self.step, r.algorithm))
 
         t = time.time()
-        batch_ref = ray.put(batch)
+        batch_ref = self.policy.share(batch)
         actor_refs = self.policy.submit(PolicyWorker.train, batch_ref)
         critic_refs = self.critic.submit(CriticWorker.train, batch_ref) if self.critic else []
         metrics.update(combine_partials(self.policy.wait(actor_refs, PolicyWorker.train)))  # ranks' shares
@@ -406,7 +382,7 @@ class Trainer:
         """Set batch.version_logprobs, log pi_v of each token under the weights that sampled it: scored on learner
         rank 0's kept copies, or the engine's log-prob for stale tokens (algorithm.version_logprobs: rollout)."""
         if self.version_source == "kept_versions":
-            out = self.policy.rank0(PolicyWorker.version_logprobs, ray.put(batch), self.step)  # with pi_old filled in
+            out = self.policy.rank0(PolicyWorker.version_logprobs, self.policy.share(batch), self.step)  # with pi_old filled in
             batch.version_logprobs = out.pop("version_logprobs")
             return out
         batch.version_logprobs, unscored = logprobs_at_versions(batch, self.step, (), None)
@@ -533,17 +509,13 @@ class Trainer:
 
     def _warmup(self, base: Path, out: Path) -> None:
         from mispo.sft import run_warmup
+        start_ray(self.recipe.trainer.ray_address)  # the warm-up's learners run in Ray
         run_warmup(self.recipe, base, out)
 
     def shutdown(self) -> None:
         """Stop the rollout workers and learners (the Ray cluster stays up for the next job)."""
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self.engines.shutdown()
-        for group in (self.policy, self.critic):
-            if group is not None:
-                group.kill()
-        if self.placement is not None:
-            self.placement.remove()
+        self.roles.shutdown()
         for d in self.domains:
             d.close()
         if self.agent_server is not None:

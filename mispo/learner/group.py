@@ -69,6 +69,10 @@ class LearnerGroup:
         name = self._name(method, rank0=False)
         return [getattr(w, name).remote(*args) for w in self.workers]
 
+    def share(self, value):
+        """`value` put once where every rank reads it (the Ray object store); pass the result to `submit`."""
+        return ray.put(value)
+
     def all(self, method: Callable, *args) -> list:
         """Every rank's answer (a collective method: all ranks take part)."""
         return self.wait(self.submit(method, *args), method)
