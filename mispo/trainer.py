@@ -146,7 +146,7 @@ class Trainer:
         if role not in ("PolicyWorker", "CriticWorker") or self.restarts >= self.recipe.trainer.max_restarts \
                 or self.checkpoints.latest() is None:
             raise exc
-        self.restarts += 1
+        self.restarts, start = self.restarts + 1, time.time()
         console.print(f"[yellow]step {self.step + 1}: {what_died(exc)}; restarting the learners from the last "
                       f"checkpoint (restart {self.restarts} of trainer.max_restarts = "
                       f"{self.recipe.trainer.max_restarts})[/yellow]")
@@ -160,6 +160,8 @@ class Trainer:
         self._maybe_resume()
         if self.keeps_versions:  # the new rank 0 keeps the versions from here on
             self.policy.rank0(PolicyWorker.keep_version, self.step, self.ahead)
+        console.print(f"[green]learners restarted in {time.time() - start:.0f} s (started, checkpoint loaded, "
+                      "engines re-synced)[/green]")
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:

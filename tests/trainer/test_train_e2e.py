@@ -185,6 +185,8 @@ def test_a_killed_policy_learner_is_restarted_and_the_run_ends_as_an_uninterrupt
     said, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, said[-3000:]
     assert said.count("restarting the learners") == 1 and "the policy learner (pid" in said, said[-3000:]
+    assert said.count("learners restarted in") == 1, said[-3000:]
+    print(next(line for line in said.splitlines() if "learners restarted in" in line))  # the recovery time
     ref, got = metrics(clean), metrics(run)
     assert [r["step"] for r in got] == [r["step"] for r in ref] == [0, 1, 2, 3]
     for a, b in zip(ref[1:], got[1:]):
