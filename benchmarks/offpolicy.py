@@ -268,7 +268,8 @@ def table(results: dict, only: dict[str, dict[str, str]] | None = None) -> str:
 
 
 def plot(results: dict, path: Path, only: dict[str, dict[str, str]] | None = None) -> Path:
-    """Rows: conditions; columns: reward, held-out accuracy, grad norm (log), |log ratio| (log), kept tokens; a line
+    """Rows: conditions; columns: reward, held-out accuracy, grad norm (log), |log ratio| (log), kept tokens, the
+    ESS of mispo_decoupled's lag weights; a line
     per cell (mean over seeds) with its min..max band; `only` keeps the cells best_rates picked."""
     import matplotlib
 
@@ -278,7 +279,7 @@ def plot(results: dict, path: Path, only: dict[str, dict[str, str]] | None = Non
     panels = [("reward/mean", "reward", False), ("eval/accuracy", "held-out accuracy", False),
               ("actor/grad_norm_max", "grad norm (pre-clip)", True),
               ("mismatch/log_ratio_abs_mean", "mean |log pi_old/pi_rollout|", True),
-              ("keep", "kept / unclipped tokens", False)]
+              ("keep", "kept / unclipped tokens", False), ("lag/ess", "ESS / n of the lag weights", False)]
     fig, axes = plt.subplots(len(results), len(panels), figsize=(4 * len(panels), 2.8 * len(results)), squeeze=False)
     for i, (condition, cells) in enumerate(results.items()):
         for j, (key, label, log) in enumerate(panels):

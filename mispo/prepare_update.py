@@ -56,6 +56,14 @@ def prepare_update(batch: RolloutBatch, algorithm, band: AdaptiveTrajBand | None
             raise ValueError("the adaptive trajectory band needs batch.old_logprobs before the update")
         batch.token_keep = batch.traj_keep = None
         return metrics
+    metrics.update(set_mispo_masks(batch, a, band))
+    return metrics
+
+
+def set_mispo_masks(batch: RolloutBatch, algorithm, band: AdaptiveTrajBand | None = None) -> dict:
+    """Set batch.token_keep / traj_keep: MIS-PO's filters with the recipe's bands on engine_reference / pi_rollout
+    (the one place the trainer and on-policy distillation compute them); the adaptive band's metrics, if any."""
+    a, mask, metrics = algorithm, batch.response_mask, {}
     traj_bounds, learner = tuple(a.traj_bounds), engine_reference(batch, a)
     if band is not None:
         token_keep = None

@@ -21,11 +21,11 @@ import time
 import ray
 import torch
 
-from mispo.algorithms import mis_filter
 from mispo.batch import RolloutBatch
 from mispo.cluster import standalone_learner_options
 from mispo.domains import draw_step, generate_step, step_seed
 from mispo.metrics_log import MetricsLog
+from mispo.prepare_update import set_mispo_masks
 
 
 def distill_on_policy(merge, model_dir) -> None:
@@ -39,7 +39,8 @@ def distill_on_policy(merge, model_dir) -> None:
 
     r, cfg = merge.recipe, merge.cfg
     algorithm = AlgorithmConfig(policy_loss="mispo", advantage="grpo", token_bounds=r.algorithm.token_bounds,
-                                traj_bounds=r.algorithm.traj_bounds)
+                                traj_bounds=r.algorithm.traj_bounds,
+                                traj_stat_includes_rejected=r.algorithm.traj_stat_includes_rejected)
     learner = r.learner.model_copy(update={"actor": OptimConfig(lr=cfg.lr, warmup_steps=min(5, cfg.steps // 4),
                                                                 weight_decay=0.0)})
     policy = LearnerGroup(PolicyWorker, standalone_learner_options(), str(merge.student), cpu_ranks=learner.ranks,
@@ -75,8 +76,7 @@ def distill_on_policy(merge, model_dir) -> None:
             mask = batch.response_mask
             metrics["distill/reverse_kl"] = _reverse_kl(batch.old_logprobs, teacher, mask)
             batch.advantages = (teacher - batch.old_logprobs) * mask
-            batch.token_keep, batch.traj_keep = mis_filter(batch.old_logprobs, batch.rollout_logprobs, mask,
-                                                           tuple(algorithm.token_bounds), tuple(algorithm.traj_bounds))
+            set_mispo_masks(batch, algorithm)  # the trainer's filters, with the recipe's bands
             metrics.update(combine_partials(policy.all(PolicyWorker.train, ray.put(batch))))
             merge.rollout.sync(policy.first(PolicyWorker.weight_bucket_refs), version=step)
             merge.evaluator.loaded = None  # the engine now serves the updated student
