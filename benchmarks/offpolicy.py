@@ -180,8 +180,8 @@ def run_summary(rows: list[dict], algorithm: str) -> dict:
 
     grads = [v for _, v in series(steps, "actor/grad_norm_max")]
     evals = series(rows, "eval/accuracy")
-    drift = [v / lag_of(key) for r in steps for key, v in r.items()
-             if key.startswith("lag/") and key.endswith("/drift") and lag_of(key) > 0]
+    drift = [v / lag_of(key) for r in steps for key, v in r.items()  # exact lags only (4+ pools several)
+             if key.startswith("lag/") and key.endswith("/drift") and 0 < lag_of(key) and "+" not in key]
     return {"final_eval": evals[-1][1] if evals else None, "first_eval": evals[0][1] if evals else None,
             "reward_auc": mean("reward/mean"), "grad_p99": percentile(grads, 99) if grads else None,
             "spikes": spikes(grads), "keep": keep_fraction(steps, algorithm),
@@ -284,8 +284,8 @@ def plot(results: dict, path: Path, only: dict[str, dict[str, str]] | None = Non
     for i, (condition, cells) in enumerate(results.items()):
         for j, (key, label, log) in enumerate(panels):
             ax = axes[i][j]
-            for label, cell in cells.items():
-                if only is not None and label not in only[condition].values():
+            for name, cell in cells.items():
+                if only is not None and name not in only[condition].values():
                     continue
                 curves = [dict(keep_series(run["rows"], cell["algorithm"]) if key == "keep" else series(run["rows"], key))
                           for run in cell["runs"]]
@@ -294,7 +294,7 @@ def plot(results: dict, path: Path, only: dict[str, dict[str, str]] | None = Non
                     continue
                 values = [[c[s] for c in curves] for s in steps]
                 mean = [sum(v) / len(v) for v in values]
-                line, = ax.plot(steps, mean, label=label, lw=1.2)
+                line, = ax.plot(steps, mean, label=name, lw=1.2)
                 ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
                                 alpha=0.15, lw=0)
             if log:
@@ -330,9 +330,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "offpolicy")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--plot", type=Path, default=PLOT)
+    parser.add_argument("--summarise", type=Path, default=None,
+                        help="re-summarise the runs saved in this results JSON (no training) and rewrite it")
     parser.add_argument("--quick", action="store_true",
                         help="mispo_decoupled and grpo, stale4, seed 0, 3 steps, 50 warm-up steps")
     args = parser.parse_args(argv)
+    if args.summarise is not None:
+        return summarise(args.summarise, args.plot)
     if args.quick:
         args.algorithms, args.conditions, args.seeds = ["mispo_decoupled", "grpo"], ["stale4"], [0]
         args.steps, args.warmup_steps = 3, 50
@@ -367,6 +371,20 @@ def main(argv: list[str] | None = None) -> None:
                                        "table": text, "best_rate_table": picked, "best_rates": picks,
                                        "results": results}) + "\n")
     print(f"written to {args.output} and {plot(results, args.plot, picks)}")
+
+
+def summarise(path: Path, plot_path: Path) -> None:
+    """Recompute every run's and cell's summary from the rows a results JSON keeps; rewrite its table and plot."""
+    saved = json.loads(path.read_text())
+    for cells in saved["results"].values():
+        for cell in cells.values():
+            for run in cell["runs"]:
+                run["summary"] = run_summary(run["rows"], cell["algorithm"])
+            cell["summary"] = cell_summary([r["summary"] for r in cell["runs"]])
+    saved["table"] = table(saved["results"])
+    print(saved["table"])
+    path.write_text(json.dumps(saved) + "\n")
+    print(f"rewritten: {path} and {plot(saved['results'], plot_path)}")
 
 
 if __name__ == "__main__":
