@@ -6,12 +6,11 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.trainer.test_train_e2e import QUICK, ROOT, metrics, mispo_train
+from tests.trainer.test_train_e2e import QUICK, ROOT, metrics, mispo_train, start_and_find
 
 pytestmark = pytest.mark.slow
 
@@ -163,20 +162,8 @@ def test_an_async_run_whose_learner_dies_trains_each_prompt_once(tmp_path, cache
     """SIGKILL of the policy learner after step 2's checkpoint, with rollouts in flight: the learners restart
     from it, the prompts in flight are drawn again as the checkpoint recorded them, and the run trains on the
     same prompts step by step as the uninterrupted one (none lost, none twice), within the staleness bound."""
-    import psutil
-
     run = tmp_path / "run"
-    env = {**os.environ, "MISPO_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-    proc = subprocess.Popen([sys.executable, "-m", "mispo", "train", *async_args(tmp_path), "--output", str(run)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    latest, deadline, victim = run / "checkpoints" / "latest", time.time() + 600, None
-    while time.time() < deadline and proc.poll() is None and victim is None:
-        if latest.exists() and latest.read_text() >= "step_000002":
-            ours = psutil.Process(proc.pid).children(recursive=True)
-            victim = next((p for p in ours if "PolicyWorker" in " ".join(p.cmdline())), None)
-        time.sleep(0.2)
-    assert victim is not None, "the run ended before step 2's checkpoint"
+    proc, victim = start_and_find(async_args(tmp_path), run, cache, "step_000002", "PolicyWorker")
     victim.kill()
     said, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, said[-3000:]

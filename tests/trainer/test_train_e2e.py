@@ -165,35 +165,47 @@ def test_sigkill_then_resume(tmp_path, cache):
     assert steps == sorted(set(steps)) and steps[-1] == 6
 
 
-def test_a_killed_policy_learner_is_restarted_and_the_run_ends_as_an_uninterrupted_one(tmp_path, cache, full_run):
-    """SIGKILL of the policy learner (its pid, found among this run's own processes) once step 1's checkpoint
-    exists: the trainer restarts the learners from it, says so in one line, and every step's metrics and the
-    final weights equal an uninterrupted run's (sync mode is deterministic)."""
-    args, clean = ["recipes/math_expert.yaml", *QUICK], full_run
-    run = tmp_path / "run"
+def start_and_find(args: list[str], run: Path, cache, checkpoint: str, role: str):
+    """Start `mispo train` (its own session) and wait for `checkpoint` (e.g. "step_000001"); the running
+    process and the first of its own descendants whose command line names `role` (found among this run's
+    processes by pid, never by a system-wide pattern)."""
     env = {**os.environ, "MISPO_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     proc = subprocess.Popen([sys.executable, "-m", "mispo", "train", *args, "--output", str(run)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     latest, deadline, victim = run / "checkpoints" / "latest", time.time() + 600, None
     while time.time() < deadline and proc.poll() is None and victim is None:
-        if latest.exists() and latest.read_text() >= "step_000001":
+        if latest.exists() and latest.read_text() >= checkpoint:
             ours = psutil.Process(proc.pid).children(recursive=True)
-            victim = next((p for p in ours if "PolicyWorker" in " ".join(p.cmdline())), None)
+            victim = next((p for p in ours if role in " ".join(p.cmdline())), None)
         time.sleep(0.2)
-    assert victim is not None, "the run ended before step 1's checkpoint"
+    assert victim is not None, f"the run ended before {checkpoint}"
+    return proc, victim
+
+
+def assert_as_uninterrupted(clean: Path, run: Path) -> None:
+    """Every step's metrics and the final weights of `run` equal the uninterrupted `clean` run's (sync mode)."""
+    ref, got = metrics(clean), metrics(run)
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == [0, 1, 2, 3]
+    for a, b in zip(ref[1:], got[1:]):
+        for key in ("reward/mean", "actor/loss", "mispo/token_keep_frac", "critic/vf_loss"):
+            assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
+    assert max_weight_difference(clean / "final", run / "final") <= 1e-6
+
+
+def test_a_killed_policy_learner_is_restarted_and_the_run_ends_as_an_uninterrupted_one(tmp_path, cache, full_run):
+    """SIGKILL of the policy learner (its pid, found among this run's own processes) once step 1's checkpoint
+    exists: the trainer restarts the learners from it, says so in one line, and every step's metrics and the
+    final weights equal an uninterrupted run's (sync mode is deterministic)."""
+    run = tmp_path / "run"
+    proc, victim = start_and_find(["recipes/math_expert.yaml", *QUICK], run, cache, "step_000001", "PolicyWorker")
     victim.kill()
     said, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, said[-3000:]
     assert said.count("restarting the learners") == 1 and "the policy learner (pid" in said, said[-3000:]
     assert said.count("learners restarted in") == 1, said[-3000:]
     print(next(line for line in said.splitlines() if "learners restarted in" in line))  # the recovery time
-    ref, got = metrics(clean), metrics(run)
-    assert [r["step"] for r in got] == [r["step"] for r in ref] == [0, 1, 2, 3]
-    for a, b in zip(ref[1:], got[1:]):
-        for key in ("reward/mean", "actor/loss", "mispo/token_keep_frac", "critic/vf_loss"):
-            assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
-    assert got[2]["eval/accuracy"] == ref[2]["eval/accuracy"]
-    assert max_weight_difference(clean / "final", run / "final") <= 1e-6
+    assert_as_uninterrupted(full_run, run)
+    assert metrics(run)[2]["eval/accuracy"] == metrics(full_run)[2]["eval/accuracy"]
 
 
 @pytest.mark.parametrize("role, said_line", [
@@ -207,18 +219,9 @@ def test_a_hung_process_is_stopped_restarted_and_the_run_ends_as_an_uninterrupte
     process is stopped and recovered (the learners restarted from the checkpoint; the engine restarted and
     re-synced, its requests sent again), the output says so, and every step's metrics and the final weights
     equal an uninterrupted run's. On code without call timeouts the run waits forever."""
-    args, clean = ["recipes/math_expert.yaml", *QUICK, "trainer.call_timeout_s=60"], full_run
     run = tmp_path / "run"
-    env = {**os.environ, "MISPO_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-    proc = subprocess.Popen([sys.executable, "-m", "mispo", "train", *args, "--output", str(run)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    latest, deadline, victim = run / "checkpoints" / "latest", time.time() + 600, None
-    while time.time() < deadline and proc.poll() is None and victim is None:
-        if latest.exists() and latest.read_text() >= "step_000001":
-            ours = psutil.Process(proc.pid).children(recursive=True)
-            victim = next((p for p in ours if role in " ".join(p.cmdline())), None)
-        time.sleep(0.2)
-    assert victim is not None, "the run ended before step 1's checkpoint"
+    proc, victim = start_and_find(["recipes/math_expert.yaml", *QUICK, "trainer.call_timeout_s=60"], run, cache,
+                                  "step_000001", role)
     victim.suspend()
     try:
         said, _ = proc.communicate(timeout=900)
@@ -229,9 +232,4 @@ def test_a_hung_process_is_stopped_restarted_and_the_run_ends_as_an_uninterrupte
     assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE  # stopped, not left behind
     assert said_line in said and "within 60 s" in said, said[-3000:]
     assert said.count("restarting the learners") == (role == "PolicyWorker"), said[-3000:]
-    ref, got = metrics(clean), metrics(run)
-    assert [r["step"] for r in got] == [r["step"] for r in ref] == [0, 1, 2, 3]
-    for a, b in zip(ref[1:], got[1:]):
-        for key in ("reward/mean", "actor/loss", "mispo/token_keep_frac", "critic/vf_loss"):
-            assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
-    assert max_weight_difference(clean / "final", run / "final") <= 1e-6
+    assert_as_uninterrupted(full_run, run)
