@@ -39,7 +39,7 @@ class Sample:
 
 
 TENSOR_FIELDS = ("response_mask", "rollout_logprobs", "truncated", "rewards", "group_ids", "old_logprobs",
-                 "ref_logprobs", "version_logprobs", "values", "bootstrap_values", "advantages", "returns", "token_keep", "traj_keep")
+                 "ref_logprobs", "version_logprobs", "teacher_logprobs", "values", "bootstrap_values", "advantages", "returns", "token_keep", "traj_keep")
 
 
 @dataclass
@@ -55,6 +55,7 @@ class RolloutBatch:
     old_logprobs: torch.Tensor | None = None  # [B, T] pi_old (learner, no grad)
     ref_logprobs: torch.Tensor | None = None  # [B, T] frozen reference, for KL
     version_logprobs: torch.Tensor | None = None  # [B, T] pi_v: the learner at the weights that sampled each token
+    teacher_logprobs: torch.Tensor | None = None  # [B, T] the domain teacher's (advantage: reverse_kl)
     values: torch.Tensor | None = None  # [B, T] V(s_t) before each response token
     bootstrap_values: torch.Tensor | None = None  # [B] V(s_T) after the last token
     advantages: torch.Tensor | None = None  # [B, T]

@@ -56,6 +56,12 @@ def architecture_differences(a: Path, b: Path) -> list[str]:
     """Human-readable differences between two checkpoints' architectures and tokenizers ([] = none)."""
     ca, cb = _config(a), _config(b)
     out = [f"{k}: {ca.get(k)!r} vs {cb.get(k)!r}" for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
+    return out + tokenizer_differences(a, b)
+
+
+def tokenizer_differences(a: Path, b: Path) -> list[str]:
+    """Human-readable differences between two checkpoints' tokenizers ([] = the same token ids mean the same)."""
+    out = []
     ta, tb = _tokenizer_fingerprint(a), _tokenizer_fingerprint(b)
     if ta["vocab"] != tb["vocab"]:
         out.append(f"tokenizer vocabulary: {len(ta['vocab'])} vs {len(tb['vocab'])} tokens"
@@ -83,3 +89,19 @@ def check_interchangeable(reference: str | Path, others: dict[str, str | Path], 
             raise RecipeError(f"{field}.{name} = {str(path)!r}{where}: its architecture or tokenizer differs from "
                               f"the student's ({reference_field} = {str(reference)!r}): {shown}{more}; fix: distil "
                               "experts trained from the student's architecture and tokenizer")
+
+
+def check_same_tokenizer(reference: str | Path, others: dict[str, str | Path], field: str,
+                         source: str | None = None) -> None:
+    """Raise RecipeError naming `field.<name>` when a checkpoint is missing or its tokenizer differs from
+    `reference`'s (a teacher scores the student's token ids; its architecture and size are its own)."""
+    where = f" ({source})" if source else ""
+    for name, path in others.items():
+        if not (Path(path) / "config.json").is_file():
+            raise RecipeError(f"{field}.{name} = {str(path)!r}{where}: not a checkpoint directory (no config.json); "
+                              "fix: point it at a model saved in release format (e.g. a run's final/)")
+        diff = tokenizer_differences(Path(reference), Path(path))
+        if diff:
+            raise RecipeError(f"{field}.{name} = {str(path)!r}{where}: its tokenizer differs from the policy's "
+                              f"({reference}): {'; '.join(d[:200] for d in diff[:3])}; fix: a teacher with the "
+                              "policy's tokenizer (it scores the policy's token ids)")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mispo.bands import TOKEN_BAND, TRAJ_BAND
+from mispo.bands import TOKEN_BAND, TRAJ_BAND, Bands
 
 
 class RecipeError(ValueError):
@@ -175,7 +175,10 @@ class AlgorithmConfig(Section):
                              "the engine mismatch, the lag since sampling reweighted: the one for async mode), ppo, "
                              "grpo, gspo, tis, icepop, cispo, or one registered with "
                              "mispo.algorithms.register_policy_loss")
-    advantage: Literal["gae", "grpo", "grpo_no_std", "rloo"] = "gae"
+    advantage: Literal["gae", "grpo", "grpo_no_std", "rloo", "reverse_kl"] = Field(
+        "gae", description="gae (critic), grpo / grpo_no_std / rloo (group-relative), or reverse_kl (on-policy "
+        "distillation: A_t = log pi_teacher(a_t) - log pi_old(a_t) per token, the teacher of the sample's domain "
+        "from algorithm.teachers)")
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(1.0, ge=0, le=1)
     bootstrap_truncated: bool = Field(True, description="gae: a response cut by the length limit takes V(s_T) in "
@@ -202,6 +205,10 @@ class AlgorithmConfig(Section):
     dynamic_sampling: DynamicSamplingConfig | None = Field(None, description="drop zero-variance groups and "
                                                            "refill (DAPO); null = off")
     value_clip: float | None = None
+    teachers: dict[str, str] = Field(default_factory=dict, description="advantage: reverse_kl: domain name -> the "
+                                     "teacher's checkpoint (release format, same tokenizer as the policy); a "
+                                     "single-domain recipe's one domain is named after the recipe. `mispo merge` "
+                                     "with method: on_policy fills it from merge.experts")
     loss_options: dict[str, Any] = Field(default_factory=dict, description="the chosen loss's own settings (e.g. "
                                          "tis_cap for tis, gspo_eps_low for gspo, dual_clip_c for ppo); kl_estimator")
     version_logprobs: Literal["auto", "kept_versions", "rollout"] = Field(
@@ -210,6 +217,11 @@ class AlgorithmConfig(Section):
         "versions on learner rank 0 and a spare model, one forward of the stale rows a step (exact); rollout: the "
         "engine's log-prob (no copies; the engine filter then passes stale tokens and the lag weight covers their "
         "whole gap); auto: kept_versions unless ZeRO-3 or expert parallelism shard the weights")
+
+    @property
+    def bands(self) -> Bands:
+        """MIS-PO's bands as one value (token_bounds, traj_bounds, traj_stat_includes_rejected): what every reader takes."""
+        return Bands(tuple(self.token_bounds), tuple(self.traj_bounds), self.traj_stat_includes_rejected)
 
     @field_validator("loss_agg")
     @classmethod
@@ -226,6 +238,14 @@ class AlgorithmConfig(Section):
         """The adaptive band and critic_masks only where something reads MIS-PO's masks."""
         from mispo.algorithms.policy_losses import loss_spec
 
+        try:
+            self.bands  # noqa: B018 (validates the pair of bands)
+        except ValueError as exc:
+            raise ValueError(f"algorithm.{exc}; fix: 0 <= lo <= hi, e.g. the report's {TOKEN_BAND} for token_bounds "
+                             f"and {TRAJ_BAND} for traj_bounds") from None
+        if self.teachers and self.advantage != "reverse_kl":
+            raise ValueError(f"algorithm.teachers has no effect with advantage = '{self.advantage}' (only reverse_kl "
+                             "scores with teachers); fix: remove it, or advantage: reverse_kl")
         if self.critic_masks and self.advantage != "gae":
             raise ValueError(f"algorithm.critic_masks has no effect with advantage = '{self.advantage}' (no critic); "
                              "fix: remove it, or advantage: gae")
@@ -242,7 +262,8 @@ class AlgorithmConfig(Section):
         owned = {"token_bounds": "algorithm.token_bounds", "traj_bounds": "algorithm.traj_bounds",
                  "traj_stat_includes_rejected": "algorithm.traj_stat_includes_rejected",
                  "loss_agg": "algorithm.loss_agg", "kl_coef": "algorithm.kl_coef",
-                 "entropy_coef": "algorithm.entropy_coef", "norm_length": "rollout.max_new_tokens"}
+                 "entropy_coef": "algorithm.entropy_coef", "norm_length": "rollout.max_new_tokens",
+                 "bands": "algorithm.token_bounds, traj_bounds and traj_stat_includes_rejected"}
         loss = self.policy_loss.lower()
         if loss not in LOSSES:
             raise ValueError(f"algorithm.policy_loss = {self.policy_loss!r} is not a known loss; known: "
@@ -533,7 +554,8 @@ class Recipe(Section):
         if self.algorithm.dynamic_sampling is not None and self.rollout.n_samples < 2:
             raise ValueError("algorithm.dynamic_sampling needs rollout.n_samples >= 2 (a group of one sample "
                              "never has reward variance)")
-        if self.algorithm.advantage != "gae" and self.rollout.n_samples < 2:
+        self._check_teachers()
+        if self.algorithm.advantage not in ("gae", "reverse_kl") and self.rollout.n_samples < 2:
             raise ValueError(f"algorithm.advantage = '{self.algorithm.advantage}' needs rollout.n_samples >= 2")
         if self.learner.ranks > 1 and self.resources.gpus_per_node > 0:
             raise ValueError(f"learner.ranks = {self.learner.ranks} is for CPU runs; on a GPU cluster the learner "
@@ -577,6 +599,24 @@ class Recipe(Section):
         if self.pipeline is not None and len(self.domains) < 1:
             raise ValueError("pipeline: needs domains: {name: {recipe: file.yaml}, ...}; fix: add domains")
         return self
+
+    def domain_names(self) -> list[str]:
+        """The run's domains: the `domains:` names, or the recipe's own name for a single-domain recipe."""
+        return list(self.domains) or [self.name]
+
+    def _check_teachers(self) -> None:
+        """advantage: reverse_kl needs a teacher for every domain and none for a domain the run lacks."""
+        if self.algorithm.advantage != "reverse_kl":
+            return
+        names, teachers = self.domain_names(), self.algorithm.teachers
+        missing, unknown = [n for n in names if n not in teachers], [n for n in teachers if n not in names]
+        if missing:
+            raise ValueError(f"algorithm.advantage = 'reverse_kl' scores each domain's samples with its teacher, and "
+                             f"algorithm.teachers has none for {', '.join(missing)}; fix: algorithm.teachers: "
+                             f"{{{missing[0]}: path/to/teacher_checkpoint}}")
+        if unknown:
+            raise ValueError(f"algorithm.teachers names {', '.join(unknown)}, which this run does not train on (its "
+                             f"domains: {', '.join(names)}); fix: remove them, or name the run's domains")
 
     def version_logprobs_source(self) -> str | None:
         """Where pi_v comes from in this run (algorithm.version_logprobs resolved): "kept_versions", "rollout", or

@@ -4,7 +4,9 @@ the recipe's `algorithm:` section (testable without Ray or engines).
     advantages:  GAE (gamma, lambda; truncated responses bootstrapped from V(s_T) when
                  `bootstrap_truncated`: their reward is replaced by V(s_T), except the overlong penalty,
                  which is a reward for the length reached and stays on their last token) or
-                 group-normalised sequence rewards broadcast over the response
+                 group-normalised sequence rewards broadcast over the response, or (reverse_kl, on-policy
+                 distillation) A_t = log pi_teacher(a_t) - log pi_old(a_t) per token: minus the sampled reverse
+                 KL, whose policy gradient at pi_theta = pi_old is -grad KL(pi_theta || pi_teacher) token by token
     whitening:   optional, over response tokens
     MIS-PO:      token_keep = 1[token_bounds[0] <= pi_old / pi_rollout <= token_bounds[1]] per token,
                  traj_keep  = 1[traj_bounds[0] <= geo-mean ratio <= traj_bounds[1]] per sequence
@@ -21,7 +23,7 @@ import torch
 
 from mispo.algorithms import AdaptiveTrajBand, compute_gae, group_advantages, whiten_advantages
 from mispo.algorithms.advantages import last_token_index, outcome_to_token_rewards
-from mispo.algorithms.filters import mis_filter_detailed, token_log_ratio
+from mispo.algorithms.filters import token_log_ratio
 from mispo.algorithms.lag import lag_metrics, lag_weight
 from mispo.algorithms.policy_losses import PolicyLossConfig, loss_spec
 from mispo.batch import RolloutBatch
@@ -45,6 +47,10 @@ def prepare_update(batch: RolloutBatch, algorithm, band: AdaptiveTrajBand | None
         truncated = batch.truncated if a.bootstrap_truncated else None
         batch.advantages, batch.returns = compute_gae(gae_rewards(batch, truncated), batch.values, mask, a.gamma, a.lam,
                                                       truncated=truncated, bootstrap_value=batch.bootstrap_values)
+    elif a.advantage == "reverse_kl":
+        if batch.old_logprobs is None or batch.teacher_logprobs is None:
+            raise ValueError("advantage reverse_kl needs batch.old_logprobs and batch.teacher_logprobs")
+        batch.advantages = (batch.teacher_logprobs - batch.old_logprobs) * mask
     else:
         seq_adv = group_advantages(batch.rewards, group_ids=batch.group_ids, method=a.advantage)
         batch.advantages = seq_adv[:, None] * mask
@@ -61,21 +67,24 @@ def prepare_update(batch: RolloutBatch, algorithm, band: AdaptiveTrajBand | None
 
 
 def set_mispo_masks(batch: RolloutBatch, algorithm, band: AdaptiveTrajBand | None = None) -> dict:
-    """Set batch.token_keep / traj_keep: MIS-PO's filters with the recipe's bands on engine_reference / pi_rollout
-    (the one place the trainer and on-policy distillation compute them); the adaptive band's metrics, if any."""
-    a, mask, metrics = algorithm, batch.response_mask, {}
-    traj_bounds, learner = tuple(a.traj_bounds), engine_reference(batch, a)
+    """Set batch.token_keep / traj_keep: MIS-PO's filters with the recipe's bands (`algorithm.bands`) on
+    engine_reference / pi_rollout, the trajectory band re-chosen by the adaptive `band` when given (the one place
+    the driver computes them; a fused update computes them with the same Bands); the adaptive band's metrics."""
+    bands, mask, metrics = algorithm.bands, batch.response_mask, {}
+    learner = engine_reference(batch, algorithm)
     if band is not None:
-        token_keep = None
-        if not a.traj_stat_includes_rejected:
-            token_keep = mis_filter_detailed(learner, batch.rollout_logprobs, mask,
-                                             tuple(a.token_bounds), traj_bounds).token_keep
-        traj_bounds = band.update(learner, batch.rollout_logprobs, mask, token_keep)
+        token_keep = None if bands.traj_stat_includes_rejected else \
+            bands.masks(learner, batch.rollout_logprobs, mask).token_keep
+        bands = bands.with_traj(band.update(learner, batch.rollout_logprobs, mask, token_keep))
         metrics.update(band.metrics())
-    result = mis_filter_detailed(learner, batch.rollout_logprobs, mask, tuple(a.token_bounds),
-                                 traj_bounds, a.traj_stat_includes_rejected)
+    result = bands.masks(learner, batch.rollout_logprobs, mask)
     batch.token_keep, batch.traj_keep = result.token_keep, result.traj_keep
     return metrics
+
+
+def reverse_kl(logp_student: torch.Tensor, logp_teacher: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over model tokens of log pi_student - log pi_teacher (the sampled per-token reverse KL)."""
+    return float(((logp_student - logp_teacher) * mask).sum() / mask.sum().clamp(min=1))
 
 
 def gae_rewards(batch: RolloutBatch, truncated: torch.Tensor | None) -> torch.Tensor:

@@ -3,6 +3,9 @@
     roles = start_roles(recipe, policy_path, cores, timeouts, max_new_tokens)   # Ray, placement, groups
     Trainer(recipe, output, roles=start_roles)                   # the default; tests pass in-process fakes
 
+With `algorithm.advantage: reverse_kl` (on-policy distillation) the roles include one frozen teacher group per
+domain (`TeacherWorker`, `algorithm.teachers`), sharded over `learner.ranks` under ZeRO-3 like the policy.
+
 The trainer's loop only calls the groups' methods (`submit / wait / all / first / rank0 / share / kill` on
 learner groups, `generate / sync / sync_broadcast / probe_logprobs / shutdown` on the engines), so `fit()`
 runs the same against fakes that answer in-process (tests/trainer/test_fit_with_fake_roles.py).
@@ -10,7 +13,7 @@ runs the same against fakes that answer in-process (tests/trainer/test_fit_with_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mispo.call_timeout import CallTimeouts
@@ -21,17 +24,19 @@ from mispo.config import Recipe
 class Roles:
     """policy / critic: learner groups (critic None without GAE); engines: the rollout group;
     start_learners(): fresh learner groups at the starting policy's weights (a restart after a death);
-    placement: the GPU placement groups (None on a CPU run), removed at shutdown."""
+    placement: the GPU placement groups (None on a CPU run), removed at shutdown;
+    teachers: {domain: frozen teacher group} for advantage reverse_kl (else empty)."""
 
     policy: Any
     critic: Any
     engines: Any
     start_learners: Callable[[], tuple[Any, Any]]
     placement: Any = None
+    teachers: dict[str, Any] = field(default_factory=dict)
 
     def shutdown(self) -> None:
         self.engines.shutdown()
-        for group in (self.policy, self.critic):
+        for group in (self.policy, self.critic, *self.teachers.values()):
             if group is not None:
                 group.kill()
         if self.placement is not None:
@@ -75,4 +80,21 @@ def start_roles(recipe: Recipe, policy_path: str, cores, timeouts: CallTimeouts,
                            tensor_parallel=r.resources.rollout_tensor_parallel,
                            expert_parallel=r.resources.rollout_expert_parallel, cpu_cores=cores.rollout,
                            fp32_lm_head=r.model.fp32_lm_head, timeouts=timeouts)
-    return Roles(policy, critic, engines, start_learners, placement)
+    return Roles(policy, critic, engines, start_learners, placement, start_teachers(r, timeouts))
+
+
+def start_teachers(recipe: Recipe, timeouts: CallTimeouts) -> dict:
+    """{domain: TeacherWorker group} at `algorithm.teachers`' checkpoints (advantage reverse_kl), scoring at the
+    rollouts' temperature; each takes one GPU on a GPU cluster (outside the roles' placement groups)."""
+    from mispo.cluster import standalone_learner_options
+    from mispo.config import resolve_path
+    from mispo.learner.group import LearnerGroup
+    from mispo.learner.teacher_worker import TeacherWorker
+
+    r, teachers = recipe, {}
+    for name, path in r.algorithm.teachers.items():
+        teachers[name] = LearnerGroup(TeacherWorker, standalone_learner_options(), str(resolve_path(r, path)),
+                                      r.model.dtype, r.learner.micro_batch_tokens, cpu_ranks=r.learner.ranks,
+                                      temperature=r.rollout.temperature, zero_stage=r.learner.zero_stage)
+        teachers[name].timeouts = timeouts
+    return teachers

@@ -50,7 +50,7 @@ from mispo.learner.mismatch_attribution import logprobs_at_versions
 from mispo.learner.policy_worker import PolicyWorker
 from mispo.metrics_log import MetricsLog
 from mispo.prepare_model import starting_policy
-from mispo.prepare_update import adaptive_band, lag_diagnostics, prepare_update
+from mispo.prepare_update import adaptive_band, lag_diagnostics, prepare_update, reverse_kl
 from mispo.roles import Roles, start_roles
 from mispo.progress import StepProgress
 from mispo.rollout.agent_episodes import serve_agents
@@ -108,6 +108,11 @@ class Trainer:
         self.policy_path = str(starting_policy(r, self._warmup))
         # before the learners and engines start: what they cannot run, the engine's context, the tokenizer
         r.rollout.max_model_len = check_policy(self.policy_path, r)
+        if r.algorithm.teachers:  # a teacher scores the policy's token ids: same tokenizer, before anything starts
+            from mispo.checkpoint_io import check_same_tokenizer
+            from mispo.config import resolve_path
+            check_same_tokenizer(self.policy_path, {name: resolve_path(r, path) for name, path in
+                                                    r.algorithm.teachers.items()}, "algorithm.teachers", r.source)
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         self.band = adaptive_band(r.algorithm)
@@ -115,9 +120,11 @@ class Trainer:
         self.call_timeouts = CallTimeouts(r.trainer.call_timeout_s)  # learnt per kind of call, kept over restarts
         self.roles = roles(r, self.policy_path, cores, self.call_timeouts, max(d.max_new_tokens for d in self.domains))
         self.policy, self.critic, self.engines = self.roles.policy, self.roles.critic, self.roles.engines
+        self.teachers = self.roles.teachers  # {domain: teacher group}: on-policy distillation's advantage source
         # pi_old is the update's own first forward when that is exact and nothing needs it beforehand
-        # (one mini-batch, no reference, no adaptive band, no critic masks, no dropout): one forward saved
+        # (one mini-batch, no reference, no adaptive band, no critic masks, no teachers, no dropout): one forward saved
         self.fused_old_logprobs = (r.learner.actor_mini_batches == 1 and not r.learner.reference
+                                   and not self.teachers
                                    and self.band is None and not (self.critic and r.algorithm.critic_masks)
                                    and self.version_source is None
                                    and not self.policy.first(PolicyWorker.has_dropout))
@@ -336,6 +343,10 @@ class Trainer:
             t = time.time()
             metrics.update(self.score_at_sampling_versions(batch))
             metrics["time/version_logprobs_s"] = time.time() - t
+        if self.teachers:
+            t = time.time()
+            metrics.update(self.score_with_teachers(batch, by_domain))
+            metrics["time/teacher_s"] = time.time() - t
 
         metrics.update(prepare_update(batch, r.algorithm, self.band))
         if self.ahead:
@@ -389,6 +400,29 @@ class Trainer:
             return out
         batch.version_logprobs, unscored = logprobs_at_versions(batch, self.step, (), None)
         return {"lag/unscored_tokens": float(unscored)}
+
+    def score_with_teachers(self, batch: RolloutBatch, by_domain: list[tuple]) -> dict:
+        """Set batch.teacher_logprobs: each domain's rows scored by its teacher (advantage reverse_kl; the rows
+        of batch are by_domain's samples in order). Logs distill/reverse_kl = mean over model tokens of
+        log pi_old - log pi_teacher, and distill/<domain>/reverse_kl when there are several domains."""
+        from mispo.learner.teacher_worker import TeacherWorker
+
+        teacher, metrics, row = torch.zeros_like(batch.old_logprobs), {}, 0
+        for domain, samples in by_domain:
+            if not samples:
+                continue
+            rows = list(range(row, row + len(samples)))
+            part = batch.select(rows)
+            group = self.teachers[domain.name]
+            scored = sum(group.all(TeacherWorker.compute_logprobs, group.share(part)))  # ranks' rows, zeros elsewhere
+            teacher[rows, : scored.shape[1]] = scored
+            if len(by_domain) > 1:
+                metrics[f"distill/{domain.name}/reverse_kl"] = reverse_kl(part.old_logprobs, scored,
+                                                                          part.response_mask)
+            row += len(samples)
+        batch.teacher_logprobs = teacher
+        metrics["distill/reverse_kl"] = reverse_kl(batch.old_logprobs, teacher, batch.response_mask)
+        return metrics
 
     def score(self, by_domain: list[tuple]) -> dict:
         """Reward every sample; one domain logs `reward/*` as it is, several add `reward/<domain>/*`

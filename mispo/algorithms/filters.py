@@ -28,19 +28,10 @@ from torch import Tensor
 
 from mispo.algorithms.masked import masked_count, masked_mean
 from mispo.bands import TOKEN_BAND, TRAJ_BAND
+from mispo.bands import checked_band as _check_bounds
 
 LOG_BOUND_ATOL = 1e-6
 """Slack (in log space) by which a log ratio may pass a bound and still count as on it."""
-
-
-def _check_bounds(name: str, bounds: Tuple[float, float]) -> Tuple[float, float]:
-    try:
-        lo, hi = (float(b) for b in bounds)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a pair (lo, hi) of numbers, got {bounds!r}") from None
-    if not (0.0 <= lo <= hi) or math.isinf(lo):
-        raise ValueError(f"{name} must satisfy 0 <= lo <= hi with lo finite, got {bounds!r}")
-    return lo, hi
 
 
 def _in_band(log_x: Tensor, bounds: Tuple[float, float], atol: float) -> Tensor:

@@ -28,12 +28,11 @@ from mispo.algorithms.filters import (
     LOG_BOUND_ATOL,
     _check_bounds,
     _in_band,
-    mis_filter_detailed,
     mis_filter_metrics,
     token_log_ratio,
 )
 from mispo.algorithms.kl import KL_ESTIMATORS, kl_penalty
-from mispo.bands import TOKEN_BAND, TRAJ_BAND
+from mispo.bands import Bands
 from mispo.algorithms.masked import LOSS_AGG_MODES, aggregate_loss, masked_mean, masked_std
 
 Metrics = Dict[str, Tensor]
@@ -102,8 +101,8 @@ class PolicyLossConfig:
     loss_agg: "token-mean" (default: over all response tokens, so MIS-PO's rejected tokens
         shrink the step), "seq-mean-token-mean", or "token-sum-norm" (Dr.GRPO, divided by
         ``norm_length``, which should be the generation max length).
-    MIS-PO: token_bounds TOKEN_BAND (0.5, 2), traj_bounds TRAJ_BAND (0.996, 1.001), traj_stat_includes_rejected
-        True (rho over all generated tokens).
+    MIS-PO: bands, a `mispo.bands.Bands` (default: the report's TOKEN_BAND (0.5, 2), TRAJ_BAND (0.996, 1.001),
+        rho over all generated tokens); the trainer passes `algorithm.bands`.
     PPO / GRPO / TIS / IcePop: clip_eps_low = clip_eps_high = 0.2; dual_clip_c 3.0 (None: off).
     GSPO: gspo_eps_low 3e-4, gspo_eps_high 4e-4 (the GSPO paper).
     TIS: tis_cap C = 2.0.  IcePop: icepop_bounds (0.5, 5.0).
@@ -116,9 +115,7 @@ class PolicyLossConfig:
 
     loss_agg: str = "token-mean"
     norm_length: Optional[float] = None
-    token_bounds: Tuple[float, float] = TOKEN_BAND
-    traj_bounds: Tuple[float, float] = TRAJ_BAND
-    traj_stat_includes_rejected: bool = True
+    bands: Bands = Bands()
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     dual_clip_c: Optional[float] = 3.0
@@ -138,8 +135,6 @@ class PolicyLossConfig:
             raise ValueError(f"loss_agg={self.loss_agg!r} is not one of {LOSS_AGG_MODES}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator={self.kl_estimator!r} is not one of {sorted(KL_ESTIMATORS)}")
-        self.token_bounds = _check_bounds("token_bounds", self.token_bounds)
-        self.traj_bounds = _check_bounds("traj_bounds", self.traj_bounds)
         self.icepop_bounds = _check_bounds("icepop_bounds", self.icepop_bounds)
         for name in ("clip_eps_low", "clip_eps_high", "gspo_eps_low", "gspo_eps_high", "cispo_eps_high",
                      "kl_coef", "entropy_coef"):
@@ -257,7 +252,7 @@ def mispo_loss(inputs: PolicyLossInputs, config: PolicyLossConfig) -> Tuple[Tens
     """MIS-PO: l_t = -I(x_t in token band) * I(rho in traj band) * logp_t * A_t.
 
     Binary, detached masks (no ratio, no clip). Masks come from ``inputs.token_keep/traj_keep``
-    when given, else from :func:`mis_filter_detailed` with the config's bands. The KL and
+    when given, else from ``config.bands.masks`` (mispo.bands). The KL and
     entropy terms are masked the same way: a rejected sample contributes nothing.
     """
     return _masked_policy_gradient(inputs, config, inputs.logp_old, None)
@@ -299,8 +294,7 @@ def _masked_policy_gradient(inputs: PolicyLossInputs, config: PolicyLossConfig, 
                 raise ValueError(
                     "MIS-PO needs PolicyLossInputs.logp_rollout, or precomputed token_keep/traj_keep"
                 )
-            res = mis_filter_detailed(engine_reference, inputs.logp_rollout, m, config.token_bounds,
-                                      config.traj_bounds, config.traj_stat_includes_rejected)
+            res = config.bands.masks(engine_reference, inputs.logp_rollout, m)
             token_keep, traj_keep = res.token_keep, res.traj_keep
             metrics.update(mis_filter_metrics(res, m))
         else:

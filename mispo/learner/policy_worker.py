@@ -35,8 +35,9 @@ from mispo.weight_transport import bucketize, put_bucket
 
 
 def policy_loss_config(algo: AlgorithmConfig, max_new_tokens: int) -> PolicyLossConfig:
-    options = dict(loss_agg=algo.loss_agg or loss_spec(algo.policy_loss).default_agg, token_bounds=tuple(algo.token_bounds),
-                   traj_bounds=tuple(algo.traj_bounds), traj_stat_includes_rejected=algo.traj_stat_includes_rejected,
+    """The loss's settings from the recipe: the settings `algorithm:` owns for every loss (bands, aggregation, KL and
+    entropy coefficients, clip_eps), the generation max length for token-sum-norm, then the loss's own options."""
+    options = dict(loss_agg=algo.loss_agg or loss_spec(algo.policy_loss).default_agg, bands=algo.bands,
                    kl_coef=algo.kl_coef, entropy_coef=algo.entropy_coef, clip_eps_low=algo.clip_eps,
                    clip_eps_high=algo.clip_eps, norm_length=float(max_new_tokens))
     options.update(algo.loss_options)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from mispo.algorithms import PolicyLossConfig, PolicyLossInputs, compute_policy_loss, loss_spec
 from mispo.algorithms.lag import effective_sample_size, lag_buckets, lag_weight
+from mispo.bands import Bands
 from mispo.batch import RolloutBatch, Sample
 from mispo.learner.mismatch_attribution import logprobs_at_versions
 from mispo.prepare_update import lag_diagnostics, prepare_update
@@ -47,7 +48,7 @@ def test_the_lag_weight_and_the_engine_filter_against_a_hand_computation():
     logp = torch.log(torch.tensor([[0.55, 0.35, 0.25, 0.30]])).requires_grad_(True)
     adv = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
     mask = torch.ones(1, 4, dtype=torch.bool)
-    config = PolicyLossConfig(lag_cap=1.5, traj_bounds=(0.0, math.inf))  # the trajectory band out of the way
+    config = PolicyLossConfig(lag_cap=1.5, bands=Bands(traj=(0.0, math.inf)))  # the trajectory band out of the way
     loss, metrics = compute_policy_loss("mispo_decoupled", PolicyLossInputs(
         logp=logp, logp_old=old, advantages=adv, mask=mask, logp_rollout=rollout, logp_version=version), config)
     loss.backward()

@@ -15,6 +15,7 @@ from mispo.algorithms import (
     get_policy_loss,
     register_policy_loss,
 )
+from mispo.bands import Bands
 
 ALL = ["mispo", "ppo", "grpo", "gspo", "tis", "icepop", "cispo"]
 
@@ -75,7 +76,7 @@ def test_on_policy_every_loss_is_the_vanilla_policy_gradient(name):
        include=st.booleans())
 def test_mispo_matches_definition(seed, gap, agg, include):
     b = make_batch(seed=seed, gap=gap, drift=0.1)
-    cfg = PolicyLossConfig(loss_agg=agg, norm_length=11, traj_stat_includes_rejected=include)
+    cfg = PolicyLossConfig(loss_agg=agg, norm_length=11, bands=Bands(traj_stat_includes_rejected=include))
     loss, grad, metrics = run("mispo", b, cfg)
     # direct: x_t, rho, indicator product, aggregation, all in float64 with python loops
     B, T = b["mask"].shape
@@ -231,7 +232,7 @@ def _pad(b, extra_t=3, extra_b=2):
 def test_padding_invariance(name, agg):
     b = make_batch(seed=7, gap=0.05, drift=0.2)
     cfg = PolicyLossConfig(loss_agg=agg, norm_length=16, kl_coef=0.01, entropy_coef=0.0,
-                           traj_bounds=(0.9, 1.1))
+                           bands=Bands(traj=(0.9, 1.1)))
     loss, grad, metrics = run(name, b, cfg, with_ref=True)
     ploss, pgrad, pmetrics = run(name, _pad(b), cfg, with_ref=True)
     B, T = b["mask"].shape
@@ -294,7 +295,7 @@ def test_bf16_inputs(name):
     b32 = make_batch(seed=12, gap=0.3, drift=0.1, seq_adv=(name == "gspo"))
     b16 = {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in b32.items()}
     b32r = {k: (v.float() if v.is_floating_point() else v) for k, v in b16.items()}  # same values in fp32
-    cfg = PolicyLossConfig(traj_bounds=(0.8, 1.25), kl_coef=0.01)
+    cfg = PolicyLossConfig(bands=Bands(traj=(0.8, 1.25)), kl_coef=0.01)
     loss16, grad16, _ = run(name, b16, cfg, with_ref=True)
     loss32, grad32, _ = run(name, b32r, cfg, with_ref=True)
     assert grad16.dtype == torch.bfloat16 and torch.isfinite(grad16.float()).all()

@@ -4,6 +4,7 @@ before any engine starts."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -119,15 +120,22 @@ def test_sft_then_merge_then_a_filter_that_rejects_everything(tmp_path, tiny, ca
     assert set(results) == {"student", "math", "tool", "merged"}
     assert all(set(v) == {"math", "tool"} and all(0 <= a <= 1 for a in v.values()) for v in results.values())
 
-    # on-policy distillation: the student samples, the experts score its tokens (per-token reverse KL);
-    # the student learner on two ranks
+    # on-policy distillation, a trainer run: the student samples, the experts score its tokens (per-token
+    # reverse KL); the student learner and each teacher on two ranks
     on_policy = tmp_path / "on_policy"
-    done = mispo(["merge", str(recipe), "--output", str(on_policy), "merge.method=on_policy", "merge.steps=2",
-                  "merge.prompts_per_step=4", "merge.eval=false", "learner.ranks=2"], cache)
+    distill = ["merge", str(recipe), "--output", str(on_policy), "merge.method=on_policy", "merge.prompts_per_step=4",
+               "merge.eval=false", "learner.ranks=2", "trainer.save_every=1"]
+    done = mispo([*distill, "merge.steps=2"], cache)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (on_policy / "model" / "config.json").exists() and not (on_policy / "data").exists()
+    # stopped before the model was written (as after step 2 of 3): the rerun resumes at its last checkpoint
+    shutil.rmtree(on_policy / "model")
+    done = mispo([*distill, "merge.steps=3"], cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr and "step_000002" in done.stderr.replace("\n", "")
+    assert (on_policy / "model" / "config.json").exists()
     steps = [json.loads(x) for x in (on_policy / "on_policy" / "metrics.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == [1, 2]
+    assert [s["step"] for s in steps] == [1, 2, 3]
     for s in steps:  # the overall KL is the token-weighted mean of the domains'
         per_domain = [s["distill/math/reverse_kl"], s["distill/tool/reverse_kl"]]
         assert min(per_domain) - 1e-6 <= s["distill/reverse_kl"] <= max(per_domain) + 1e-6

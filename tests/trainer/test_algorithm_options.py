@@ -115,3 +115,21 @@ def test_a_loss_registered_by_a_user_is_a_known_loss_with_its_options():
                                "algorithm.loss_options={icepop_bounds: [0.5, 3]}"])
     finally:
         LOSSES.pop("my_capped_loss")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["algorithm.advantage=reverse_kl", "learner.critic=null"], "algorithm.teachers has none for run"),
+    (["algorithm.advantage=reverse_kl", "learner.critic=null", "algorithm.teachers={run: t, math: m}"],
+     "algorithm.teachers names math, which this run does not train on"),
+    (["algorithm.advantage=grpo", "learner.critic=null", "algorithm.teachers={run: t}"],
+     "algorithm.teachers has no effect with advantage = 'grpo'"),
+])
+def test_distillation_teachers_cover_exactly_the_runs_domains(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, overrides)
+
+
+def test_distillation_needs_no_group_of_samples():
+    r = load_recipe(None, ["algorithm.advantage=reverse_kl", "learner.critic=null", "algorithm.teachers={run: t}",
+                           "rollout.n_samples=1"])
+    assert r.algorithm.teachers == {"run": "t"}

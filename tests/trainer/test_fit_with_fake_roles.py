@@ -1,5 +1,6 @@
 """`Trainer.fit()` against in-process fake roles (mispo.roles): the loop's async ordering, the staleness bound,
-resume with rollouts in flight and dynamic sampling's refills, in seconds and without Ray, vLLM or DeepSpeed.
+resume with rollouts in flight, dynamic sampling's refills and on-policy distillation (teachers as the
+advantage source), in seconds and without Ray, vLLM or DeepSpeed.
 
 The fakes keep the real system's ordering: Ray runs an actor's calls in submission order, so a generation
 submitted before a weight sync samples the weights before it; here rollouts run at submission (`Immediate`).
@@ -45,6 +46,7 @@ class FakeLearners:
 
     def __init__(self, trained: list, fail_at: int | None = None):
         self.version, self.trained, self.fail_at, self.timeouts = 0, trained, fail_at, CallTimeouts()
+        self.advantages: list = []  # each update's batch.advantages
 
     def share(self, value):
         return value
@@ -78,6 +80,7 @@ class FakeLearners:
         if self.fail_at is not None and self.version + 1 == self.fail_at:
             raise KeyboardInterrupt  # the user stops the run during this update
         self.trained.append((self.version, list(batch.samples)))
+        self.advantages.append(batch.advantages.clone())
         self.version += 1
         return {"actor/loss": 0.0}
 
@@ -130,8 +133,25 @@ class FakeEngines:
         pass
 
 
+class FakeTeacher(FakeLearners):
+    """A frozen teacher in-process: log pi_teacher of a sample's tokens is -0.1 x (its prompt's number mod 7),
+    so each row's reverse-KL advantage is known; `scored` counts the rows it scored."""
+
+    def __init__(self):
+        super().__init__([])
+        self.scored = 0
+
+    def compute_logprobs(self, batch):
+        self.scored += len(batch)
+        return torch.stack([-0.1 * teacher_level(s) * m for s, m in zip(batch.samples, batch.response_mask)])
+
+
+def teacher_level(sample) -> int:
+    return int(sample.row["prompt"].rsplit(" ", 1)[-1]) % 7
+
+
 def make_trainer(tmp_path, out: Path, overrides: list[str], trained: list, engines: FakeEngines,
-                 fail_at: int | None = None) -> Trainer:
+                 fail_at: int | None = None, teachers: dict | None = None) -> Trainer:
     plugin, data = tmp_path / "good_reward.py", tmp_path / "questions.jsonl"
     plugin.write_text(REWARD)
     data.write_text("".join(f'{{"prompt": "question {i}", "answer": "1"}}\n' for i in range(400)))  # all distinct
@@ -142,7 +162,8 @@ def make_trainer(tmp_path, out: Path, overrides: list[str], trained: list, engin
         f"reward.plugins=[{{fn: '{plugin}:reward'}}]", *overrides])
 
     def fake_roles(recipe, policy_path, cores, timeouts, max_new_tokens):
-        return Roles(FakeLearners(trained, fail_at), None, engines, lambda: (FakeLearners(trained), None))
+        return Roles(FakeLearners(trained, fail_at), None, engines, lambda: (FakeLearners(trained), None),
+                     teachers=teachers or {})
 
     trainer = Trainer(recipe, out, roles=fake_roles)
     trainer.pool = Immediate()
@@ -216,3 +237,47 @@ def test_dynamic_sampling_refills_with_new_prompts_and_resumes_them(tmp_path):
         run(make_trainer(tmp_path, tmp_path / "split", refill, split, FakeEngines(), fail_at=3))
     run(make_trainer(tmp_path, tmp_path / "split", refill, split, FakeEngines()))
     assert prompts(split) == prompts(full)
+
+
+def distill_overrides(tmp_path) -> list[str]:
+    """advantage reverse_kl with the policy's own checkpoint standing in as the teacher's (same tokenizer)."""
+    from mispo.prepare_model import base_model_path
+
+    teacher = base_model_path(load_recipe("recipes/math_expert.yaml"))
+    return ["algorithm.advantage=reverse_kl", f"algorithm.teachers={{math_expert: {teacher}}}",
+            "rollout.n_samples=1"]
+
+
+def test_distillation_trains_on_the_teachers_reverse_kl_per_token(tmp_path):
+    trained: list = []
+    teacher = FakeTeacher()
+    trainer = make_trainer(tmp_path, tmp_path / "run", [*ASYNC, *distill_overrides(tmp_path)], trained,
+                           FakeEngines(), teachers={"math_expert": teacher})
+    rows = run(trainer)
+    learner = trainer.policy
+    assert len(learner.advantages) == 6 and teacher.scored == 6 * 4
+    for (_, samples), advantages in zip(trained, learner.advantages):
+        # A_t = log pi_teacher - log pi_old, pi_old = the engine's -1.0 here, on every response token of its row
+        expected = torch.tensor([[1.0 - 0.1 * teacher_level(s)] * 3 for s in samples])
+        torch.testing.assert_close(advantages, expected)
+    for row, (_, samples) in zip(rows, trained):
+        kl = sum(-1.0 + 0.1 * teacher_level(s) for s in samples) / len(samples)  # log pi_old - log pi_teacher
+        assert row["distill/reverse_kl"] == pytest.approx(kl)
+
+
+def test_distillation_stopped_mid_run_resumes_as_uninterrupted(tmp_path):
+    options = [*ASYNC, *distill_overrides(tmp_path), "trainer.save_every=1"]
+    full: list = []
+    whole = make_trainer(tmp_path, tmp_path / "full", options, full, FakeEngines(), teachers={"math_expert": FakeTeacher()})
+    run(whole)
+    split: list = []
+    stopped = make_trainer(tmp_path, tmp_path / "split", options, split, FakeEngines(), fail_at=3,
+                           teachers={"math_expert": FakeTeacher()})
+    with pytest.raises(KeyboardInterrupt):
+        run(stopped)
+    resumed = make_trainer(tmp_path, tmp_path / "split", options, split, FakeEngines(),
+                           teachers={"math_expert": FakeTeacher()})
+    run(resumed)
+    assert prompts(split) == prompts(full)
+    for a, b in zip(stopped.policy.advantages + resumed.policy.advantages, whole.policy.advantages):
+        torch.testing.assert_close(a, b)
