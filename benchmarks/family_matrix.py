@@ -47,8 +47,9 @@ def sync_parity(family: str, workdir: Path, seed: int = 0, lora: bool = False) -
     from mispo.learner.lora import apply_lora, merged_state_dict
     from mispo.learner.models import load_policy
     from mispo.rollout.vllm_engine import RolloutWorker
-    from mispo.sync_guard import check_sent_names, checkpoint_shapes, mean_abs_diff, probe_sequences
-    from mispo.weight_transport import bucketize
+    from mispo.loop.sync_guard import mean_abs_diff, probe_sequences
+    from mispo.weights.sync_checks import check_sent_names, checkpoint_shapes
+    from mispo.weights.transport import bucketize
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     path = write_tiny_family_checkpoint(family, workdir / family, seed=seed)

@@ -17,7 +17,7 @@ by the driver (`put_bucket`'s numpy layout, and plain `ray.put` of torch tensors
 `RolloutGroup.sync` to a 1-worker group (the actor resolves the refs and loads them through
 vLLM's layerwise reload); baseline: the same in-memory buckets loaded into an engine in this
 process (`RolloutWorker.update_weights`, no object store). Best of --reps after a warm-up sync.
-Broadcast (`RolloutGroup.sync_broadcast`, `mispo.weight_broadcast` over gloo): a sender actor standing
+Broadcast (`RolloutGroup.sync_broadcast`, `mispo.weights.broadcast` over gloo): a sender actor standing
 in for learner rank 0 (`PolicyWorker.broadcast_weights` without DeepSpeed: the same buckets sent, then
 put in the object store for crash recovery) broadcasts to the worker's vLLM engine. Link: a plain gloo
 broadcast of one tensor of the model's size between two other actors; `bytes / link` is the time the
@@ -126,8 +126,8 @@ class Sender:
         self.buckets, self.total = buckets_of(Path(model), bucket_bytes)
 
     def send(self, group: dict) -> list:
-        from mispo.weight_broadcast import join, send_buckets
-        from mispo.weight_transport import put_bucket
+        from mispo.weights.broadcast import join, send_buckets
+        from mispo.weights.transport import put_bucket
 
         send_buckets(join(group, 0, "cpu"), self.buckets)
         return [put_bucket(b) for b in self.buckets]
@@ -139,7 +139,7 @@ class LinkPeer:
     def broadcast(self, group: dict, rank: int, nbytes: int) -> float:
         import torch
 
-        from mispo.weight_broadcast import join
+        from mispo.weights.broadcast import join
 
         member = join(group, rank, "cpu")
         tensor = (torch.ones if rank == 0 else torch.empty)(nbytes, dtype=torch.uint8)
@@ -155,7 +155,7 @@ def bench_link(nbytes: int, reps: int) -> float:
     """Best seconds of a gloo broadcast of `nbytes` between two processes (Ray actors)."""
     import ray
 
-    from mispo.weight_broadcast import Rendezvous
+    from mispo.weights.broadcast import Rendezvous
 
     rendezvous = Rendezvous(ray.util.get_node_ip_address())
     group = rendezvous.group(2, "gloo")
@@ -173,7 +173,7 @@ def bench_sync(name: str, model: Path, args) -> None:
     from mispo.config import RolloutConfig
     from mispo.rollout.group import RolloutGroup
     from mispo.rollout.vllm_engine import RolloutWorker
-    from mispo.weight_transport import put_bucket
+    from mispo.weights.transport import put_bucket
 
     buckets, total = buckets_of(model, args.bucket_mb << 20)
     cfg = RolloutConfig(num_workers=1, engine_kwargs=ENGINE)

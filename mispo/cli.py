@@ -22,16 +22,16 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from mispo.config import RecipeError
     from mispo.data import DataError
     from mispo.distill.filters import FilterError
-    from mispo.plugins import PluginError
+    from mispo.scoring.plugins import PluginError
 
     return UsageError, RecipeError, DataError, PluginError, FilterError
 
 
 def _guard_errors() -> tuple[type[Exception], ...]:
     """Errors of the run's invariant guards (raised in the driver or, wrapped by Ray, in an actor)."""
-    from mispo.checkpoint_store import CheckpointWriteError
-    from mispo.dead_actor import RunStopped
-    from mispo.sync_guard import WeightSyncError
+    from mispo.weights.checkpoint_store import CheckpointWriteError
+    from mispo.loop.dead_actor import RunStopped
+    from mispo.weights.sync_checks import WeightSyncError
 
     return WeightSyncError, RunStopped, CheckpointWriteError
 
@@ -53,7 +53,7 @@ def _print_scores(results: dict[str, dict[str, float]]) -> None:
 def train(args) -> int:
     """`mispo train RECIPE [key=value ...] [--output DIR] [--resume] [--verbose]`: RL with MIS-PO, or the
     stages of a `pipeline:` recipe (rerunning it continues where it stopped, no --resume needed). The
-    libraries' output goes to DIR/logs/run.log unless --verbose (`mispo.run_log`)."""
+    libraries' output goes to DIR/logs/run.log unless --verbose (`mispo.infra.run_log`)."""
     from mispo.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -79,8 +79,8 @@ def _run_output(output: Path, ray_address: str | None, verbose: bool, log_file: 
     if verbose:
         yield
         return
-    from mispo.cluster import start_ray
-    from mispo.run_log import output_into, quiet_driver, run_log_file
+    from mispo.infra.cluster import start_ray
+    from mispo.infra.run_log import output_into, quiet_driver, run_log_file
 
     log_file = log_file or run_log_file(output)
     quiet_driver(log_file)
@@ -106,9 +106,9 @@ def _run_output(output: Path, ray_address: str | None, verbose: bool, log_file: 
 def _train_rl(recipe, output: Path, start: float, resume_command: str = "") -> int:
     import ray
 
-    from mispo.call_timeout import CallTimedOut
-    from mispo.dead_actor import RunStopped, describe, role_of
-    from mispo.trainer import Trainer
+    from mispo.infra.call_timeout import CallTimedOut
+    from mispo.loop.dead_actor import RunStopped, describe, role_of
+    from mispo.loop.trainer import Trainer
 
     trainer = None
     try:
@@ -158,9 +158,9 @@ def sft(args) -> int:
         raise UsageError(f"{output} already holds a finished SFT run; choose another --output")
     from transformers import AutoTokenizer
 
-    from mispo.cluster import start_ray
+    from mispo.infra.cluster import start_ray
     from mispo.config import dump_recipe
-    from mispo.metrics_log import MetricsLog
+    from mispo.loop.metrics_log import MetricsLog
     from mispo.prepare_model import base_model_path
     from mispo.sft import recipe_sft_samples, run_sft
 

@@ -324,10 +324,10 @@ class TrainerConfig(Section):
                                          "generation or a weight sync before it stops the process as hung and "
                                          "recovers as from its death (learners: restart from the last checkpoint; "
                                          "engines: restart and re-sync); None: 10x the slowest call of that kind "
-                                         "so far, at least 30 minutes (mispo.call_timeout)")
+                                         "so far, at least 30 minutes (mispo.infra.call_timeout)")
     sync_check_every: int = Field(5, ge=0, description="probe the engines after the first weight sync and every N "
                                   "versions: their log-probs of fixed token sequences must equal the learner's "
-                                  "within what the dtypes explain, else the run stops (mispo.sync_guard); 0 = off")
+                                  "within what the dtypes explain, else the run stops (mispo.loop.sync_guard); 0 = off")
     ray_address: str | None = None
     time_limit_minutes: float | None = Field(None, gt=0)
     mismatch_attribution: bool = Field(False, description="log how much of |log pi_old - log pi_rollout| comes "
@@ -336,7 +336,7 @@ class TrainerConfig(Section):
                                        "per kept version and a spare model on learner rank 0, and two forwards a step")
     loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard"],
-        description="where metrics.jsonl's scalars also go (mispo.metrics_log); wandb and mlflow take their "
+        description="where metrics.jsonl's scalars also go (mispo.loop.metrics_log); wandb and mlflow take their "
                     "own settings from their environment variables (WANDB_PROJECT, WANDB_MODE, MLFLOW_TRACKING_URI...)")
 
     @model_validator(mode="after")
@@ -679,7 +679,7 @@ class Recipe(Section):
         if self.trainer.mode != "async":
             raise ValueError(f"{field} has no effect in trainer.mode = sync (weights change only between "
                              "rollouts); fix: trainer.mode: async, or remove it")
-        if k >= ro.max_new_tokens and not self.domains:  # with domains: each domain's (mispo.domains)
+        if k >= ro.max_new_tokens and not self.domains:  # with domains: each domain's (mispo.loop.domains)
             raise ValueError(f"{field} is not below rollout.max_new_tokens = {ro.max_new_tokens}: every response "
                              "would be one segment (no effect); fix: a smaller segment, or remove it")
         if ro.environment or ro.routing_replay:

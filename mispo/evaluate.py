@@ -19,9 +19,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from mispo.checkpoint_io import read_buckets
+from mispo.weights.checkpoint_io import read_buckets
 from mispo.config import Recipe
-from mispo.domains import Domain
+from mispo.loop.domains import Domain
 
 console = Console(stderr=True)
 CORRECT = 1.0  # a sample whose reward reaches this is correct (pass@k)
@@ -102,8 +102,8 @@ def evaluate_model(recipe: Recipe, model: str | Path, samples: int) -> dict:
     """`mispo eval`'s report of `model` on the recipe's eval rows, on one engine: per domain the greedy
     accuracy, and pass@k (k in k_values(samples)) from `samples` samples per row at rollout.temperature /
     top_p, seeded by trainer.seed; "correct" lists each row's number of correct samples."""
-    from mispo.cluster import start_ray
-    from mispo.domains import load_domains
+    from mispo.infra.cluster import start_ray
+    from mispo.loop.domains import load_domains
 
     domains = load_domains(recipe, with_train=False)
     evaluator = None

@@ -29,7 +29,7 @@ console = Console(stderr=True)
 
 class Pipeline:
     def __init__(self, recipe: Recipe, output: str | Path):
-        from mispo.domains import check_domain_settings, domain_recipe
+        from mispo.loop.domains import check_domain_settings, domain_recipe
 
         self.recipe, self.cfg = recipe, recipe.pipeline
         self.output = Path(output)
@@ -38,7 +38,7 @@ class Pipeline:
         check_domain_settings(_with_overrides(recipe, self.cfg.generalist_overrides), self.domain_recipes)
 
     def run(self) -> dict:
-        from mispo.cluster import start_ray
+        from mispo.infra.cluster import start_ray
         from mispo.prepare_model import base_model_path
 
         start_ray(self.recipe.trainer.ray_address)
@@ -74,7 +74,7 @@ class Pipeline:
         return folder
 
     def warm_up(self, base: Path, out: Path) -> None:
-        from mispo.metrics_log import MetricsLog
+        from mispo.loop.metrics_log import MetricsLog
         from mispo.sft import run_warmup
 
         tmp = out.with_name(out.name + ".tmp")
@@ -112,7 +112,7 @@ class Pipeline:
         self._train(child, folder)
 
     def _train(self, recipe: Recipe, folder: Path) -> None:
-        from mispo.trainer import Trainer
+        from mispo.loop.trainer import Trainer
 
         trainer = Trainer(recipe, folder)
         try:
@@ -123,7 +123,7 @@ class Pipeline:
     # ------------------------------------------------------------------ the report
     def evaluate(self, models: dict[str, Path]) -> dict:
         """Every model on every domain -> DIR/eval.json and DIR/eval.png."""
-        from mispo.domains import Domain
+        from mispo.loop.domains import Domain
         from mispo.evaluate import Evaluator
         from mispo.plot import plot_eval
 

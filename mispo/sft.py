@@ -39,7 +39,7 @@ def sft_samples(rows: list[dict], tokenizer, recipe: Recipe) -> list[Sample]:
                               loss_mask=[1] * len(response), finish_reason="stop", row=row))
         return out
     from mispo.rollout.episode_loop import run_episode
-    from mispo.plugins import ENVIRONMENT_GROUP, load_object
+    from mispo.scoring.plugins import ENVIRONMENT_GROUP, load_object
     from mispo.rollout.episodes import chat_encoder, env_factory, observation_wrapper
 
     make_env = env_factory(load_object(recipe.rollout.environment, field="rollout.environment",
@@ -69,7 +69,7 @@ def recipe_sft_samples(recipe: Recipe, cfg: WarmupConfig, tokenizer) -> list[Sam
     if not recipe.domains:
         rows = load_rows(cfg.data, recipe.source, "sft", recipe.data, cfg.num_examples)
         return sft_samples(rows, tokenizer, recipe)
-    from mispo.domains import domain_recipe
+    from mispo.loop.domains import domain_recipe
 
     samples = []
     for name, ref in recipe.domains.items():
@@ -89,7 +89,7 @@ def run_sft(model_path: str | Path, samples: list[Sample], cfg: WarmupConfig, re
     the result with its tokenizer to `output`."""
     from transformers import AutoTokenizer
 
-    from mispo.cluster import standalone_learner_options
+    from mispo.infra.cluster import standalone_learner_options
     from mispo.learner.group import LearnerGroup
     from mispo.learner.policy_worker import PolicyWorker
 

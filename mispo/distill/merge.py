@@ -31,10 +31,10 @@ from pathlib import Path
 from rich.console import Console
 
 from mispo.batch import Sample
-from mispo.checkpoint_io import check_interchangeable
+from mispo.weights.checkpoint_io import check_interchangeable
 from mispo.config import Recipe, RecipeError, resolve_path
 from mispo.distill.filters import Candidate, apply_filters, check_kept
-from mispo.domains import Domain, domain_recipe
+from mispo.loop.domains import Domain, domain_recipe
 from mispo.prepare_model import base_model_path
 
 console = Console(stderr=True)
@@ -68,7 +68,7 @@ class Merge:
 
     # ------------------------------------------------------------------ stages
     def run(self) -> dict:
-        from mispo.cluster import start_ray
+        from mispo.infra.cluster import start_ray
         from mispo.evaluate import Evaluator
 
         start_ray(self.recipe.trainer.ray_address)

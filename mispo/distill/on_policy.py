@@ -11,7 +11,7 @@ whose gradient at pi_theta = pi_old is -grad KL(pi_theta || pi_expert) estimated
 mismatch out, as in RL. At `merge.temperature` T every log-prob (student, expert) is of softmax(logits / T),
 the distribution the engine sampled from, so the filters compare like with like.
 
-It is an ordinary trainer run (`mispo.trainer.Trainer`) of the recipe `student_recipe` builds:
+It is an ordinary trainer run (`mispo.loop.trainer.Trainer`) of the recipe `student_recipe` builds:
 `algorithm.advantage: reverse_kl` with the experts as `algorithm.teachers`. So it has the trainer's
 checkpoints (an interrupted merge, rerun into the same DIR, resumes at its last one), async mode
 (`trainer.mode` of the merge recipe), restarts and logging. Run folder: DIR/on_policy (metrics.jsonl
@@ -60,7 +60,7 @@ def student_recipe(merge) -> Recipe:
 def distill_on_policy(merge, model_dir: Path) -> None:
     """`merge.cfg.steps` student updates through the trainer; the student is written to `model_dir` (release
     format). The run folder is model_dir's sibling `on_policy/`; a rerun resumes from its last checkpoint."""
-    from mispo.trainer import Trainer
+    from mispo.loop.trainer import Trainer
 
     run = model_dir.with_name("on_policy")
     trainer = Trainer(student_recipe(merge), run)

@@ -23,8 +23,8 @@ from typing import Callable
 
 import ray
 
-from mispo.call_timeout import CallTimedOut, CallTimeouts
-from mispo.cluster import free_port
+from mispo.infra.call_timeout import CallTimedOut, CallTimeouts
+from mispo.infra.cluster import free_port
 
 
 def rank0_only(method: Callable) -> Callable:

@@ -31,7 +31,7 @@ from mispo.learner.models import load_policy
 from mispo.learner.packing import (PackedMicroBatch, gather_response, response_logprobs, token_logprobs,
                                    token_logprobs_and_entropy)
 from mispo.learner.worker_base import LearnerWorker
-from mispo.weight_transport import bucketize, put_bucket
+from mispo.weights.transport import bucketize, put_bucket
 
 
 def policy_loss_config(algo: AlgorithmConfig, max_new_tokens: int) -> PolicyLossConfig:
@@ -274,7 +274,7 @@ class PolicyWorker(LearnerWorker):
         return bucketize(state.items(), bucket_bytes)
 
     def _check_names(self, state: dict[str, torch.Tensor]) -> None:
-        from mispo.sync_guard import check_sent_names, checkpoint_shapes
+        from mispo.weights.sync_checks import check_sent_names, checkpoint_shapes
 
         if self._checkpoint_shapes is None:
             self._checkpoint_shapes = checkpoint_shapes(self.model_path)
@@ -284,7 +284,7 @@ class PolicyWorker(LearnerWorker):
     @torch.no_grad()
     def probe_logprobs(self, sequences: list[list[int]]) -> torch.Tensor:
         """[B, L - 1] log p(token t | tokens < t) of each fixed sequence at temperature 1 (the sync probe,
-        `mispo.sync_guard`); every rank scores all of them (the same micro-batches: ZeRO-3 collectives)."""
+        `mispo.loop.sync_guard`); every rank scores all of them (the same micro-batches: ZeRO-3 collectives)."""
         from mispo.batch import Sample
         from mispo.learner.packing import pack_samples
 
@@ -317,10 +317,10 @@ class PolicyWorker(LearnerWorker):
 
     def broadcast_weights(self, group: dict, bucket_bytes: int = 256 << 20) -> list:
         """`weight_buckets` (every rank calls it: ZeRO-3 gathers) broadcast by rank 0 to the rollout engines'
-        vLLM workers over the sync group `group` (`mispo.weight_broadcast`; rank 0 of that group, apart from
+        vLLM workers over the sync group `group` (`mispo.weights.broadcast`; rank 0 of that group, apart from
         the learners' own), then put into the object store for a restarted engine's re-sync; returns those
         ObjectRefs ([] on ranks other than 0)."""
-        from mispo.weight_broadcast import join, send_buckets
+        from mispo.weights.broadcast import join, send_buckets
 
         buckets = self.weight_buckets(bucket_bytes)
         if self.rank != 0:

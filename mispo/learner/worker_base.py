@@ -6,7 +6,7 @@ micro-batch's backward, and DeepSpeed checkpoints.
             super().__init__(model, learner, algorithm, rank, world_size, master_addr, master_port, seed)
             self.build(ValueModel.load(model_path, ...), self.learner_cfg.critic, generator_seed=seed + 1)
 
-Set-up order (part of the contract, for reproducibility): configs, the CPU cores (`cpu_split.py`: pinned
+Set-up order (part of the contract, for reproducibility): configs, the CPU cores (`infra/cpu_split.py`: pinned
 with torch threads = their count, or left alone), the process group,
 `torch.manual_seed(seed)`, then the subclass loads its module and calls `build`.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from mispo.config import AlgorithmConfig, LearnerConfig, ModelConfig, OptimConfig
-from mispo.cpu_split import pin_process
+from mispo.infra.cpu_split import pin_process
 from mispo.learner.data_parallel import rank_share
 from mispo.learner.engine import accumulate, build_engine, init_distributed
 from mispo.learner.packing import PackedMicroBatch

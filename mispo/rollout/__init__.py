@@ -2,4 +2,4 @@
 against batched engine turns (episodes; the environment protocol in environment, one episode's token-level
 loop in episode_loop), Ray actor groups with weight sync and crash recovery (group),
 and the vLLM worker extension that loads weight buckets (weight_loader; the bucket format is
-`mispo.weight_transport`)."""
+`mispo.weights.transport`)."""

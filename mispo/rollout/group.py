@@ -4,7 +4,7 @@
                          tensor_parallel=recipe.resources.rollout_tensor_parallel,
                          expert_parallel=recipe.resources.rollout_expert_parallel)
     samples = group.generate(requests, n=8, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=step)
-    group.sync([put_bucket(b) for b in policy.weight_buckets(bytes)], version=step)  # weight_transport
+    group.sync([put_bucket(b) for b in policy.weight_buckets(bytes)], version=step)  # mispo.weights.transport
     group.sync_broadcast(lambda g: policy_group.submit(PolicyWorker.broadcast_weights, g), version=step)  # or broadcast
     group.shutdown()
 
@@ -15,7 +15,7 @@ actor that still has the initial weights). When a call fails because its actor d
 waits for the restart, re-syncs it with the latest bucket refs and version it keeps (holding the
 refs keeps the buckets in the object store), logs a warning, and retries that chunk.
 
-Broadcast sync (`sync_broadcast`, `mispo.weight_broadcast`): learner rank 0 broadcasts the buckets to
+Broadcast sync (`sync_broadcast`, `mispo.weights.broadcast`): learner rank 0 broadcasts the buckets to
 every engine's vLLM workers over a sync group whose TCPStore this group hosts; formed on first use,
 kept between syncs. A restarted worker is not in it: the group re-syncs that worker from the object
 store (learner rank 0 also puts what it broadcast there, and this group keeps that ref) and re-forms
@@ -30,7 +30,7 @@ import time
 
 from mispo.batch import Sample
 from mispo.config import RolloutConfig
-from mispo.call_timeout import CallTimedOut, CallTimeouts
+from mispo.infra.call_timeout import CallTimedOut, CallTimeouts
 from mispo.rollout.vllm_engine import RolloutWorker
 
 log = logging.getLogger("mispo.rollout")
@@ -56,7 +56,7 @@ class RolloutGroup:
                  options: list[dict] | None = None, tensor_parallel: int = 1, expert_parallel: bool = False,
                  cpu_cores: list[list[int]] | None = None, fp32_lm_head: bool = False,
                  timeouts: CallTimeouts | None = None):
-        """`options`: Ray `.options(...)` per worker (mispo.placement bundles on a GPU cluster); None: no
+        """`options`: Ray `.options(...)` per worker (mispo.infra.placement bundles on a GPU cluster); None: no
         CPU reservation and `tensor_parallel` GPUs per worker when the cluster has GPUs.
         `tensor_parallel` / `expert_parallel`: each engine's vLLM tensor_parallel_size and
         enable_expert_parallel (`resources.rollout_tensor_parallel` / `rollout_expert_parallel`; 1 / False
@@ -135,11 +135,11 @@ class RolloutGroup:
     # ------------------------------------------------------------------ weights
     def sync(self, buckets: list, version: int) -> float:
         """Load `buckets` into every worker; returns the slowest worker's seconds. Items are ObjectRefs
-        (best made by `weight_transport.put_bucket`) or lists of (name, tensor), which are put here; the
+        (best made by `mispo.weights.transport.put_bucket`) or lists of (name, tensor), which are put here; the
         refs are kept for crash recovery until the next sync."""
         import ray
 
-        from mispo.weight_transport import put_bucket
+        from mispo.weights.transport import put_bucket
 
         self.buckets = [b if isinstance(b, ray.ObjectRef) else put_bucket(b) for b in buckets]
         self.version = int(version)
@@ -198,7 +198,7 @@ class RolloutGroup:
         if self._group is None or self._group["backend"] != backend:
             import ray
 
-            from mispo.weight_broadcast import Rendezvous
+            from mispo.weights.broadcast import Rendezvous
 
             if self._rendezvous is None:
                 self._rendezvous = Rendezvous(ray.util.get_node_ip_address())

@@ -14,7 +14,7 @@ Each token records the version of the weights that sampled it (`Sample.token_ver
 under the distribution it was sampled from (`Sample.rollout_logprobs`): the behaviour policy of token t is
 version token_versions[t], which is what the per-token corrections of MIS-PO, TIS and IcePop compare
 pi_old against. `Sample.version` is the oldest token's version, so the staleness bound
-(`mispo.staleness`) holds for every token of a trained sample.
+(`mispo.loop.staleness`) holds for every token of a trained sample.
 
 Seeds: segment k of sample j of the request with group g uses seed `seed + k * N + g * n + j` (N = the
 call's requests x n), distinct per segment and sample, independent of how requests split over workers.

@@ -3,7 +3,7 @@
     worker = RolloutWorker(model_dir, RolloutConfig().model_dump())        # or ray.remote(RolloutWorker)
     samples = worker.generate(requests, n=8, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=0)
     samples = worker.generate_episodes(requests, "environments.tool_env:ToolEnv", n=8, ..., max_turns=4)
-    seconds = worker.update_weights([put_bucket(b) for b in buckets], version=step)  # weight_transport
+    seconds = worker.update_weights([put_bucket(b) for b in buckets], version=step)  # mispo.weights.transport
     seconds = worker.receive_weights(group, first_rank=1, version=step)  # broadcast by learner rank 0
 
 A request is `{"prompt_ids": [...], "prompt_text": str, "row": dict, "group": int}`, optionally with
@@ -33,7 +33,7 @@ engine with it, and weight buckets (Ray ObjectRefs) are resolved by the vLLM wor
 no extra copy through vLLM's RPC. With multiprocessing on (or tensor parallel workers), buckets are
 resolved here and sent to the engine one RPC per bucket, as safetensors bytes. `receive_weights` takes
 no buckets: every vLLM worker of the engine joins the sync group and receives them from learner rank 0
-(`mispo.weight_broadcast`), wherever it runs.
+(`mispo.weights.broadcast`), wherever it runs.
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ import time
 
 from mispo.batch import Sample
 from mispo.config import RolloutConfig
-from mispo.cpu_split import pin_process
+from mispo.infra.cpu_split import pin_process
 from mispo.rollout.episodes import env_factory, play_episodes
 from mispo.rollout.routing_record import by_request_key, sample_record
-from mispo.weight_transport import pack, resolve
+from mispo.weights.transport import pack, resolve
 
 EXTENSION = "mispo.rollout.weight_loader.WeightLoaderExtension"
 
@@ -213,7 +213,7 @@ class RolloutWorker:
         Reward: `Sample.reward` is the environment's episode reward; the trainer does not run
         reward plugins on these samples.
         """
-        from mispo.plugins import ENVIRONMENT_GROUP, load_object
+        from mispo.scoring.plugins import ENVIRONMENT_GROUP, load_object
 
         make_env = env_factory(load_object(env_spec, field="rollout.environment", group=ENVIRONMENT_GROUP))
         return play_episodes(requests, make_env, self.tokenizer,
@@ -262,7 +262,7 @@ class RolloutWorker:
 
     def receive_weights(self, group: dict, first_rank: int, version: int) -> float:
         """Load the weights learner rank 0 broadcasts over the sync group `group`, every vLLM worker of this
-        engine joining as rank first_rank + its rank in the engine (`mispo.weight_broadcast`); reset the
+        engine joining as rank first_rank + its rank in the engine (`mispo.weights.broadcast`); reset the
         prefix cache, set the version; returns the seconds taken."""
         start = time.perf_counter()
         self.llm.collective_rpc("mispo_receive_broadcast", args=(group, int(first_rank)))
@@ -272,7 +272,7 @@ class RolloutWorker:
 
     def probe_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """log p(token t | tokens < t) of each fixed token sequence at temperature 1 (t >= 1: the sync probe,
-        `mispo.sync_guard`), from vLLM's prompt log-probs."""
+        `mispo.loop.sync_guard`), from vLLM's prompt log-probs."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

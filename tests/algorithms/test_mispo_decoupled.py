@@ -13,7 +13,7 @@ from mispo.algorithms.lag import effective_sample_size, lag_buckets, lag_weight
 from mispo.bands import Bands
 from mispo.batch import RolloutBatch, Sample
 from mispo.learner.mismatch_attribution import logprobs_at_versions
-from mispo.prepare_update import lag_diagnostics, prepare_update
+from mispo.loop.prepare_update import lag_diagnostics, prepare_update
 
 from tests.algorithms.test_policy_losses import make_batch
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_help_is_fast_and_imports_no_heavy_module():
     code = ("import sys; from mispo.cli import build_parser; build_parser(); "
-            "print([m for m in ('torch', 'ray', 'transformers', 'mispo.trainer', 'mispo.config') if m in sys.modules])")
+            "print([m for m in ('torch', 'ray', 'transformers', 'mispo.loop.trainer', 'mispo.config') if m in sys.modules])")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
     done = subprocess.run([sys.executable, "-m", "mispo", "--help"], cwd=ROOT, capture_output=True, text=True,

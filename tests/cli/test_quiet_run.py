@@ -39,12 +39,12 @@ def cache(tmp_path_factory):
 DRIVER = """
 import logging, sys, warnings
 from pathlib import Path
-from mispo.run_log import quiet_driver
+from mispo.infra.run_log import quiet_driver
 quiet_driver(Path(sys.argv[1]))
 import mispo.data, transformers
 warnings.warn_explicit("skipped 2 rows", UserWarning, mispo.data.__file__, 70)  # as mispo/data.py warns
 warnings.warn("torch.distributed.reduce_op is deprecated", FutureWarning)  # as a library warns
-logging.getLogger("mispo.reward_runner").warning("reward math: sample 3 failed")
+logging.getLogger("mispo.scoring.reward_runner").warning("reward math: sample 3 failed")
 logging.getLogger("vllm.config").warning("WARNING chunked prefill")
 transformers.utils.logging.get_logger("transformers.modeling_utils").warning("WARNING tied weights")
 from deepspeed.utils import logger

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mispo.checkpoint_io import architecture_differences, check_interchangeable, read_buckets
+from mispo.weights.checkpoint_io import architecture_differences, check_interchangeable, read_buckets
 from mispo.config import RecipeError
 from mispo.models.step3p5.tiny import write_tiny_checkpoint
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from mispo.config import load_recipe
 from mispo.distill.merge import Merge
 from mispo.distill.on_policy import student_recipe
-from mispo.domains import load_domains
+from mispo.loop.domains import load_domains
 from mispo.models.step3p5.tiny import tiny_config, write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]

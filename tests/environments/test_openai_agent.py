@@ -28,7 +28,7 @@ class ScriptedModel:
 
 @pytest.fixture(scope="module")
 def domain():
-    from mispo.domains import Domain
+    from mispo.loop.domains import Domain
     from mispo.models.step3p5.tiny import tiny_tokenizer
     from mispo.rollout.agent_episodes import serve_agents
 

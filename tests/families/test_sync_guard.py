@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from mispo.sync_guard import (SyncProbe, WeightSyncError, check_probe, check_sent_names, checkpoint_shapes,
-                              fp32_sync_warning, mean_abs_diff, probe_sequences, probe_tolerance)
+from mispo.loop.sync_guard import (SyncProbe, check_probe, fp32_sync_warning, mean_abs_diff, probe_sequences,
+                                   probe_tolerance)
+from mispo.weights.sync_checks import WeightSyncError, check_sent_names, checkpoint_shapes
 
 
 def test_names_must_be_the_checkpoints_exactly():
@@ -96,8 +97,8 @@ def test_cli_prints_a_guard_error_raised_in_an_actor_without_rays_traceback(monk
 
 
 def test_a_dead_learner_is_described_with_the_checkpoint_and_the_resume_command(tmp_path):
-    from mispo.checkpoint_store import CheckpointStore
-    from mispo.dead_actor import describe
+    from mispo.weights.checkpoint_store import CheckpointStore
+    from mispo.loop.dead_actor import describe
 
     ray_text = ("The actor died unexpectedly before finishing this task.\n\tclass_name: PolicyWorker\n\tactor_id: "
                 "ab12\n\tpid: 4242\n\tThe actor is dead because its worker process has died. Worker exit type: "

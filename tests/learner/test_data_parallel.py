@@ -113,7 +113,7 @@ def one_step(policy, critic, batch):
 
 
 def weights(policy) -> dict:
-    from mispo.weight_transport import resolve
+    from mispo.weights.transport import resolve
 
     return {k: v.clone() for ref in policy.first(PolicyWorker.weight_bucket_refs) for k, v in resolve(ref)}
 

@@ -86,7 +86,7 @@ def _ep_rank(rank: int, port: int, out: str) -> None:
 
 
 def test_two_ep_ranks_match_one_rank(tmp_path):
-    from mispo.cluster import free_port
+    from mispo.infra.cluster import free_port
 
     mp.spawn(_ep_rank, args=(free_port(), str(tmp_path)), nprocs=2)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
@@ -121,7 +121,7 @@ def _policy(ckpt, ranks: int, ep: int, zero_stage: int):
 
 
 def _weights(policy) -> dict:
-    from mispo.weight_transport import resolve
+    from mispo.weights.transport import resolve
 
     return {k: v.clone() for ref in policy.first(PolicyWorker.weight_bucket_refs) for k, v in resolve(ref)}
 

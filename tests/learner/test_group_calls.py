@@ -3,7 +3,7 @@ rank-0 method called on every rank (or the reverse) is a TypeError in the driver
 
 import pytest
 
-from mispo.call_timeout import CallTimeouts
+from mispo.infra.call_timeout import CallTimeouts
 from mispo.learner.critic_worker import CriticWorker
 from mispo.learner.group import LearnerGroup
 from mispo.learner.policy_worker import PolicyWorker

@@ -102,7 +102,7 @@ def test_fused_pi_old_equals_a_separate_forward(tiny_checkpoint, loss_name):
     masks: the same loss, masks and gradient as a separate pi_old forward plus prepare_update's masks."""
     from mispo.learner.models import load_policy
     from mispo.learner.packing import response_logprobs
-    from mispo.prepare_update import prepare_update
+    from mispo.loop.prepare_update import prepare_update
 
     model = load_policy(str(tiny_checkpoint), "float32")
     samples = _samples()

@@ -260,7 +260,7 @@ def test_step3p5_flash_recipes_validate(path, flash_dir, tiny_checkpoint):
 
 
 def test_step3p5_flash_pipeline_validates_and_its_generalist_stage_fits(flash_dir, tiny_checkpoint):
-    from mispo.domains import domain_recipe
+    from mispo.loop.domains import domain_recipe
 
     path = ROOT / "recipes/step3p5_flash/generalist.yaml"
     data = [f"data.train={flash_dir / 'rows.jsonl'}", f"data.eval={flash_dir / 'rows.jsonl'}"]
@@ -276,7 +276,7 @@ def test_step3p5_flash_pipeline_validates_and_its_generalist_stage_fits(flash_di
 
 
 def test_generalist_reward_routes_by_domain(flash_dir):
-    from mispo.plugins import load_reward
+    from mispo.scoring.plugins import load_reward
 
     recipe = load_recipe(ROOT / "recipes/step3p5_flash/generalist_rl.yaml", flash_overrides(flash_dir))
     fn = load_reward(recipe.reward.plugins[0].fn, source=recipe.source)

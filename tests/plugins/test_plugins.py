@@ -5,9 +5,9 @@ import textwrap
 
 import pytest
 
-from mispo.plugins import (ENVIRONMENT_GROUP, PluginError, build_plugin, load_function, load_object,
+from mispo.scoring.plugins import (ENVIRONMENT_GROUP, PluginError, build_plugin, load_function, load_object,
                            load_reward)
-from mispo.reward_runner import CombinedReward
+from mispo.scoring.reward_runner import CombinedReward
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from mispo.reward_runner import RewardRunner
-from mispo.plugins import load_reward
+from mispo.scoring.reward_runner import RewardRunner
+from mispo.scoring.plugins import load_reward
 from rewards.math import last_boxed, score, scorer
 
 # (completion, gold, score with the standard extraction, score with boxed_only)

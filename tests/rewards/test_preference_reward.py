@@ -8,8 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mispo.reward_runner import RewardRunner  # noqa: E402
-from mispo.plugins import load_reward  # noqa: E402
+from mispo.scoring.reward_runner import RewardRunner  # noqa: E402
+from mispo.scoring.plugins import load_reward  # noqa: E402
 from rewards.preference import JUDGE_TEMPLATE, GenerativeJudge, RewardModelReward, parse_verdict  # noqa: E402
 
 WORDS = ("[PAD] [UNK] [EOS] the a an answer is question which better response paris london "

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mispo.reward_runner import CombinedReward, RewardRunner, coerce_score
+from mispo.scoring.reward_runner import CombinedReward, RewardRunner, coerce_score
 
 
 def samples(n, **extra):
@@ -38,7 +38,7 @@ def test_failures_cost_the_sample_only_and_are_logged(caplog):
             raise KeyError("answer")
         return 1.0
 
-    with caplog.at_level(logging.WARNING, logger="mispo.reward_runner"):
+    with caplog.at_level(logging.WARNING, logger="mispo.scoring.reward_runner"):
         out = RewardRunner(flaky, failure_score=-1.0).score(samples(4))
     assert out.scores == [1.0, 1.0, -1.0, 1.0]
     assert out.failed == [False, False, True, False]

@@ -229,7 +229,7 @@ def test_example_agent_on_real_engines_trains_what_the_server_recorded(group, ch
     from transformers import AutoTokenizer
 
     from mispo.config import Recipe
-    from mispo.domains import Domain
+    from mispo.loop.domains import Domain
     from mispo.rollout.agent_episodes import serve_agents
     from rollout_helpers import MAX_MODEL_LEN
 

@@ -7,7 +7,7 @@ import pytest
 
 from mispo.batch import Sample
 from mispo.rollout.partial import generate_partial
-from mispo.staleness import drop_stale
+from mispo.loop.staleness import drop_stale
 
 STOP = 99
 

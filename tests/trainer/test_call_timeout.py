@@ -3,8 +3,8 @@ floor); past it the group's processes are stopped and CallTimedOut names the rol
 
 import pytest
 
-from mispo.call_timeout import CallTimedOut, CallTimeouts
-from mispo.dead_actor import role_of, what_died
+from mispo.infra.call_timeout import CallTimedOut, CallTimeouts
+from mispo.loop.dead_actor import role_of, what_died
 from mispo.learner.group import LearnerGroup
 from mispo.learner.policy_worker import PolicyWorker
 

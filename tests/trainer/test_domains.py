@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mispo.config import RecipeError, load_recipe
-from mispo.domains import load_domains, split_prompts
+from mispo.loop.domains import load_domains, split_prompts
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 

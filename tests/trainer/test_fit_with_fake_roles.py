@@ -1,4 +1,4 @@
-"""`Trainer.fit()` against in-process fake roles (mispo.roles): the loop's async ordering, the staleness bound,
+"""`Trainer.fit()` against in-process fake roles (mispo.loop.roles): the loop's async ordering, the staleness bound,
 resume with rollouts in flight, dynamic sampling's refills and on-policy distillation (teachers as the
 advantage source), in seconds and without Ray, vLLM or DeepSpeed.
 
@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from mispo.batch import Sample
-from mispo.call_timeout import CallTimeouts
+from mispo.infra.call_timeout import CallTimeouts
 from mispo.config import load_recipe
-from mispo.roles import Roles
-from mispo.trainer import Trainer
+from mispo.loop.roles import Roles
+from mispo.loop.trainer import Trainer
 
 REWARD = '''
 def reward(prompt, completion, **row):

@@ -10,8 +10,8 @@ import pytest
 from mispo.config import load_recipe
 from mispo.data import load_rows
 from mispo.plan import plan_file
-from mispo.plugins import load_reward
-from mispo.reward_runner import RewardRunner
+from mispo.scoring.plugins import load_reward
+from mispo.scoring.reward_runner import RewardRunner
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes/gpu/math_gsm8k.yaml"
 GSM8K_ROW = {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "

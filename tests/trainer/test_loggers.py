@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mispo.config import RecipeError, load_recipe
-from mispo.metrics_log import MetricsLog
+from mispo.loop.metrics_log import MetricsLog
 
 STEPS = {1: {"reward/mean": 0.25, "actor/pg_loss": -0.5, "time/step_s": 2.0},
          2: {"reward/mean": 0.75, "actor/pg_loss": -0.25, "time/step_s": 1.5, "eval/accuracy": 0.5}}

@@ -1,4 +1,4 @@
-"""GPU placement of the roles (mispo.placement) on a local Ray cluster with 8 fake GPUs: per-role option
+"""GPU placement of the roles (mispo.infra.placement) on a local Ray cluster with 8 fake GPUs: per-role option
 counts and bundles, real GPU ids per actor with no sharing between roles, the immediate and timeout
 errors, ValueErrors for recipes that cannot be placed, and remove() freeing the GPUs."""
 
@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from mispo.config import ResourcesConfig
-from mispo.placement import place_roles
+from mispo.infra.placement import place_roles
 
 GPUS = 8
 
@@ -143,7 +143,7 @@ def test_timeout_names_the_role_and_removes_created_groups():
 
 
 def test_learner_options_one_rank_per_gpu():
-    from mispo.placement import learner_options
+    from mispo.infra.placement import learner_options
 
     assert learner_options(None, with_critic=True) == (None, None)  # a CPU run: the learner group places
     placed = place_roles(resources(actor_gpus=2, critic_gpus=1, rollout_gpus=1), with_critic=True,
@@ -176,7 +176,7 @@ def test_learner_group_ranks_meet_in_their_bundles(tiny_checkpoint):
     from mispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
     from mispo.learner.group import LearnerGroup
     from mispo.learner.policy_worker import PolicyWorker
-    from mispo.placement import learner_options
+    from mispo.infra.placement import learner_options
 
     placed = place_roles(resources(actor_gpus=2, critic_gpus=0, rollout_gpus=1), with_critic=False,
                          num_rollout_workers=1, timeout_s=60)

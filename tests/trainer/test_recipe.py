@@ -117,7 +117,7 @@ def test_python_m_mispo_runs_the_train_command(tmp_path):
 def test_rollout_data_parallel_is_refused_by_train_before_anything_starts(tmp_path):
     """vllm.LLM refuses data_parallel_size > 1: a run must say so, not hold idle GPUs (`mispo plan` may size it)."""
     from mispo.config import RecipeError
-    from mispo.trainer import Trainer
+    from mispo.loop.trainer import Trainer
 
     recipe = load_recipe("recipes/math_expert.yaml", ["resources.gpus_per_node=8", "resources.actor_gpus=4",
                                                       "resources.rollout_gpus=4", "resources.rollout_data_parallel=2",

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from mispo.checkpoint_store import CheckpointStore
-from mispo.metrics_log import MetricsLog
+from mispo.weights.checkpoint_store import CheckpointStore
+from mispo.loop.metrics_log import MetricsLog
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):
@@ -45,7 +45,7 @@ def _commit_crashing_at(store, k, step, state):
     import os
     import shutil
 
-    import mispo.checkpoint_store as cs
+    import mispo.weights.checkpoint_store as cs
 
     calls = {"n": 0}
     real_replace, real_rmtree = os.replace, shutil.rmtree
@@ -92,7 +92,7 @@ def test_saving_one_step_twice_never_leaves_latest_invalid(tmp_path):
 
 
 def test_save_decision_every_n_steps_and_always_at_the_end():
-    from mispo.checkpoint_store import final_save, periodic_save
+    from mispo.weights.checkpoint_store import final_save, periodic_save
 
     assert [s for s in range(1, 11) if periodic_save(s, 4)] == [4, 8]
     assert not any(periodic_save(s, 0) for s in range(1, 11))  # 0 = only at the end
@@ -106,7 +106,7 @@ def test_the_loop_leaves_a_checkpoint_whatever_save_every(tmp_path, monkeypatch,
     """Trainer.fit with its engines and learners stubbed: `save_every: 0` still writes checkpoints/latest
     at the end (so a rerun is refused and --resume has something), no step is saved twice, and
     `keep_checkpoints` prunes the older ones."""
-    import mispo.trainer as trainer_mod
+    import mispo.loop.trainer as trainer_mod
     from mispo.batch import Sample
     from mispo.config import load_recipe
 
@@ -125,7 +125,7 @@ def test_the_loop_leaves_a_checkpoint_whatever_save_every(tmp_path, monkeypatch,
     t.metrics_log = MetricsLog(tmp_path, [])
     t.policy = Stub(submit=lambda *a: [], all=lambda *a: None, wait=lambda refs, method: refs)
     t.tokenizer = Stub(save_pretrained=lambda *a: None)
-    t.probe = Stub(start=lambda: {})  # the weight-sync probe (mispo.sync_guard)
+    t.probe = Stub(start=lambda: {})  # the weight-sync probe (mispo.loop.sync_guard)
     one = Sample(prompt_ids=[1], response_ids=[2], rollout_logprobs=[-1.0], loss_mask=[1], finish_reason="stop")
     t._maybe_resume = lambda: None
     t.start_rollout = lambda: None
@@ -147,7 +147,7 @@ def test_a_full_disk_during_a_save_is_a_clear_error_that_keeps_the_previous_chec
     import errno
     from pathlib import Path
 
-    from mispo.checkpoint_store import CheckpointWriteError
+    from mispo.weights.checkpoint_store import CheckpointWriteError
 
     store = CheckpointStore(tmp_path / "checkpoints")
     store.commit(store.staging(1), 1, {"step": 1}, keep=2)

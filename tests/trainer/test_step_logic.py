@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from mispo.algorithms import mis_filter
 from mispo.batch import RolloutBatch, Sample
 from mispo.config import AlgorithmConfig, RecipeError, load_recipe
-from mispo.domains import Domain, draw_step, step_seed
-from mispo.prepare_update import prepare_update
-from mispo.staleness import drop_stale
+from mispo.loop.domains import Domain, draw_step, step_seed
+from mispo.loop.prepare_update import prepare_update
+from mispo.loop.staleness import drop_stale
 
 
 def sample(version=0, reward=0.0, group=0, n=3, logprobs=None):
@@ -146,7 +146,7 @@ def _group(g, rewards, version=0):
 
 
 def test_dynamic_sampling_never_keeps_a_zero_variance_group_and_refills_to_the_target():
-    from mispo.dynamic_sampling import fill_batch
+    from mispo.loop.dynamic_sampling import fill_batch
 
     first = [("d", _group(0, [1, 0]) + _group(1, [1, 1]) + _group(2, [0, 0]) + _group(3, [0, 1]))]
     draws = []
@@ -166,7 +166,7 @@ def test_dynamic_sampling_never_keeps_a_zero_variance_group_and_refills_to_the_t
 
 
 def test_dynamic_sampling_stops_refilling_at_its_cap():
-    from mispo.dynamic_sampling import fill_batch
+    from mispo.loop.dynamic_sampling import fill_batch
 
     calls = []
 
@@ -181,7 +181,7 @@ def test_dynamic_sampling_stops_refilling_at_its_cap():
 
 
 def test_steps_without_any_reward_variance_are_redrawn_then_stop_the_run():
-    from mispo.dynamic_sampling import no_variance_streak
+    from mispo.loop.dynamic_sampling import no_variance_streak
 
     assert "1 of 3 such steps" in no_variance_streak(1, max_refills=2)
     assert "2 of 3 such steps" in no_variance_streak(2, max_refills=2)
@@ -191,7 +191,7 @@ def test_steps_without_any_reward_variance_are_redrawn_then_stop_the_run():
 
 @pytest.mark.parametrize("length, expected", [(0, 0.0), (12, 0.0), (13, -0.25), (14, -0.5), (16, -1.0), (20, -1.0)])
 def test_overlong_penalty_ramps_over_the_buffer(length, expected):
-    from mispo.domains import overlong_penalty
+    from mispo.loop.domains import overlong_penalty
 
     assert overlong_penalty(length, 16, 4) == pytest.approx(expected)
     assert overlong_penalty(length, 16, 4, penalty=0.5) == pytest.approx(expected / 2)
@@ -207,7 +207,7 @@ def test_overlong_and_dynamic_sampling_options_are_checked():
 
 
 def test_core_split_by_mode_and_explicit():
-    from mispo.cpu_split import CoreSplit, split_cores
+    from mispo.infra.cpu_split import CoreSplit, split_cores
 
     assert split_cores(0, "sync", [0, 1], 1) == CoreSplit(None, None)  # never run at once: share
     assert split_cores(0, "async", [0, 1], 1) == CoreSplit([[0]], [1])
@@ -218,7 +218,7 @@ def test_core_split_by_mode_and_explicit():
 
 
 def test_core_split_that_cannot_fit_names_the_field():
-    from mispo.cpu_split import split_cores
+    from mispo.infra.cpu_split import split_cores
 
     with pytest.raises(RecipeError, match=r"resources.rollout_cores = 2 leaves no core for the learners: this "
                                           r"machine gives the run 2 \(0,1\)"):
@@ -256,7 +256,7 @@ def test_overlong_penalty_survives_the_truncation_bootstrap(penalty):
 
 @pytest.mark.parametrize("target", [0.5, 0.9])
 def test_adaptive_target_keep_sets_the_share_of_kept_trajectories(target):
-    from mispo.prepare_update import adaptive_band
+    from mispo.loop.prepare_update import adaptive_band
 
     g = torch.Generator().manual_seed(0)
     batch = _batch([1.0, 0.0] * 20, list(range(40)))

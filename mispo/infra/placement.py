@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from mispo.config import ResourcesConfig
 
-log = logging.getLogger("mispo.placement")
+log = logging.getLogger("mispo.infra.placement")
 
 @dataclass
 class RolePlacement:

@@ -14,7 +14,7 @@ way to join external trainers and its workers, NCCL variables unpinned as vLLM d
 `BroadcastGroup.broadcast` is the same code on both backends, so CPU runs test the protocol.
 
 Wire format, per bucket: int64 [header bytes, flat bytes]; the header (UTF-8 JSON of
-`weight_transport.flatten`'s metadata [[name, dtype, shape], ...]); the flat uint8 tensor. A header of
+`transport.flatten`'s metadata [[name, dtype, shape], ...]); the flat uint8 tensor. A header of
 0 bytes ends the sync. Buckets stream: neither side needs all of them at once.
 
 A process keeps one group per rendezvous (`join` closes the older one when a new name of the same
@@ -31,7 +31,7 @@ from datetime import timedelta
 
 import torch
 
-from mispo.weight_transport import Bucket, flatten, unflatten
+from mispo.weights.transport import Bucket, flatten, unflatten
 
 TIMEOUT_S = 600.0  # joining and each broadcast; a member that never joins fails the others after this
 

@@ -191,7 +191,7 @@ def load_reward(spec: Any, *, field: str = "reward", source: str | None = None) 
 
     Accepted: a spec string; a mapping ``{fn: spec, args: {...}}``; or a list whose items are
     spec strings (weight 1) or mappings ``{fn: spec, weight: 1.0, name: str, args: {...}}``,
-    which gives a :class:`mispo.reward_runner.CombinedReward`.
+    which gives a :class:`mispo.scoring.reward_runner.CombinedReward`.
     """
     if isinstance(spec, str):
         return load_function(spec, field=field, source=source)
@@ -200,7 +200,7 @@ def load_reward(spec: Any, *, field: str = "reward", source: str | None = None) 
     if not isinstance(spec, (list, tuple)) or not spec:
         raise PluginError(f"{_where(field, source)}: expected a spec string, a {{fn, args}} mapping "
                           f"or a non-empty list of {{fn, weight, name, args}} entries, got {spec!r}")
-    from mispo.reward_runner import CombinedReward
+    from mispo.scoring.reward_runner import CombinedReward
 
     parts = [_component(item, f"{field}[{i}]", source) for i, item in enumerate(spec)]
     names = [p[2] for p in parts]

@@ -34,13 +34,13 @@ import torch
 from rich.console import Console
 
 from mispo.batch import RolloutBatch
-from mispo.call_timeout import CallTimedOut, CallTimeouts
-from mispo.checkpoint_store import CheckpointStore, final_save, periodic_save, write_failure
-from mispo.cluster import start_ray
+from mispo.infra.call_timeout import CallTimedOut, CallTimeouts
+from mispo.weights.checkpoint_store import CheckpointStore, final_save, periodic_save, write_failure
+from mispo.infra.cluster import start_ray
 from mispo.config import Recipe, dump_recipe
-from mispo.cpu_split import CoreSplit, available_cores, split_cores
-from mispo.domains import draw_step, generate_step, load_domains, step_seed
-from mispo.dynamic_sampling import fill_batch, no_variance_streak
+from mispo.infra.cpu_split import CoreSplit, available_cores, split_cores
+from mispo.loop.domains import draw_step, generate_step, load_domains, step_seed
+from mispo.loop.dynamic_sampling import fill_batch, no_variance_streak
 from mispo.families import family_of
 from mispo.families.preflight import check_policy
 from mispo.learner.critic_worker import CriticWorker
@@ -48,14 +48,14 @@ from mispo.learner.data_parallel import merge_row_results
 from mispo.learner.metrics import combine_partials
 from mispo.learner.mismatch_attribution import logprobs_at_versions
 from mispo.learner.policy_worker import PolicyWorker
-from mispo.metrics_log import MetricsLog
+from mispo.loop.metrics_log import MetricsLog
 from mispo.prepare_model import starting_policy
-from mispo.prepare_update import adaptive_band, lag_diagnostics, prepare_update, reverse_kl
-from mispo.roles import Roles, start_roles
-from mispo.progress import StepProgress
+from mispo.loop.prepare_update import adaptive_band, lag_diagnostics, prepare_update, reverse_kl
+from mispo.loop.roles import Roles, start_roles
+from mispo.loop.progress import StepProgress
 from mispo.rollout.agent_episodes import serve_agents
-from mispo.staleness import drop_stale
-from mispo.sync_guard import SyncProbe, fp32_sync_warning
+from mispo.loop.staleness import drop_stale
+from mispo.loop.sync_guard import SyncProbe, fp32_sync_warning
 
 console = Console(stderr=True)
 
@@ -86,7 +86,7 @@ class Redraw:
 
 class Trainer:
     def __init__(self, recipe: Recipe, output: str | Path, roles: Callable[..., Roles] = start_roles):
-        """Check the recipe's policy, load its domains, and start the run's processes with `roles` (mispo.roles:
+        """Check the recipe's policy, load its domains, and start the run's processes with `roles` (mispo.loop.roles:
         `start_roles`, or in-process fakes in tests)."""
         self.recipe = recipe
         self.output = Path(output)
@@ -109,7 +109,7 @@ class Trainer:
         # before the learners and engines start: what they cannot run, the engine's context, the tokenizer
         r.rollout.max_model_len = check_policy(self.policy_path, r)
         if r.algorithm.teachers:  # a teacher scores the policy's token ids: same tokenizer, before anything starts
-            from mispo.checkpoint_io import check_same_tokenizer
+            from mispo.weights.checkpoint_io import check_same_tokenizer
             from mispo.config import resolve_path
             check_same_tokenizer(self.policy_path, {name: resolve_path(r, path) for name, path in
                                                     r.algorithm.teachers.items()}, "algorithm.teachers", r.source)
@@ -147,7 +147,7 @@ class Trainer:
         checkpoint into them and re-sync the engines, as `--resume` would, so the run goes on and ends where an
         uninterrupted one would (rollouts in flight are drawn again). Re-raises past trainer.max_restarts, with
         no checkpoint, or for a process that is not a learner."""
-        from mispo.dead_actor import role_of, what_died
+        from mispo.loop.dead_actor import role_of, what_died
 
         role = role_of(exc)
         if role not in ("PolicyWorker", "CriticWorker") or self.restarts >= self.recipe.trainer.max_restarts \
@@ -466,7 +466,7 @@ class Trainer:
     def sync_weights(self, version: int) -> None:
         """The policy's weights into the rollout engines (`resources.weight_sync`): through the object store,
         or broadcast by learner rank 0 (every learner rank takes part: ZeRO-3 gathers)."""
-        from mispo.weight_broadcast import sync_backend
+        from mispo.weights.broadcast import sync_backend
 
         backend = sync_backend(self.recipe.resources)
         if backend is None:

@@ -27,7 +27,7 @@ def role_of(exc: BaseException) -> str | None:
 
 def what_died(exc: BaseException) -> str:
     """"the policy learner (pid 4242) died: <Ray's reason>", or "the policy learner hung: ..." for a call past
-    its time limit (mispo.call_timeout)."""
+    its time limit (mispo.infra.call_timeout)."""
     text = str(exc)
     if getattr(exc, "role", None):
         return f"{ROLES.get(exc.role, exc.role)} hung: {text}"
@@ -40,7 +40,7 @@ def what_died(exc: BaseException) -> str:
 def describe(exc: BaseException, checkpoints: Path, resume_command: str) -> str:
     """One message for an actor's death: role, pid, Ray's reason, the last checkpoint and the resume command."""
     head = what_died(exc)
-    from mispo.checkpoint_store import CheckpointStore
+    from mispo.weights.checkpoint_store import CheckpointStore
 
     found = CheckpointStore(checkpoints).latest() if checkpoints.exists() else None
     if found is None:

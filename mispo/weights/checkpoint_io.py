@@ -23,7 +23,7 @@ def read_buckets(path: str | Path, bucket_bytes: int = 256 << 20) -> list[list[t
     """Every tensor of the checkpoint's safetensors files, as (name, tensor) buckets of about `bucket_bytes`."""
     from safetensors import safe_open
 
-    from mispo.weight_transport import bucketize
+    from mispo.weights.transport import bucketize
 
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:

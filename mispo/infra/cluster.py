@@ -9,13 +9,13 @@ from pathlib import Path
 def start_ray(address: str | None = None, log_file: Path | None = None) -> None:
     """Connect to the Ray cluster at `address`, or start a local one (no dashboard); no-op when connected.
     On a machine without CUDA, actors get DS_ACCELERATOR=cpu so DeepSpeed uses its CPU accelerator.
-    `log_file` (a quiet run, `mispo.run_log`): every worker of this job writes its stdout and stderr there
+    `log_file` (a quiet run, `mispo.infra.run_log`): every worker of this job writes its stdout and stderr there
     instead of streaming it to the driver, and Ray's driver logger leaves stderr (`quiet_driver` sends it
     to the file); None: everything is printed here, each worker's lines prefixed "(Actor pid=...)"."""
     import ray
 
-    from mispo.accelerator import deepspeed_env
-    from mispo.run_log import worker_runtime_env
+    from mispo.infra.accelerator import deepspeed_env
+    from mispo.infra.run_log import worker_runtime_env
 
     if ray.is_initialized():
         return

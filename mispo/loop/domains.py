@@ -64,13 +64,13 @@ class Domain:
             self.train_rows = load_rows(r.data.train, r.source, "train", r.data)
         self.eval_rows = load_rows(r.data.eval, r.source, "eval", r.data) if r.data.eval else []
         if r.rollout.environment_kind == "openai_agent" and self.agent is None:
-            from mispo.plugins import ENVIRONMENT_GROUP, load_object
+            from mispo.scoring.plugins import ENVIRONMENT_GROUP, load_object
 
             self.agent = load_object(r.rollout.environment, field="rollout.environment", source=r.source,
                                      group=ENVIRONMENT_GROUP)
         if not self.environment and self.reward is None:
-            from mispo.plugins import load_reward
-            from mispo.reward_runner import RewardRunner
+            from mispo.scoring.plugins import load_reward
+            from mispo.scoring.reward_runner import RewardRunner
 
             plugins = [{k: v for k, v in p.model_dump(exclude_none=True).items() if v != {}} for p in r.reward.plugins]
             self.reward = RewardRunner(load_reward(plugins, field="reward.plugins", source=r.source),

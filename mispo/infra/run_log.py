@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 LOG_ENV = "MISPO_RUN_LOG"  # the log file, for the workers' setup hook (set in the job's runtime_env)
-WORKER_HOOK = "mispo.run_log.redirect_worker_output"  # Ray's worker_process_setup_hook
+WORKER_HOOK = "mispo.infra.run_log.redirect_worker_output"  # Ray's worker_process_setup_hook
 
 
 def run_log_file(output: str | Path) -> Path:
@@ -62,7 +62,7 @@ def quiet_driver(log_file: Path) -> None:
     datasets.disable_progress_bars()
     # DeepSpeed: its "DeepSpeed" logger prints to stdout from import on; naming the accelerator (as the
     # actors get it) spares the import's detection warning, then the logger goes to the file
-    from mispo.accelerator import deepspeed_env
+    from mispo.infra.accelerator import deepspeed_env
 
     os.environ.update(deepspeed_env())
     from deepspeed.utils import logger as deepspeed_logger
@@ -74,7 +74,7 @@ def quiet_driver(log_file: Path) -> None:
 def _from_mispo(record: logging.LogRecord) -> bool:
     """A captured Python warning raised in mispo's code ("<file>:<line>: <Category>: <message>")."""
     first = record.getMessage().split("\n", 1)[0]
-    return first.startswith(str(Path(__file__).parent) + os.sep) or "Warning: mispo" in first
+    return first.startswith(str(Path(__file__).parents[1]) + os.sep) or "Warning: mispo" in first  # the package
 
 
 def worker_runtime_env(log_file: Path) -> dict:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mispo.call_timeout import CallTimeouts
+from mispo.infra.call_timeout import CallTimeouts
 from mispo.config import Recipe
 
 
@@ -47,11 +47,11 @@ def start_roles(recipe: Recipe, policy_path: str, cores, timeouts: CallTimeouts,
     """Start (or join) Ray, place the roles, start the policy and critic learner groups and the rollout engines
     at `policy_path`'s weights; `cores` is the CPU split of a CPU run, `timeouts` every call's time limit,
     `max_new_tokens` the longest response any domain asks for (the policy's token-sum normaliser)."""
-    from mispo.cluster import start_ray
+    from mispo.infra.cluster import start_ray
     from mispo.learner.critic_worker import CriticWorker
     from mispo.learner.group import LearnerGroup
     from mispo.learner.policy_worker import PolicyWorker
-    from mispo.placement import learner_options, place_roles
+    from mispo.infra.placement import learner_options, place_roles
     from mispo.rollout.group import RolloutGroup
 
     r = recipe
@@ -86,7 +86,7 @@ def start_roles(recipe: Recipe, policy_path: str, cores, timeouts: CallTimeouts,
 def start_teachers(recipe: Recipe, timeouts: CallTimeouts) -> dict:
     """{domain: TeacherWorker group} at `algorithm.teachers`' checkpoints (advantage reverse_kl), scoring at the
     rollouts' temperature; each takes one GPU on a GPU cluster (outside the roles' placement groups)."""
-    from mispo.cluster import standalone_learner_options
+    from mispo.infra.cluster import standalone_learner_options
     from mispo.config import resolve_path
     from mispo.learner.group import LearnerGroup
     from mispo.learner.teacher_worker import TeacherWorker

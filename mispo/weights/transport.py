@@ -4,7 +4,7 @@
     refs = [put_bucket(b) for b in buckets]               # into the Ray object store, zero-copy layout
     weights = resolve(ref)                                # engine side: back to [(name, tensor)]
     blob = pack(weights)                                  # safetensors bytes for vLLM's multiprocess RPC
-    meta, flat = flatten(bucket)                          # one flat uint8 tensor, for weight_broadcast
+    meta, flat = flatten(bucket)                          # one flat uint8 tensor, for mispo.weights.broadcast
     weights = unflatten(meta, received_flat)              # views into it, in the bucket's order
 
 A bucket is a list of (release name, tensor). On its way it may take three other forms, all of which
