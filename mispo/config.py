@@ -223,6 +223,17 @@ class AlgorithmConfig(Section):
         """MIS-PO's bands as one value (token_bounds, traj_bounds, traj_stat_includes_rejected): what every reader takes."""
         return Bands(tuple(self.token_bounds), tuple(self.traj_bounds), self.traj_stat_includes_rejected)
 
+    def loss_config(self, max_new_tokens: int | None = None):
+        """The chosen loss's `PolicyLossConfig` (mispo.algorithms, recipe-free): the settings this section owns for
+        every loss (bands, aggregation, KL and entropy coefficients, clip_eps), `max_new_tokens` as token-sum-norm's
+        length, then the loss's own `loss_options`. The one translation from the recipe to the losses."""
+        from mispo.algorithms.policy_losses import PolicyLossConfig, loss_spec
+
+        options = dict(loss_agg=self.loss_agg or loss_spec(self.policy_loss).default_agg, bands=self.bands,
+                       kl_coef=self.kl_coef, entropy_coef=self.entropy_coef, clip_eps_low=self.clip_eps,
+                       clip_eps_high=self.clip_eps, norm_length=None if max_new_tokens is None else float(max_new_tokens))
+        return PolicyLossConfig(**{**options, **self.loss_options})
+
     @field_validator("loss_agg")
     @classmethod
     def _known_agg(cls, v: str | None) -> str | None:

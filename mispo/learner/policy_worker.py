@@ -18,11 +18,9 @@ from pathlib import Path
 
 import torch
 
-from mispo.algorithms import PolicyLossConfig, PolicyLossInputs, compute_policy_loss
-from mispo.algorithms.policy_losses import loss_spec
+from mispo.algorithms import PolicyLossInputs, compute_policy_loss
 from mispo.batch import RolloutBatch
 from mispo.families import family_of, replay_routing
-from mispo.config import AlgorithmConfig
 from mispo.learner.engine import average_over_ranks, full_parameters
 from mispo.learner.frozen_model import frozen_model
 from mispo.learner.group import rank0_only
@@ -32,16 +30,6 @@ from mispo.learner.packing import (PackedMicroBatch, gather_response, response_l
                                    token_logprobs_and_entropy)
 from mispo.learner.worker_base import LearnerWorker
 from mispo.weights.transport import bucketize, put_bucket
-
-
-def policy_loss_config(algo: AlgorithmConfig, max_new_tokens: int) -> PolicyLossConfig:
-    """The loss's settings from the recipe: the settings `algorithm:` owns for every loss (bands, aggregation, KL and
-    entropy coefficients, clip_eps), the generation max length for token-sum-norm, then the loss's own options."""
-    options = dict(loss_agg=algo.loss_agg or loss_spec(algo.policy_loss).default_agg, bands=algo.bands,
-                   kl_coef=algo.kl_coef, entropy_coef=algo.entropy_coef, clip_eps_low=algo.clip_eps,
-                   clip_eps_high=algo.clip_eps, norm_length=float(max_new_tokens))
-    options.update(algo.loss_options)
-    return PolicyLossConfig(**options)
 
 
 class PolicyWorker(LearnerWorker):
@@ -73,7 +61,7 @@ class PolicyWorker(LearnerWorker):
         if self.learner_cfg.reference:  # frozen; sharded over the ranks like the actor under ZeRO-3
             self.reference = frozen_model(model_path, self.model_cfg.dtype, self.learner_cfg.zero_stage,
                                           self.engine.device, self.model_cfg.attn_backend, self.model_cfg.moe_backend)
-        self.loss_config = policy_loss_config(self.algo, max_new_tokens)
+        self.loss_config = self.algo.loss_config(max_new_tokens)
         self.temperature = temperature
 
     def _policy_module(self) -> torch.nn.Module:

@@ -25,7 +25,7 @@ from mispo.algorithms import AdaptiveTrajBand, compute_gae, group_advantages, wh
 from mispo.algorithms.advantages import last_token_index, outcome_to_token_rewards
 from mispo.algorithms.filters import token_log_ratio
 from mispo.algorithms.lag import lag_metrics, lag_weight
-from mispo.algorithms.policy_losses import PolicyLossConfig, loss_spec
+from mispo.algorithms.policy_losses import loss_spec
 from mispo.batch import RolloutBatch
 from mispo.learner.mismatch_attribution import token_versions
 
@@ -123,6 +123,6 @@ def lag_diagnostics(batch: RolloutBatch, version: int, algorithm) -> dict[str, f
         drift = token_log_ratio(batch.old_logprobs, batch.version_logprobs, mask)
         if spec.reads_version:
             weights = lag_weight(batch.old_logprobs, batch.version_logprobs, mask,
-                                 algorithm.loss_options.get("lag_cap", PolicyLossConfig.lag_cap))
+                                 algorithm.loss_config().lag_cap)
     total = token_log_ratio(batch.old_logprobs, batch.rollout_logprobs, mask)
     return lag_metrics(lags, mask, keep if spec.reads_masks else mask, weights, total, drift)

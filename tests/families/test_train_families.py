@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from mispo.families.tiny import write_tiny_family_checkpoint
 

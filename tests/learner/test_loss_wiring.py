@@ -8,7 +8,7 @@ from mispo.algorithms import PolicyLossInputs, compute_policy_loss
 from mispo.batch import RolloutBatch, Sample
 from mispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from mispo.learner.metrics import combine_partials, mean_metrics
-from mispo.learner.policy_worker import PolicyWorker, policy_loss_config
+from mispo.learner.policy_worker import PolicyWorker
 from mispo.learner.packing import pack_samples
 
 
@@ -28,7 +28,7 @@ def _bare_worker(model, entropy_coef: float) -> PolicyWorker:
     w = PolicyWorker.__new__(PolicyWorker)
     w.engine, w.device, w.temperature = model, torch.device("cpu"), 1.0
     w.algo = AlgorithmConfig(entropy_coef=entropy_coef)
-    w.loss_config = policy_loss_config(w.algo, max_new_tokens=5)
+    w.loss_config = w.algo.loss_config(5)
     w.learner_cfg, w.model_cfg = LearnerConfig(micro_batch_tokens=1000), ModelConfig()
     return w
 
@@ -65,7 +65,7 @@ def test_logged_loss_of_micro_batches_equals_whole_mini_batch(loss_name, cuts):
     logp_old = -torch.rand(B, T, generator=g)
     inputs = dict(logp=logp_old + 0.01 * torch.randn(B, T, generator=g), logp_old=logp_old,
                   advantages=torch.randn(B, T, generator=g), mask=mask, logp_rollout=logp_old.clone())
-    config = policy_loss_config(AlgorithmConfig(policy_loss=loss_name), max_new_tokens=T)
+    config = AlgorithmConfig(policy_loss=loss_name).loss_config(T)
     n_tok, n_seq = float(mask.sum()), float(B)
 
     def metrics(rows):
@@ -91,9 +91,9 @@ def test_empty_prompt_is_refused_by_packing():
 
 def test_gspo_averages_per_sequence_by_default():
     """Published GSPO weights every sequence alike; token-mean would weight them by length."""
-    assert policy_loss_config(AlgorithmConfig(policy_loss="gspo"), 8).loss_agg == "seq-mean-token-mean"
-    assert policy_loss_config(AlgorithmConfig(policy_loss="mispo"), 8).loss_agg == "token-mean"
-    assert policy_loss_config(AlgorithmConfig(policy_loss="gspo", loss_agg="token-mean"), 8).loss_agg == "token-mean"
+    assert AlgorithmConfig(policy_loss="gspo").loss_config(8).loss_agg == "seq-mean-token-mean"
+    assert AlgorithmConfig(policy_loss="mispo").loss_config(8).loss_agg == "token-mean"
+    assert AlgorithmConfig(policy_loss="gspo", loss_agg="token-mean").loss_config(8).loss_agg == "token-mean"
 
 
 @pytest.mark.parametrize("loss_name", ["mispo", "ppo"])
@@ -119,7 +119,7 @@ def test_fused_pi_old_equals_a_separate_forward(tiny_checkpoint, loss_name):
         prepare_update(batch, algo)
         assert (batch.token_keep is None) == (not precomputed)
         w = _bare_worker(model, 0.0)
-        w.algo, w.loss_config = algo, policy_loss_config(algo, max_new_tokens=5)
+        w.algo, w.loss_config = algo, algo.loss_config(5)
         model.zero_grad()
         loss, metrics = w._micro_loss(batch, mb, float(batch.response_mask.sum()))
         loss.backward()
@@ -139,7 +139,7 @@ def _loss_metrics(loss_name, inputs, rows, n_tok, n_seq, precomputed_masks):
     from mispo.algorithms.filters import mis_filter_detailed
 
     algo = AlgorithmConfig(policy_loss=loss_name, advantage="grpo", token_bounds=(0.8, 1.25), traj_bounds=(0.9, 1.1))
-    config = policy_loss_config(algo, max_new_tokens=8)
+    config = algo.loss_config(8)
     sub = {k: v[rows] for k, v in inputs.items()}
     if precomputed_masks:  # what prepare_update hands the learner when pi_old comes from its own forward
         res = mis_filter_detailed(sub["logp_old"], sub["logp_rollout"], sub["mask"], (0.8, 1.25), (0.9, 1.1))
