@@ -209,7 +209,7 @@ def generate(args) -> int:
     """`mispo generate [MODEL_DIR] [--prompt P ...]`: sample from a checkpoint (see mispo.generate)."""
     from rich.console import Console
 
-    from mispo.generate import generate as sample
+    from mispo.generate import sample_completions as sample
     from mispo.generate import tiny_model_dir
 
     console = Console()

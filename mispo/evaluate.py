@@ -84,7 +84,7 @@ class Evaluator:
         for d in self.domains:
             if not d.eval_rows:
                 raise ValueError(f"domain {d.name!r} has no eval rows; fix: set data.eval in {d.recipe.source}")
-            samples = d.generate(self.rollout, d.requests(d.eval_rows, self.tokenizer), n=n,
+            samples = d.sample(self.rollout, d.requests(d.eval_rows, self.tokenizer), n=n,
                                  temperature=temperature, top_p=top_p, seed=seed)
             d.score(samples)
             correct = [0] * len(d.eval_rows)

@@ -29,7 +29,7 @@ def prompt_ids(tokenizer, prompt: str, raw: bool = False) -> list[int]:
     return render_prompt({"prompt": prompt}, tokenizer, DataConfig(chat_template=not raw))[1]
 
 
-def generate(model: str | Path, prompts: list[str], engine: str = "vllm", max_tokens: int = 32,
+def sample_completions(model: str | Path, prompts: list[str], engine: str = "vllm", max_tokens: int = 32,
              temperature: float = 1.0, seed: int = 0, raw: bool = False) -> list[dict]:
     """Returns per prompt {prompt, text, token_ids, logprobs, finish_reason}."""
     if engine == "vllm":

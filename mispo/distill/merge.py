@@ -109,7 +109,7 @@ class Merge:
             return [_sample_from_json(line) for line in file.read_text().splitlines() if line.strip()]
         self.evaluator.load(self.experts[domain.name])
         requests = domain.draw_requests(domain.sampler(), cfg.prompts_per_domain, self.tokenizer)
-        samples = domain.generate(self.rollout, requests, cfg.samples_per_prompt, cfg.temperature,
+        samples = domain.sample(self.rollout, requests, cfg.samples_per_prompt, cfg.temperature,
                                   seed=self.recipe.trainer.seed)
         domain.score(samples)
         kept_idx, report = apply_filters([_candidate(s) for s in samples], self.filters)

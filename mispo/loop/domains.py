@@ -14,7 +14,7 @@ OpenAI-compatible endpoint, `agent_server`: mispo.rollout.agent_episodes); `max_
 `max_turns` are the domain recipe's.
 
     domains = load_domains(recipe)                          # rows loaded, rewards checked
-    samples = domains[0].generate(rollout_group, requests, n=8, temperature=1.0)
+    samples = domains[0].sample(rollout_group, requests, n=8, temperature=1.0)
     metrics = domains[0].score(samples)                     # sets Sample.reward
 """
 
@@ -95,8 +95,8 @@ class Domain:
             out.append({"prompt_ids": ids, "prompt_text": text, "row": row, "group": first_group + i})
         return out
 
-    def generate(self, rollout, requests: list[dict], n: int, temperature: float, top_p: float = 1.0,
-                 seed: int | None = None) -> list[Sample]:
+    def sample(self, rollout, requests: list[dict], n: int, temperature: float, top_p: float = 1.0,
+               seed: int | None = None) -> list[Sample]:
         """n samples (or episodes, with an environment) per request from a RolloutGroup."""
         if not requests:
             return []
@@ -162,7 +162,7 @@ class Domain:
         """(greedy accuracy, [{"prompt": the row's prompt, "completion", "reward"} per held-out row])."""
         if not self.eval_rows:
             raise ValueError(f"domain {self.name!r} has no eval rows; fix: set data.eval in {self.recipe.source}")
-        samples = self.generate(rollout, self.requests(self.eval_rows, tokenizer), n=1, temperature=0.0)
+        samples = self.sample(rollout, self.requests(self.eval_rows, tokenizer), n=1, temperature=0.0)
         self.score(samples)
         answers = [{"prompt": s.row.get("prompt", s.prompt_text), "completion": s.response_text, "reward": s.reward}
                    for s in samples]
@@ -243,7 +243,7 @@ def generate_step(rollout, jobs: list[tuple[Domain, list[dict]]], n: int, temper
                   seed: int | None = None) -> list[tuple[Domain, list[Sample]]]:
     """[(domain, requests)] -> [(domain, samples)]: n samples (or episodes) per request; `seed` makes the
     step's sampling reproducible (each request derives its own seed from it and its group id)."""
-    return [(d, d.generate(rollout, requests, n, temperature, top_p, seed=seed)) for d, requests in jobs]
+    return [(d, d.sample(rollout, requests, n, temperature, top_p, seed=seed)) for d, requests in jobs]
 
 
 def overlong_penalty(length: int, max_len: int, buffer: int, penalty: float = 1.0) -> float:

@@ -44,7 +44,7 @@ def domain():
 def test_calculator_agent_calls_the_tool_and_is_scored(domain, answer, reward):
     model = ScriptedModel(domain.agent_server.tokenizer, ["<calc>6*7</calc>", f"<answer>{answer}</answer>"])
     requests = [{"row": {"prompt": "What is 6*7?", "answer": "42"}, "group": 0}]
-    (s,) = domain.generate(model, requests, n=1, temperature=1.0)
+    (s,) = domain.sample(model, requests, n=1, temperature=1.0)
     tok = domain.agent_server.tokenizer
     assert s.reward == reward and s.reward_info["calls"] == 2 and s.finish_reason == "stop"
     model_text = tok.decode([t for t, m in zip(s.response_ids, s.loss_mask) if m])

@@ -249,7 +249,7 @@ def test_example_agent_on_real_engines_trains_what_the_server_recorded(group, ch
     monkeypatch.setattr(server, "chat", recording_chat)
     try:
         rows = [{"prompt": f"What is {a}*7?", "answer": str(7 * a)} for a in range(4)]
-        samples = domain.generate(group, domain.requests(rows, server.tokenizer), n=1, temperature=1.0, seed=11)
+        samples = domain.sample(group, domain.requests(rows, server.tokenizer), n=1, temperature=1.0, seed=11)
     finally:
         server.stop()
     assert len(samples) == 4 and [s.row for s in samples] == rows

@@ -116,7 +116,7 @@ def test_the_parents_partial_rollouts_act_on_its_domains(tmp_path):
     (domain,) = load_domains(recipe)
     try:
         engine = _Segments()
-        [s] = domain.generate(engine, [{"prompt_ids": [1, 2], "group": 0}], n=1, temperature=1.0)
+        [s] = domain.sample(engine, [{"prompt_ids": [1, 2], "group": 0}], n=1, temperature=1.0)
         assert engine.budgets == [4, 4, 2] and len(s.response_ids) == 10  # the parent's k, the domain's length
         assert domain.sampling.max_model_len == recipe.rollout.max_model_len  # the engines' context
     finally:
