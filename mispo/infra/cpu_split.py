@@ -46,14 +46,20 @@ def split_cores(rollout_cores: int, mode: str, cores: list[int], workers: int) -
     return CoreSplit([ours[bounds[i]:bounds[i + 1]] for i in range(workers)], theirs)
 
 
-def pin_process(cores: list[int] | None) -> None:
-    """Run this process (and torch's intra-op threads) on `cores` only; None leaves it as it is."""
-    if not cores:
-        return
+def pin_process(cores: list[int] | None, sharers: int = 1) -> None:
+    """Run this process on `cores` (None: every core it may use) with torch's intra-op threads = those cores
+    divided among the `sharers` processes that compute on them at the same time (at least 1).
+
+    Needed even without pinning: Ray starts an actor that asks for no CPUs (num_cpus=0, as every mispo actor
+    does) with OMP_NUM_THREADS=1, so torch would run one thread however many cores the run has. A process with a
+    GPU is left as it is (its CPU threads do not carry the model's work)."""
     import torch
 
-    os.sched_setaffinity(0, cores)
-    torch.set_num_threads(len(cores))
+    if not cores and torch.cuda.is_available():
+        return
+    if cores:
+        os.sched_setaffinity(0, cores)
+    torch.set_num_threads(max(1, len(cores or available_cores()) // max(1, sharers)))
 
 
 def _ranges(cores: list[int]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from mispo.batch import RolloutBatch
+from mispo.infra.cpu_split import pin_process
 from mispo.learner.data_parallel import rank_share
 from mispo.learner.engine import init_distributed
 from mispo.learner.frozen_model import frozen_model
@@ -28,9 +29,12 @@ class TeacherWorker:
                  world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int = 29500):
         """`temperature`: log-probs are of softmax(logits / T), the student's sampling distribution's form.
         `zero_stage` 3 shards the teacher over the `world_size` ranks (their process group is joined at
-        `master_addr:master_port`); any other stage keeps a whole copy on each rank."""
+        `master_addr:master_port`); any other stage keeps a whole copy on each rank. `num_threads` 0: the
+        process's cores shared by the ranks (the teacher scores while the student's learners wait)."""
         if num_threads:
             torch.set_num_threads(num_threads)
+        else:
+            pin_process(None, sharers=world_size)
         if zero_stage == 3:
             init_distributed(rank, world_size, master_addr, master_port)
         self.rank, self.world_size = rank, world_size

@@ -6,8 +6,8 @@ micro-batch's backward, and DeepSpeed checkpoints.
             super().__init__(model, learner, algorithm, rank, world_size, master_addr, master_port, seed)
             self.build(ValueModel.load(model_path, ...), self.learner_cfg.critic, generator_seed=seed + 1)
 
-Set-up order (part of the contract, for reproducibility): configs, the CPU cores (`infra/cpu_split.py`: pinned
-with torch threads = their count, or left alone), the process group,
+Set-up order (part of the contract, for reproducibility): configs, the CPU cores and torch threads
+(`infra/cpu_split.pin_process`: the cores shared by the learner processes that compute at once), the process group,
 `torch.manual_seed(seed)`, then the subclass loads its module and calls `build`.
 """
 
@@ -27,10 +27,14 @@ class LearnerWorker:
     `device`, `rank` / `world_size`, and the recipe sections `model_cfg`, `learner_cfg`, `algo`."""
 
     def __init__(self, model: dict, learner: dict, algorithm: dict, rank: int, world_size: int,
-                 master_addr: str, master_port: int, seed: int, cpu_cores: list[int] | None = None):
+                 master_addr: str, master_port: int, seed: int, cpu_cores: list[int] | None = None,
+                 concurrent_roles: int = 1):
+        """`cpu_cores`: the cores of a CPU run's learners (None: every core the process may use); they are shared
+        by this role's `world_size` ranks and, with `concurrent_roles` 2, by the other learner role's ranks that
+        compute at the same time (policy and critic), so torch threads = cores / (world_size x concurrent_roles)."""
         self.model_cfg, self.learner_cfg = ModelConfig(**model), LearnerConfig(**learner)
         self.algo = AlgorithmConfig(**algorithm)
-        pin_process(cpu_cores)
+        pin_process(cpu_cores, sharers=world_size * concurrent_roles)
         init_distributed(rank, world_size, master_addr, master_port)
         self.rank, self.world_size = rank, world_size
         torch.manual_seed(seed)

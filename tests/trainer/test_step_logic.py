@@ -316,3 +316,20 @@ def test_optimizer_settings_reach_the_engine(monkeypatch):
     assert {g["weight_decay"] for g in groups} == {0.05, 0.0}  # no decay on biases / norms
     assert seen["config"]["gradient_clipping"] == 0.5 and seen["config"]["zero_optimization"]["stage"] == 1
     assert groups[0]["lr"] == pytest.approx(0.01 / 4)  # warm-up step 0 of 3
+
+
+@pytest.mark.parametrize("cores, sharers", [(None, 1), (None, 2), ([0], 1), (None, 64)])
+def test_a_learner_uses_its_cores_even_where_ray_gave_it_one_thread(cores, sharers):
+    """Ray starts num_cpus=0 actors with OMP_NUM_THREADS=1; pin_process gives torch the run's cores, divided
+    among the processes that compute on them at once."""
+    import subprocess
+    import sys
+
+    from mispo.infra.cpu_split import available_cores
+
+    code = ("import torch; from mispo.infra.cpu_split import pin_process; "
+            f"pin_process({cores!r}, sharers={sharers}); print(torch.get_num_threads())")
+    done = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) == max(1, len(cores or available_cores()) // sharers)
