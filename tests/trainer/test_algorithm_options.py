@@ -133,3 +133,8 @@ def test_distillation_needs_no_group_of_samples():
     r = load_recipe(None, ["algorithm.advantage=reverse_kl", "learner.critic=null", "algorithm.teachers={run: t}",
                            "rollout.n_samples=1"])
     assert r.algorithm.teachers == {"run": "t"}
+
+
+def test_a_band_the_filters_cannot_use_is_refused_at_load():
+    with pytest.raises(RecipeError, match="algorithm.traj_bounds must satisfy 0 <= lo <= hi"):
+        load_recipe(None, ["algorithm.traj_bounds=[2, 1]"])
