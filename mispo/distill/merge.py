@@ -73,9 +73,10 @@ class Merge:
 
         start_ray(self.recipe.trainer.ray_address)
         self.output.mkdir(parents=True, exist_ok=True)
-        self.evaluator = Evaluator(self.student, self.domains, self.recipe)
-        self.rollout, self.tokenizer = self.evaluator.rollout, self.evaluator.tokenizer
         evaluate = self.cfg.eval
+        if evaluate or self.cfg.method == "sft":  # on_policy distillation samples on the trainer's own engines
+            self.evaluator = Evaluator(self.student, self.domains, self.recipe)
+            self.rollout, self.tokenizer = self.evaluator.rollout, self.evaluator.tokenizer
         results = {"student": self.evaluator.accuracy(self.student)} if evaluate else {}
         kept = {}
         for d in self.domains:  # each expert samples, then is evaluated while its weights are loaded

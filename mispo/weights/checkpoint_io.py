@@ -78,9 +78,7 @@ def check_interchangeable(reference: str | Path, others: dict[str, str | Path], 
     tokenizer differs from `reference` (their weights could not be loaded into one engine or compared)."""
     where = f" ({source})" if source else ""
     for name, path in {reference_field: reference, **{f"{field}.{k}": v for k, v in others.items()}}.items():
-        if not (Path(path) / "config.json").is_file():
-            raise RecipeError(f"{name} = {str(path)!r}{where}: not a checkpoint directory (no config.json); "
-                              "fix: point it at a model saved in release format (e.g. a run's final/)")
+        _require_checkpoint(name, path, where)
     for name, path in others.items():
         diff = architecture_differences(Path(reference), Path(path))
         if diff:
@@ -97,11 +95,16 @@ def check_same_tokenizer(reference: str | Path, others: dict[str, str | Path], f
     `reference`'s (a teacher scores the student's token ids; its architecture and size are its own)."""
     where = f" ({source})" if source else ""
     for name, path in others.items():
-        if not (Path(path) / "config.json").is_file():
-            raise RecipeError(f"{field}.{name} = {str(path)!r}{where}: not a checkpoint directory (no config.json); "
-                              "fix: point it at a model saved in release format (e.g. a run's final/)")
+        _require_checkpoint(f"{field}.{name}", path, where)
         diff = tokenizer_differences(Path(reference), Path(path))
         if diff:
             raise RecipeError(f"{field}.{name} = {str(path)!r}{where}: its tokenizer differs from the policy's "
                               f"({reference}): {'; '.join(d[:200] for d in diff[:3])}; fix: a teacher with the "
                               "policy's tokenizer (it scores the policy's token ids)")
+
+
+def _require_checkpoint(name: str, path: str | Path, where: str) -> None:
+    """RecipeError naming the field `name` unless `path` is a checkpoint directory (has config.json)."""
+    if not (Path(path) / "config.json").is_file():
+        raise RecipeError(f"{name} = {str(path)!r}{where}: not a checkpoint directory (no config.json); "
+                          "fix: point it at a model saved in release format (e.g. a run's final/)")
