@@ -57,13 +57,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 RELEASE_CONFIG = ROOT / "mispo" / "models" / "step3p5" / "configs" / "step3p5_flash.json"
-SECTIONS = ("bench", "parity", "train", "logprob_gap", "pytest")
-NEEDS_MODEL = ("train", "logprob_gap", "pytest")
+SECTIONS = ("bench", "parity", "train", "logprob_gap", "head", "pytest")
+NEEDS_MODEL = ("train", "logprob_gap", "head", "pytest")
 # seconds per section: (cap, minimum kept for it while earlier ones run); full size (H100/H200), --small
 CAPS = {"bench": (240, 60), "parity": (150, 45), "train": (180, 90), "logprob_gap": (150, 60),
-        "pytest": (180, 0)}
+        "head": (90, 30), "pytest": (180, 0)}
 SMALL_CAPS = {"bench": (180, 30), "parity": (120, 20), "train": (120, 20), "logprob_gap": (120, 20),
-              "pytest": (180, 0)}
+              "head": (60, 10), "pytest": (180, 0)}
 OPTIONAL = ("triton", "flash_attn", "transformers", "safetensors", "tokenizers", "pydantic", "pytest",
             "vllm", "ray", "deepspeed")
 ENV_VARS = ("MISPO_STEP3P5_ATTN", "MISPO_STEP3P5_GEMM", "TRITON_INTERPRET", "PYTORCH_CUDA_ALLOC_CONF",
@@ -677,6 +677,64 @@ def section_logprob_gap(args, device, out: dict):
           f"{out['uniform_logprob']:.3f} (random-init weights: a trained checkpoint's gap may differ)")
 
 
+# ====================================================================== section: head
+def _head_pass(fused: bool, hidden, weight, labels, chunk: int):
+    """log p + entropy of one micro-batch and their backward, on the fused head or the logits; returns
+    (log p, entropy, d hidden, d W) and clears the leaves' gradients."""
+    from mispo.algorithms.head_logprobs import head_logprobs
+    from mispo.algorithms.logits import logprobs_and_entropy
+
+    if fused:
+        lp, ent = head_logprobs(hidden, weight, None, labels, chunk=chunk)
+    else:
+        lp, ent = logprobs_and_entropy(hidden @ weight.T, labels)
+    (-(lp.sum()) - 0.01 * ent.sum()).backward()
+    out = (lp.detach(), ent.detach(), hidden.grad, weight.grad)
+    hidden.grad = weight.grad = None
+    return out
+
+
+def section_head(args, device, out: dict):
+    """The fused log-prob head (no [tokens, vocab] tensor) against the chunked logits at the release's vocabulary
+    and width, bf16: peak memory of one micro-batch's forward + backward, time, and the agreement."""
+    import torch
+    from mispo.algorithms.head_logprobs import head_chunk
+
+    tokens, hidden_size, vocab = (256, 64, 512) if args.small else (8192, 4096, 128_896)
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    h = (torch.randn(tokens, hidden_size, generator=g)).to(device, torch.bfloat16).requires_grad_()
+    w = (torch.randn(vocab, hidden_size, generator=g) * 0.02).to(device, torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), generator=g).to(device)
+    chunk = 64 if args.small else head_chunk(vocab)  # --small: several chunks all the same
+    rows, results = [], {}
+    for name, fused in (("logits (chunked)", False), ("fused head", True)):
+        _head_pass(fused, h, w, labels, chunk)  # warm-up: kernels, allocator
+        if device.type == "cuda":
+            sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        results[name] = _head_pass(fused, h, w, labels, chunk)
+        sync(device)
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
+        out[name] = {"seconds": seconds, "peak_bytes": peak}
+        rows.append([name, "-" if peak is None else f"{gib(peak):.2f}", f"{seconds * 1e3:.1f}"])
+    ref, got = results["logits (chunked)"], results["fused head"]
+    out.update({"tokens": tokens, "hidden": hidden_size, "vocab": vocab, "chunk": chunk,
+                "logits_bytes_bf16": tokens * vocab * 2,
+                "max_abs_logp": float((got[0] - ref[0]).abs().max()),
+                "max_abs_entropy": float((got[1] - ref[1]).abs().max()),
+                "rel_err_grad_hidden": rel_err(got[2], ref[2]), "rel_err_grad_weight": rel_err(got[3], ref[3])})
+    out["ok"] = out["max_abs_logp"] < 1e-2 and out["rel_err_grad_hidden"] < 0.05 and out["rel_err_grad_weight"] < 0.05
+    if device.type == "cuda":
+        out["peak_ratio"] = out["fused head"]["peak_bytes"] / out["logits (chunked)"]["peak_bytes"]
+    print_table(f"log p + entropy + backward of {tokens} tokens, V = {vocab:,}, hidden {hidden_size}, bf16 "
+                f"(the logits alone: {gib(tokens * vocab * 2):.2f} GiB)", ["path", "peak GiB", "ms"], rows)
+    print(f"  fused vs logits: max |d log p| {out['max_abs_logp']:.2e}, grad rel err hidden "
+          f"{out['rel_err_grad_hidden']:.2e}, lm-head {out['rel_err_grad_weight']:.2e}")
+
+
 # ====================================================================== section: pytest
 def section_pytest(args, device, out: dict):
     import xml.etree.ElementTree as ET
@@ -702,7 +760,7 @@ def section_pytest(args, device, out: dict):
 
 
 SECTION_FNS = {"bench": section_bench, "parity": section_parity, "train": section_train,
-               "logprob_gap": section_logprob_gap, "pytest": section_pytest}
+               "logprob_gap": section_logprob_gap, "head": section_head, "pytest": section_pytest}
 
 
 class SectionTimeout(Exception):
@@ -855,6 +913,12 @@ def summary_rows(name: str, r: dict) -> list[list]:
                  f"{r['mean_abs']:.2e} / {r['max_abs']:.2e}"],
                 ["", "bf16 torch vs fp32: mean / max |d log p|",
                  f"{torch_gap['mean_abs']:.2e} / {torch_gap['max_abs']:.2e}"]]
+    if name == "head":
+        peaks = [r[k]["peak_bytes"] for k in ("logits (chunked)", "fused head")]
+        memory = "-" if None in peaks else f"{gib(peaks[0]):.2f} -> {gib(peaks[1]):.2f}"
+        return [[name, "peak GiB logits -> fused head", memory],
+                ["", "fused vs logits: max |d log p| / grad rel err",
+                 f"{fmt(r['ok'])}; {r['max_abs_logp']:.1e} / {max(r['rel_err_grad_hidden'], r['rel_err_grad_weight']):.1e}"]]
     return [[name, r["command"], f"{r['passed']} passed, {r['failures']} failed, {r['errors']} errors, "
                                  f"{r['skipped']} skipped"]]
 

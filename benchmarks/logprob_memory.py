@@ -1,4 +1,5 @@
-"""Peak memory of one micro-batch's log-probs + entropy + backward: chunked against the naive full softmax.
+"""Peak memory of one micro-batch's log-probs + entropy + backward: the fused head and the chunked logits against
+the naive full softmax.
 
     python benchmarks/logprob_memory.py                        # V = 128,896 (the release), 2048 tokens
     python benchmarks/logprob_memory.py --tokens 4096 16384 --json results.json
@@ -10,8 +11,10 @@ both, and the backward into the hidden states and the lm-head. Variants, each in
 
     full     the naive path: log_softmax(logits.float() / temperature), gather, -(p log p).sum(-1) (baseline)
     chunked  mispo.algorithms.logits.logprobs_and_entropy on the [T, V] logits
-    learner  mispo.learner.packing.token_logprobs_and_entropy on [1, T, V]: what the policy update calls
-             (it reads the logits as a [T, V] view, so its backward allocates one gradient, not two)
+    learner  mispo.learner.packing.token_logprobs_and_entropy on [1, T, V]: the learner's logits path (for a
+             model that transforms its logits; it reads them as a [T, V] view: one gradient, not two)
+    fused    mispo.algorithms.head_logprobs from the hidden states and the lm-head, --head-chunk positions at
+             a time (default head_chunk(V)): what the learner runs for a plain lm_head; no [T, V] tensor
 
 Peak = the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs once the
 inputs exist) minus its resident set at that moment: every byte torch touched, the allocator's included.
@@ -39,7 +42,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RELEASE_VOCAB = 128_896
-VARIANTS = ("full", "chunked", "learner")
+VARIANTS = ("full", "chunked", "learner", "fused")
 MiB = 2**20
 
 
@@ -57,6 +60,12 @@ def _high_water() -> int:
 def _step(variant: str, hidden, weight, labels, temperature: float, chunk: int) -> None:
     """Logits, log-probs + entropy, loss, backward: one micro-batch of the policy update's tail."""
     import torch
+
+    if variant == "fused":  # `chunk` here is the head's chunk: the logits never exist whole
+        from mispo.algorithms.head_logprobs import head_logprobs
+        logp, ent = head_logprobs(hidden, weight, None, labels, temperature, chunk=chunk)
+        (-(logp.sum()) - 0.01 * ent.sum()).backward()
+        return
 
     from mispo.algorithms.logits import logprobs_and_entropy
     from mispo.learner.packing import token_logprobs_and_entropy
@@ -120,13 +129,15 @@ def dtype_bytes(dtype: str) -> int:
 
 
 def predicted_bytes(variant: str, tokens: int, vocab: int, hidden: int, dtype: str, chunk: int) -> float | None:
-    """The plan's logits figure (None for the naive path) + the lm-head's gradients (T H b + V H b)."""
-    from mispo.plan.memory import logits_bytes
+    """The plan's figure (None for the naive path) + the lm-head's gradients (T H b + V H b): `logits_bytes`
+    for the logits paths, `head_logprob_bytes` for the fused head."""
+    from mispo.plan.memory import head_logprob_bytes, logits_bytes
 
     if variant == "full":
         return None
     b = dtype_bytes(dtype)
-    return logits_bytes(tokens, vocab, b, chunk) + (tokens + vocab) * hidden * b
+    head = head_logprob_bytes(tokens, vocab, chunk) if variant == "fused" else logits_bytes(tokens, vocab, b, chunk)
+    return head + (tokens + vocab) * hidden * b
 
 
 def naive_estimate(tokens: int, vocab: int, dtype: str) -> float:
@@ -142,7 +153,7 @@ def mem_available() -> float:
 def _need(variant: str, tokens: int, args) -> float:
     if variant == "full":
         return naive_estimate(tokens, args.vocab, args.dtype)
-    return predicted_bytes(variant, tokens, args.vocab, args.hidden, args.dtype, args.chunk)
+    return predicted_bytes(variant, tokens, args.vocab, args.hidden, args.dtype, chunk_of(variant, args))
 
 
 def _too_big(variant: str, tokens: int, args) -> bool:
@@ -150,15 +161,21 @@ def _too_big(variant: str, tokens: int, args) -> bool:
 
 
 def row(variant: str, tokens: int, args, got: dict | None) -> dict:
-    b, V, c = dtype_bytes(args.dtype), args.vocab, min(args.chunk, tokens)
+    b, V, chunk = dtype_bytes(args.dtype), args.vocab, chunk_of(variant, args)
+    c = min(chunk, tokens)
     out = {"variant": variant, "tokens": tokens, "vocab": V, "hidden": args.hidden, "dtype": args.dtype,
-           "chunk": args.chunk,
-           "predicted_bytes": predicted_bytes(variant, tokens, V, args.hidden, args.dtype, args.chunk)}
+           "chunk": chunk, "predicted_bytes": predicted_bytes(variant, tokens, V, args.hidden, args.dtype, chunk)}
     if got is None:
         return out | {"skipped": True}
-    share = got["peak_bytes"] - 2 * tokens * V * b  # beyond the logits and their gradient
+    held = 0 if variant == "fused" else 2 * tokens * V * b  # the logits and their gradient (none when fused)
+    share = got["peak_bytes"] - held
     return out | got | {"share_bytes": share, "share_chunks": share / (c * V * 4),
                         "share_full_copies": share / (tokens * V * 4)}
+
+
+def chunk_of(variant: str, args) -> int:
+    """Positions per chunk: --head-chunk for the fused head, --chunk for the logits paths."""
+    return args.head_chunk if variant == "fused" else args.chunk
 
 
 def _fmt(x: float | None) -> str:
@@ -173,6 +190,8 @@ def main(argv=None) -> int:
                         "keeps the matmuls cheap, and they are not what is measured)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--chunk", type=int, default=None, help="positions per chunk (default LOGITS_CHUNK)")
+    parser.add_argument("--head-chunk", type=int, default=None, help="the fused head's positions per chunk "
+                        "(default head_chunk(V), what the learner uses)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
@@ -182,20 +201,24 @@ def main(argv=None) -> int:
     sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
     from mispo.algorithms.logits import LOGITS_CHUNK
 
+    from mispo.algorithms.head_logprobs import head_chunk
+
     args.chunk = args.chunk or LOGITS_CHUNK
+    args.head_chunk = args.head_chunk or head_chunk(args.vocab)
     if args.child:
         got = run_child(args.child, args.tokens[0], args.vocab, args.hidden, args.dtype, args.chunk, args.threads)
         print(json.dumps(got))
         return 0
 
-    print(f"V = {args.vocab:,}, hidden {args.hidden}, {args.dtype} logits, chunk {args.chunk}, "
+    print(f"V = {args.vocab:,}, hidden {args.hidden}, {args.dtype} logits, chunk {args.chunk} (fused head: "
+          f"{args.head_chunk}), "
           f"{args.threads} threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     print(f"{'tokens':>6} {'variant':<8} {'peak MiB':>9} {'predicted':>9} {'share: chunks':>14} {'full copies':>11} "
           f"{'vs full':>7} {'s':>5}", flush=True)
     rows = []
     for tokens in args.tokens:
         group = [row(v, tokens, args, None if skip else measure(v, tokens, args.vocab, args.hidden, args.dtype,
-                                                                args.chunk, args.threads))
+                                                                chunk_of(v, args), args.threads))
                  for v in args.variants for skip in [_too_big(v, tokens, args)]]
         full = next((r for r in group if r["variant"] == "full" and "peak_bytes" in r), None)
         for r in group:

@@ -24,7 +24,7 @@ from mispo.algorithms.masked import masked_mean
 LOGITS_CHUNK = 1024  # positions per chunk: 1024 x 128,896 fp32 = 0.5 GiB at the release's vocabulary
 
 
-def _chunk_logp(z: Tensor, temperature: float) -> Tensor:
+def chunk_logp(z: Tensor, temperature: float) -> Tensor:
     """fp32 log-softmax of one chunk of logits at the temperature (one fp32 chunk besides the result)."""
     u = z.float()
     if temperature != 1.0:
@@ -32,20 +32,37 @@ def _chunk_logp(z: Tensor, temperature: float) -> Tensor:
     return torch.log_softmax(u, dim=-1)
 
 
-def _entropy(logp: Tensor) -> Tensor:
+def chunk_entropy(logp: Tensor) -> Tensor:
     """-sum p log p of one chunk, p log p built in one buffer; p == 0 (a -inf logit, e.g. a vocabulary
     mask) contributes 0, not nan."""
     return -logp.exp().mul_(logp).nan_to_num_(nan=0.0).sum(-1)
+
+
+def chunk_grad(logp: Tensor, labels: Tensor | None, ent: Tensor | None, grad_logp: Tensor | None,
+               grad_ent: Tensor | None, temperature: float) -> Tensor:
+    """d loss / d z for one chunk, z the raw logits, from its fp32 log p = log softmax(z / t) (overwritten:
+    the result is built in its buffer), with g_y = d loss / d log p(y), g_H = d loss / d H:
+        d loss / d u = g_y (onehot(y) - p) - g_H p (log p + H),   d loss / d z = (d loss / d u) / t.
+    Two fp32 chunks (log p, p) when the entropy is differentiated, one otherwise."""
+    if grad_ent is None:  # g_y (onehot(y) - p), in log p's own buffer: one fp32 chunk
+        g = logp.exp_().mul_(-grad_logp[:, None])
+    else:  # -g_H p (log p + H) in log p's buffer; p == 0 (-inf logits) gives nan, set to 0
+        p = logp.exp()
+        g = logp.add_(ent[:, None]).mul_(p).masked_fill_(p == 0, 0.0).mul_(-grad_ent[:, None])
+        if grad_logp is not None:
+            g.addcmul_(p, grad_logp[:, None], value=-1.0)
+        del p
+    if grad_logp is not None:
+        g.scatter_add_(-1, labels[:, None], grad_logp[:, None])
+    return g.div_(temperature) if temperature != 1.0 else g
 
 
 class ChunkedLogSoftmax(torch.autograd.Function):
     """(logits [N, V], labels [N] or None) -> (log p(label) [N] or None, entropy [N] or None), fp32,
     with p = softmax(logits / temperature), computed `chunk_size` rows at a time.
 
-    Backward, per chunk, with u = z / t, g_y = d loss / d log p(y), g_H = d loss / d H (saved H):
-        d loss / d u = g_y (onehot(y) - p) - g_H p (log p + H),   d loss / d z = (d loss / d u) / t
-    computed in place in the chunk's log p buffer: two fp32 chunks (log p, p) and a bool mask, or one
-    when nothing differentiates the entropy (a detached entropy costs nothing in the backward)."""
+    Backward, per chunk: `chunk_grad` (two fp32 chunks and a bool mask, or one when nothing
+    differentiates the entropy: a detached entropy costs nothing in the backward)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor | None, temperature: float, chunk_size: int,
@@ -54,12 +71,12 @@ class ChunkedLogSoftmax(torch.autograd.Function):
         logp = None if labels is None else torch.empty(n, dtype=torch.float32, device=logits.device)
         ent = torch.empty(n, dtype=torch.float32, device=logits.device) if with_entropy else None
         for s in range(0, n, chunk_size):
-            chunk_logp = _chunk_logp(logits[s:s + chunk_size], temperature)
+            lp = chunk_logp(logits[s:s + chunk_size], temperature)
             if logp is not None:
-                logp[s:s + chunk_size] = chunk_logp.gather(-1, labels[s:s + chunk_size, None]).squeeze(-1)
+                logp[s:s + chunk_size] = lp.gather(-1, labels[s:s + chunk_size, None]).squeeze(-1)
             if ent is not None:
-                ent[s:s + chunk_size] = _entropy(chunk_logp)
-            del chunk_logp
+                ent[s:s + chunk_size] = chunk_entropy(lp)
+            del lp
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
         ctx.save_for_backward(logits, labels, ent)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
@@ -73,19 +90,11 @@ class ChunkedLogSoftmax(torch.autograd.Function):
             return None, None, None, None, None
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], c):
-            logp = _chunk_logp(logits[s:s + c], t)
-            if grad_ent is None:  # g_y (onehot(y) - p), in log p's own buffer: one fp32 chunk
-                g = logp.exp_().mul_(-grad_logp[s:s + c, None])
-            else:  # -g_H p (log p + H) in log p's buffer; p == 0 (-inf logits) gives nan, set to 0
-                p = logp.exp()
-                g = logp.add_(ent[s:s + c, None]).mul_(p).masked_fill_(p == 0, 0.0).mul_(-grad_ent[s:s + c, None])
-                if grad_logp is not None:
-                    g.addcmul_(p, grad_logp[s:s + c, None], value=-1.0)
-                del p
-            if grad_logp is not None:
-                g.scatter_add_(-1, labels[s:s + c, None], grad_logp[s:s + c, None])
-            grad[s:s + c] = g.div_(t) if t != 1.0 else g
-            del logp, g
+            rows = slice(s, s + c)
+            grad[rows] = chunk_grad(chunk_logp(logits[rows], t), labels[rows] if labels is not None else None,
+                                    None if ent is None else ent[rows],
+                                    None if grad_logp is None else grad_logp[rows],
+                                    None if grad_ent is None else grad_ent[rows], t)
         return grad, None, None, None, None
 
 

@@ -14,7 +14,7 @@ import torch
 
 from mispo.algorithms import value_loss
 from mispo.batch import RolloutBatch
-from mispo.learner.metrics import combine_partials, mean_metrics, mini_batches
+from mispo.learner.metrics import combine_partials, mean_metrics, mini_batches, peak_rss_gib
 from mispo.learner.models import ValueModel
 from mispo.learner.packing import gather_response, last_positions
 from mispo.learner.worker_base import LearnerWorker
@@ -81,4 +81,5 @@ class CriticWorker(LearnerWorker):
         out = mean_metrics(parts)
         out["critic/lr"] = self.engine.get_lr()[0]
         out["time/critic_train_s"] = time.time() - start
+        out["mem/critic_peak_rss_gib_max"] = peak_rss_gib()  # the largest rank's
         return out

@@ -16,8 +16,14 @@ batch's, whatever the split:
 from __future__ import annotations
 
 import math
+import resource
 
 import torch
+
+
+def peak_rss_gib() -> float:
+    """This process's resident-set high-water mark so far, GiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def mini_batches(n: int, count: int, generator: torch.Generator) -> list[list[int]]:

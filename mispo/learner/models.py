@@ -49,6 +49,7 @@ def use_fp32_lm_head(model: nn.Module) -> None:
         return nn.functional.linear(hidden.float(), head.weight.float(), bias)
 
     head.forward = forward
+    head.fp32_product = True  # the fused log-prob head (logprob_head.py) computes the same product
 
 
 class ValueModel(nn.Module):

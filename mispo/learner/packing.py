@@ -15,6 +15,7 @@ import torch
 from mispo.algorithms.logits import LOGITS_CHUNK, logprobs_and_entropy, logprobs_from_logits
 from mispo.batch import Sample
 from mispo.families import replay_routing
+from mispo.learner.logprob_head import fused_head, head_computes_logprobs
 
 
 @dataclass
@@ -133,6 +134,26 @@ def token_logprobs_and_entropy(logits: torch.Tensor, input_ids: torch.Tensor, te
     return torch.cat([lp[:-1], pad])[None], (None if ent is None else torch.cat([ent[:-1], pad])[None])
 
 
+def forward_logprobs(model, mb: PackedMicroBatch, device=None, temperature: float = 1.0,
+                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's forward on a packed micro-batch -> ([1, L] log p(next token), [1, L] entropy or None),
+    fp32, 0 at the last position, with p = softmax(logits / temperature) and the samples' routing replayed
+    (R3) when they carry it. Through the fused head (`logprob_head.py`: no [L, vocab] tensor, forward or
+    backward) when the model allows it; from the logits, chunked, otherwise."""
+    ids, pos = mb.input_ids.to(device), mb.position_ids.to(device)
+    head = fused_head(model)
+    with replay_routing(model, mb.routed_experts):
+        if head is None:
+            logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+            return token_logprobs_and_entropy(logits, ids, temperature, with_entropy=with_entropy)
+        labels = torch.cat([ids[0, 1:], ids.new_zeros(1)])[None]
+        with head_computes_logprobs(head, labels, temperature, with_entropy):
+            out = model(input_ids=ids, position_ids=pos, use_cache=False).logits  # [1, L, 1 or 2]
+    last = torch.ones_like(out[..., 0])
+    last[0, -1] = 0.0
+    return out[..., 0] * last, (out[..., 1] * last if with_entropy else None)
+
+
 def gather_response(per_position: torch.Tensor, mb: PackedMicroBatch, length: int) -> torch.Tensor:
     """[len(mb.rows), length] response-aligned values of this micro-batch (zeros past each response)."""
     out = per_position.new_zeros(len(mb.rows), length)
@@ -156,10 +177,7 @@ def response_logprobs(model, samples: list[Sample], max_tokens: int, device=None
     length = max(max(len(s.response_ids) for s in samples), 1)
     out = torch.zeros(len(samples), length)
     for mb in micro if micro is not None else pack_samples(samples, list(range(len(samples))), max_tokens):
-        ids = mb.input_ids.to(device)
-        with replay_routing(model, mb.routed_experts):
-            logits = model(input_ids=ids, position_ids=mb.position_ids.to(device), use_cache=False).logits
+        logp, _ = forward_logprobs(model, mb, device, temperature)
         if not mb.padding:
-            out[mb.rows] = gather_response(token_logprobs(logits, ids, temperature), mb, length).cpu()
-        del logits  # the next micro-batch's forward does not hold this one's [L, vocab] logits too
+            out[mb.rows] = gather_response(logp, mb, length).cpu()
     return out

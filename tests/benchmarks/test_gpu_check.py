@@ -81,6 +81,11 @@ def test_small_run_reports_every_section(tmp_path):
     # the bf16 run really is bf16: its log-probs are off by bf16 rounding (~1e-3 here), not fp32's ~1e-7
     assert 5e-5 < gap["mean_abs"] <= gap["max_abs"] < 1.0 and math.isfinite(gap["mean_logprob_fp32"])
 
+    head = sections["head"]  # the fused log-prob head against the logits path: same numbers, no [T, V] tensor
+    assert head["ok"] and head["max_abs_logp"] < 1e-2 and head["vocab"] == 512
+    if ON_GPU:
+        assert head["fused head"]["peak_bytes"] < head["logits_bytes_bf16"] < head["logits (chunked)"]["peak_bytes"]
+
     tests = sections["pytest"]
     assert tests["failures"] == tests["errors"] == 0 and tests["tests"] > 0
     if not ON_GPU:

@@ -10,13 +10,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import logprob_memory as bench  # noqa: E402
-from mispo.plan.memory import logits_bytes  # noqa: E402
+from mispo.plan.memory import head_logprob_bytes, logits_bytes  # noqa: E402
 
 # V = 8192, T = 4096, chunk 128, bf16: logits T V b = 64 MiB, one fp32 chunk 4 MiB
 T, V, H, C = 4096, 8192, 256, 128
 
 
-def test_formula_bounds_the_chunked_paths_and_not_the_naive_one():
+def test_formulas_bound_the_chunked_and_fused_paths_and_not_the_naive_one():
     got = {v: bench.measure(v, T, V, H, "bfloat16", C, threads=1) for v in bench.VARIANTS}
     lm_head_grads = (T + V) * H * 2
     bound = logits_bytes(T, V, 2, C) + lm_head_grads
@@ -27,6 +27,10 @@ def test_formula_bounds_the_chunked_paths_and_not_the_naive_one():
     assert got["learner"]["peak_bytes"] < 3 * T * V * 2
     # the naive path holds fp32 [T, V] copies: far above what the plan charges
     assert got["full"]["peak_bytes"] > bound + 2 * T * V * 4
+    # the fused head holds no [T, V] tensor: within its chunk's transients, the lm-head's gradients and one
+    # weight-sized workspace (CPU's bf16 matmul reorders W per call), far below the logits alone
+    fused = bench.measure("fused", T, V, H, "bfloat16", C, threads=1)
+    assert 0 < fused["peak_bytes"] <= head_logprob_bytes(T, V, C) + lm_head_grads + V * H * 2 < T * V * 2
 
 
 def test_script_runs_at_tiny_sizes(tmp_path):
