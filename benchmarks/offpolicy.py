@@ -14,6 +14,8 @@ on the recipe `recipe(algorithm, condition, seed)` builds; only the keys below d
 Algorithms (each as published; one learning rate, shared):
     mispo_decoupled MIS-PO's bands on the engine mismatch pi_v / pi_rollout (pi_v: the learner at the weights
                     that sampled the token), the lag pi_old / pi_v weighted by min(., 2); critic (GAE)
+    mispo_decoupled_grpo  the same loss on group-normalised advantages (no critic): separates the loss from
+                    the advantage estimator when comparing with the group-advantage losses below
     mispo           MIS-PO, fixed bands (token [0.5, 2], trajectory [0.996, 1.001]), critic (GAE)
     mispo_adaptive  MIS-PO, the trajectory band adapted to keep ~80%, critic
     ppo             PPO clip 0.2, critic
@@ -78,6 +80,7 @@ SAVED_PREFIXES = ("lag/",)  # the per-lag-bucket metrics
 
 ALGORITHMS: dict[str, dict] = {
     "mispo_decoupled": {"policy_loss": "mispo_decoupled", "advantage": "gae"},
+    "mispo_decoupled_grpo": {"policy_loss": "mispo_decoupled", "advantage": "grpo"},
     "mispo": {"policy_loss": "mispo", "advantage": "gae"},
     "mispo_adaptive": {"policy_loss": "mispo", "advantage": "gae", "adaptive_traj_band": True},
     "ppo": {"policy_loss": "ppo", "advantage": "gae"},
