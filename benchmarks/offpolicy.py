@@ -16,6 +16,8 @@ Algorithms (each as published; one learning rate, shared):
                     that sampled the token), the lag pi_old / pi_v weighted by min(., 2); critic (GAE)
     mispo_decoupled_grpo  the same loss on group-normalised advantages (no critic): separates the loss from
                     the advantage estimator when comparing with the group-advantage losses below
+    mispo_decoupled_clip  mispo_decoupled_grpo with decoupled_clip 0.2: PPO's clip of pi_theta / pi_old on top
+                    (AReaL's decoupled objective; the trust region the clipped baselines have)
     mispo           MIS-PO, fixed bands (token [0.5, 2], trajectory [0.996, 1.001]), critic (GAE)
     mispo_adaptive  MIS-PO, the trajectory band adapted to keep ~80%, critic
     ppo             PPO clip 0.2, critic
@@ -81,6 +83,8 @@ SAVED_PREFIXES = ("lag/",)  # the per-lag-bucket metrics
 ALGORITHMS: dict[str, dict] = {
     "mispo_decoupled": {"policy_loss": "mispo_decoupled", "advantage": "gae"},
     "mispo_decoupled_grpo": {"policy_loss": "mispo_decoupled", "advantage": "grpo"},
+    "mispo_decoupled_clip": {"policy_loss": "mispo_decoupled", "advantage": "grpo",
+                             "loss_options": {"decoupled_clip": 0.2}},
     "mispo": {"policy_loss": "mispo", "advantage": "gae"},
     "mispo_adaptive": {"policy_loss": "mispo", "advantage": "gae", "adaptive_traj_band": True},
     "ppo": {"policy_loss": "ppo", "advantage": "gae"},

@@ -106,7 +106,9 @@ class PolicyLossConfig:
     PPO / GRPO / TIS / IcePop: clip_eps_low = clip_eps_high = 0.2; dual_clip_c 3.0 (None: off).
     GSPO: gspo_eps_low 3e-4, gspo_eps_high 4e-4 (the GSPO paper).
     TIS: tis_cap C = 2.0.  IcePop: icepop_bounds (0.5, 5.0).
-    mispo_decoupled: lag_cap C = 2.0 (the lag weight min(pi_old / pi_v, C), mispo.algorithms.lag).
+    mispo_decoupled: lag_cap C = 2.0 (the lag weight min(pi_old / pi_v, C), mispo.algorithms.lag);
+        decoupled_clip eps None (off: the report's loss, no clip) or a PPO clip of pi_theta / pi_old at
+        [1 - eps, 1 + eps] around the proximal policy pi_old (AReaL's decoupled objective).
     CISPO: cispo_eps_high 0.28 (MiniMax-M1 gives no number; DAPO's clip-higher value, tune it),
         cispo_eps_low None (no lower clip, as in MiniMax-M1).
     kl_coef 0.0 (the report uses 0.001 in its final stage), kl_estimator "unbiased" (or k1/k2/k3).
@@ -123,6 +125,7 @@ class PolicyLossConfig:
     gspo_eps_high: float = 4e-4
     tis_cap: float = 2.0
     lag_cap: float = 2.0
+    decoupled_clip: Optional[float] = None
     icepop_bounds: Tuple[float, float] = (0.5, 5.0)
     cispo_eps_low: Optional[float] = None
     cispo_eps_high: float = 0.28
@@ -142,6 +145,8 @@ class PolicyLossConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
             raise ValueError(f"dual_clip_c must be > 1 (None turns dual clip off), got {self.dual_clip_c}")
+        if self.decoupled_clip is not None and not 0 < self.decoupled_clip < 1:
+            raise ValueError(f"decoupled_clip must be in (0, 1) (None turns it off), got {self.decoupled_clip}")
         for name in ("tis_cap", "lag_cap"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -265,14 +270,19 @@ def mispo_decoupled_loss(inputs: PolicyLossInputs, config: PolicyLossConfig) -> 
         l_t = -I(e_t in token band) * I(geo-mean e in traj band) * min(g_t, lag_cap) * logp_t * A_t
 
     Without ``logp_version`` (or with pi_v = pi_old: no lag) g_t = 1 and this is :func:`mispo_loss` exactly.
+    With ``decoupled_clip`` eps the update is also held near pi_old (AReaL's decoupled PPO), r_t = pi_theta / pi_old:
+        l_t = keep_t * min(g_t, lag_cap) * max(-A_t r_t, -A_t clip(r_t, 1 - eps, 1 + eps))
+    whose gradient at r = 1 (a step's first mini-batch) is the unclipped loss's; later mini-batches stop moving
+    a token once its ratio leaves the interval in the advantage's direction.
     """
     from mispo.algorithms.lag import effective_sample_size, lag_weight
 
     m = inputs.mask.bool()
+    clip = config.decoupled_clip
     if inputs.logp_version is None:
-        return _masked_policy_gradient(inputs, config, inputs.logp_old, None)
+        return _masked_policy_gradient(inputs, config, inputs.logp_old, None, clip)
     weight = lag_weight(inputs.logp_old, inputs.logp_version, m, config.lag_cap)
-    loss, metrics = _masked_policy_gradient(inputs, config, inputs.logp_version, weight)
+    loss, metrics = _masked_policy_gradient(inputs, config, inputs.logp_version, weight, clip)
     with torch.no_grad():
         log_g = token_log_ratio(inputs.logp_old, inputs.logp_version, m)
         metrics["lag/weight_mean"] = masked_mean(weight, m)
@@ -283,9 +293,10 @@ def mispo_decoupled_loss(inputs: PolicyLossInputs, config: PolicyLossConfig) -> 
 
 
 def _masked_policy_gradient(inputs: PolicyLossInputs, config: PolicyLossConfig, engine_reference: Tensor,
-                            weight: Optional[Tensor]) -> Tuple[Tensor, Metrics]:
+                            weight: Optional[Tensor], clip: Optional[float] = None) -> Tuple[Tensor, Metrics]:
     """l_t = -keep_t * w_t * logp_t * A_t with keep = MIS-PO's masks of engine_reference / pi_rollout (or the
-    precomputed ones), w_t = ``weight`` (None: 1, the report's loss exactly)."""
+    precomputed ones), w_t = ``weight`` (None: 1, the report's loss exactly); with ``clip`` eps, -logp_t A_t
+    becomes PPO's max(-A_t r_t, -A_t clip(r_t, 1 - eps, 1 + eps)), r_t = pi_theta / pi_old."""
     m, logp, adv = _prep(inputs)
     metrics: Metrics = {}
     with torch.no_grad():
@@ -305,8 +316,14 @@ def _masked_policy_gradient(inputs: PolicyLossInputs, config: PolicyLossConfig, 
             metrics["mispo/keep_frac"] = masked_mean((token_keep & traj_keep[:, None]).float(), m)
         keep = token_keep & traj_keep[:, None] & m
     z = _zero(m.device)
-    weighted = logp if weight is None else weight * logp
-    pg_mat = -(torch.where(keep, weighted, z) * torch.where(keep, adv, z))
+    if clip is None:
+        weighted = logp if weight is None else weight * logp
+        pg_mat = -(torch.where(keep, weighted, z) * torch.where(keep, adv, z))
+    else:
+        ratio = torch.exp(_update_log_ratio(logp, inputs, m))
+        clipped_loss, clipped, _ = _ppo_clip(ratio, adv, clip, clip, None)
+        pg_mat = torch.where(keep, clipped_loss if weight is None else weight * clipped_loss, z)
+        metrics["ppo/clip_frac"] = masked_mean(clipped.float(), keep)
     return _finish(pg_mat, inputs, config, m, logp, adv, metrics, reg_weight=keep)
 
 
@@ -447,7 +464,7 @@ def register_policy_loss(*names: str, **spec) -> Callable[[PolicyLossFn], Policy
 for _names, _fn, _spec in (
         (("mispo", "mis-po"), mispo_loss, dict(reads_rollout=True, reads_masks=True)),
         (("mispo_decoupled",), mispo_decoupled_loss,
-         dict(options=("lag_cap",), reads_rollout=True, reads_masks=True, reads_version=True)),
+         dict(options=("lag_cap", "decoupled_clip"), reads_rollout=True, reads_masks=True, reads_version=True)),
         (("ppo", "grpo"), ppo_loss, dict(options=_CLIP)),
         (("gspo",), gspo_loss, dict(options=("gspo_eps_low", "gspo_eps_high"), default_agg="seq-mean-token-mean")),
         (("tis",), tis_loss, dict(options=("tis_cap", *_CLIP), reads_rollout=True)),

@@ -65,6 +65,42 @@ def test_the_lag_weight_and_the_engine_filter_against_a_hand_computation():
     assert plain["mispo/token_keep_frac"].item() == pytest.approx(0.75)
 
 
+def test_the_decoupled_clip_against_a_hand_computation():
+    """decoupled_clip eps: PPO's clip of r = pi_theta / pi_old on top of the lag weight and the engine filter.
+    Same batch as above; r = 1.1, 0.875, 1.25, 1.0: token 0 (A > 0, r inside [0.8, 1.2]) keeps its gradient
+    w A r; token 1 (A < 0, r = 0.875 inside) too; token 2 (A > 0, r = 1.25 above 1.2) is clipped: no gradient;
+    token 3 is dropped by the engine filter."""
+    old = torch.log(torch.tensor([[0.50, 0.40, 0.20, 0.30]]))
+    version = torch.log(torch.tensor([[0.25, 0.40, 0.40, 0.30]]))
+    rollout = version.clone()
+    rollout[0, 3] = math.log(0.30 * 4)
+    theta = torch.tensor([[0.55, 0.35, 0.25, 0.30]])
+    logp = torch.log(theta).requires_grad_(True)
+    adv = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    config = PolicyLossConfig(lag_cap=1.5, bands=Bands(traj=(0.0, math.inf)), decoupled_clip=0.2)
+    loss, metrics = compute_policy_loss("mispo_decoupled", PolicyLossInputs(
+        logp=logp, logp_old=old, advantages=adv, mask=mask, logp_rollout=rollout, logp_version=version), config)
+    loss.backward()
+    w = torch.tensor([1.5, 1.0, 0.5, 0.0])
+    r = (theta / old.exp())[0]
+    per_token = torch.maximum(-adv[0] * r, -adv[0] * r.clamp(0.8, 1.2))
+    assert loss.item() == pytest.approx(float((w * per_token).sum() / 4), rel=1e-6)
+    want = -w * adv[0] * r * torch.tensor([1.0, 1.0, 0.0, 1.0]) / 4  # d(-A r)/d logp = -A r; clipped: 0
+    assert torch.allclose(logp.grad[0], want, atol=1e-7)
+    assert metrics["ppo/clip_frac"].item() == pytest.approx(1 / 3)  # of the kept tokens
+    # at r = 1 (a step's first mini-batch) the clipped loss's gradient is the unclipped one's
+    at_old = old.clone().requires_grad_(True)
+    unclipped = old.clone().requires_grad_(True)
+    for x, cfg in ((at_old, config), (unclipped, PolicyLossConfig(lag_cap=1.5, bands=Bands(traj=(0.0, math.inf))))):
+        compute_policy_loss("mispo_decoupled", PolicyLossInputs(
+            logp=x, logp_old=old, advantages=adv, mask=mask, logp_rollout=rollout, logp_version=version),
+            cfg)[0].backward()
+    assert torch.allclose(at_old.grad, unclipped.grad)
+    with pytest.raises(ValueError, match="decoupled_clip"):
+        PolicyLossConfig(decoupled_clip=1.5)
+
+
 def test_lag_weight_ess_and_buckets():
     mask = torch.tensor([[True, True, False]])
     w = lag_weight(torch.log(torch.tensor([[0.9, 0.2, 0.5]])), torch.log(torch.tensor([[0.3, 0.4, 0.5]])), mask, 2.0)
@@ -127,7 +163,7 @@ def test_prepare_update_filters_on_the_engine_ratio_and_reports_each_lag():
 
 def test_the_registry_declares_what_the_loss_reads():
     spec = loss_spec("mispo_decoupled")
-    assert spec.reads_version and spec.reads_masks and spec.reads_rollout and spec.options == ("lag_cap",)
+    assert spec.reads_version and spec.reads_masks and spec.reads_rollout and spec.options == ("lag_cap", "decoupled_clip")
     assert not loss_spec("mispo").reads_version and loss_spec("gspo").default_agg == "seq-mean-token-mean"
     with pytest.raises(ValueError, match="lag_cap"):
         PolicyLossConfig(lag_cap=0.0)
