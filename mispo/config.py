@@ -315,6 +315,12 @@ class LearnerConfig(Section):
                                                      "num_experts / expert_parallel routed experts and tokens move "
                                                      "to them by all-to-all (experts outside ZeRO-3's gathering); "
                                                      "must divide the policy learner's ranks and the expert count")
+    expert_optimizer_offload: bool = Field(
+        False, description="with learner.expert_parallel > 1: the routed experts' optimizer states (fp32 master "
+        "copies and Adam moments), already sharded over the ranks holding the same experts (expert data parallel, "
+        "1 / (ranks / expert_parallel) each), live in host memory and the AdamW step runs on the CPU; the GPU keeps "
+        "the experts' bf16 weights and gradients only. Costs a host <-> GPU copy of the rank's shard per optimizer "
+        "step; resources.offload_optimizer offloads DeepSpeed's (non-expert) states only")
 
 
 class TrainerConfig(Section):
@@ -361,6 +367,10 @@ class TrainerConfig(Section):
         return self
 
 
+NODE_ROLES = ("actor", "critic", "rollout")  # the roles resources.node_resources can pin to nodes
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
 class ResourcesConfig(Section):
     """Where the run's roles live on a GPU cluster (read by `mispo plan`). The default, gpus_per_node = 0,
     is a CPU run on this machine. Each role gets its own GPUs: the actor learner (with the frozen reference,
@@ -391,9 +401,36 @@ class ResourcesConfig(Section):
                             "memory) or broadcast (learner rank 0 to every engine's vLLM workers over a process "
                             "group of their own: NCCL on GPUs, gloo on CPU); auto = broadcast on a multi-node GPU "
                             "run, else object_store")
+    node_resources: dict[str, str] = Field(
+        default_factory=dict, description="multi-node: role (actor, critic, rollout) -> a Ray custom resource; the "
+        "role's actors run only on nodes started with it (`ray start --resources '{\"NAME\": 1}'`), each taking "
+        "0.001 of it; a role not named goes where the cluster has room (a CPU run: the driver's node)")
+
+    @field_validator("node_resources")
+    @classmethod
+    def _node_resources(cls, v: dict[str, str]) -> dict[str, str]:
+        for role, name in v.items():
+            if role not in NODE_ROLES:
+                raise ValueError(f"unknown role {role!r}; fix: one of {', '.join(NODE_ROLES)} (e.g. "
+                                 "{actor: learner_nodes, rollout: rollout_nodes})")
+            if not isinstance(name, str) or not name.strip() or name in RAY_BUILTIN_RESOURCES:
+                raise ValueError(f"{role}: {name!r} is not a custom resource name; fix: the name given to "
+                                 f"`ray start --resources '{{\"NAME\": 1}}'` on the {role} nodes (not one of "
+                                 f"Ray's own: {', '.join(RAY_BUILTIN_RESOURCES)})")
+        return v
 
     @model_validator(mode="after")
     def _placement(self) -> "ResourcesConfig":
+        if self.node_resources and self.rollout_cores:
+            raise ValueError(f"resources.rollout_cores = {self.rollout_cores} splits one machine's cores between the "
+                             "roles, but resources.node_resources places roles on nodes, each using its node's cores; "
+                             "fix: remove rollout_cores, or node_resources for a run on one machine")
+        pinned = self.node_resources
+        if self.colocate and "actor" in pinned and "rollout" in pinned and pinned["actor"] != pinned["rollout"]:
+            raise ValueError(f"resources.colocate shares each GPU between the learner and an engine, but "
+                             f"resources.node_resources puts the actor on {pinned['actor']!r} nodes and the rollout "
+                             f"on {pinned['rollout']!r} nodes; fix: name the same resource for both, or colocate: "
+                             "false")
         roles = {"actor_gpus": self.actor_gpus, "critic_gpus": self.critic_gpus, "rollout_gpus": self.rollout_gpus}
         if self.gpus_per_node > 0 and self.rollout_cores:
             raise ValueError(f"resources.rollout_cores = {self.rollout_cores} splits a CPU run's cores; a GPU run "
@@ -589,6 +626,10 @@ class Recipe(Section):
                              f"{self.learner.expert_parallel} shard its weights; fix: zero_stage <= 2 and "
                              "expert_parallel 1 for the diagnostic run, or remove trainer.mismatch_attribution")
         ep = self.learner.expert_parallel
+        if self.learner.expert_optimizer_offload and ep == 1:
+            raise ValueError("learner.expert_optimizer_offload offloads the optimizer states of the experts that "
+                             "learner.expert_parallel keeps outside DeepSpeed; expert_parallel is 1; fix: "
+                             "learner.expert_parallel > 1, or resources.offload_optimizer (DeepSpeed's states)")
         if ep > 1:
             ranks, where = ((self.resources.actor_gpus, "resources.actor_gpus") if self.resources.gpus_per_node > 0
                             else (self.learner.ranks, "learner.ranks"))

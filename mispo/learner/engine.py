@@ -37,8 +37,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     1-D trainable tensors)."""
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+        if p.requires_grad:  # a ZeRO-3-partitioned parameter (built under zero.Init) keeps its shape in ds_shape
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -47,6 +47,28 @@ def warmup_schedule(warmup_steps: int):
     """The lr factor after s steps: min(1, (s + 1) / (warmup_steps + 1)), linear warm-up to constant."""
     warmup = max(warmup_steps, 0)
     return lambda s: min(1.0, (s + 1) / (warmup + 1))
+
+
+@contextlib.contextmanager
+def partitioned_load(model_path: str, dtype: str):
+    """While open, transformers' from_pretrained builds the model inside DeepSpeed's zero.Init (a
+    `HfDeepSpeedConfig` for the load only, as `frozen_model` loads the reference): each rank holds 1/N of every
+    parameter as it loads, never the whole model; the fp32 buffers stay fp32. For a ZeRO-3 engine (every rank
+    must load: a collective)."""
+    import re
+
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from mispo.learner.frozen_model import fp32_buffers
+
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+              "bf16": {"enabled": dtype == "bfloat16"},
+              "data_types": {"keep_in_fp32_modules": [re.escape(n) for n in fp32_buffers(model_path, dtype)]}}
+    loading = HfDeepSpeedConfig(config)
+    try:
+        yield
+    finally:
+        del loading  # later loads in this process are plain again
 
 
 def build_engine(model: nn.Module, optim: OptimConfig, zero_stage: int, dtype: str):

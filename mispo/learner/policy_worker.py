@@ -20,14 +20,13 @@ import torch
 
 from mispo.algorithms import PolicyLossInputs, compute_policy_loss
 from mispo.batch import RolloutBatch
-from mispo.families import family_of, replay_routing
+from mispo.families import family_of
 from mispo.learner.engine import average_over_ranks, full_parameters
 from mispo.learner.frozen_model import frozen_model
 from mispo.learner.group import rank0_only
-from mispo.learner.metrics import combine_partials, mean_metrics, mini_batches
+from mispo.learner.metrics import combine_partials, mean_metrics, mini_batches, peak_rss_gib
 from mispo.learner.models import load_policy
-from mispo.learner.packing import (PackedMicroBatch, gather_response, response_logprobs, token_logprobs,
-                                   token_logprobs_and_entropy)
+from mispo.learner.packing import PackedMicroBatch, forward_logprobs, gather_response, response_logprobs
 from mispo.learner.worker_base import LearnerWorker
 from mispo.weights.transport import bucketize, put_bucket
 
@@ -48,7 +47,7 @@ class PolicyWorker(LearnerWorker):
         self.model_path = model_path
         self._checkpoint_shapes = None  # {name: shape} of model_path's tensors, read at the first sync
         self.versions = self.spare = None  # mismatch attribution: kept weights, the model that scores with them
-        module = self._policy_module()
+        module = self._policy_module(partitioned=self.learner_cfg.zero_stage == 3)
         self.family = family_of(module)
         self.experts = None  # expert parallel: this rank's routed experts, outside DeepSpeed
         if self.learner_cfg.expert_parallel > 1:
@@ -58,7 +57,8 @@ class PolicyWorker(LearnerWorker):
                                  "no longer holds; fix: remove one of them")
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
             self.experts = ShardedExperts(module, self.learner_cfg.expert_parallel, rank, world_size,
-                                          self.learner_cfg.actor, device or torch.device("cpu"))
+                                          self.learner_cfg.actor, device or torch.device("cpu"),
+                                          offload=self.learner_cfg.expert_optimizer_offload)
         self.build(module, self.learner_cfg.actor, generator_seed=seed)
         self.reference = None
         if self.learner_cfg.reference:  # frozen; sharded over the ranks like the actor under ZeRO-3
@@ -67,11 +67,17 @@ class PolicyWorker(LearnerWorker):
         self.loss_config = self.algo.loss_config(max_new_tokens)
         self.temperature = temperature
 
-    def _policy_module(self) -> torch.nn.Module:
-        """The policy as the recipe wants it (dtype, backends, fp32 head, frozen router, LoRA adapters)."""
+    def _policy_module(self, partitioned: bool = False) -> torch.nn.Module:
+        """The policy as the recipe wants it (dtype, backends, fp32 head, frozen router, LoRA adapters);
+        `partitioned` (ZeRO-3 without LoRA; every rank): built partitioned, no rank holding the whole model."""
+        import contextlib
+
+        from mispo.learner.engine import partitioned_load
         cfg = self.model_cfg
-        module = load_policy(self.model_path, cfg.dtype, cfg.gradient_checkpointing, cfg.attn_backend,
-                             cfg.moe_backend, cfg.fp32_lm_head)
+        partitioned = partitioned and cfg.lora is None
+        with partitioned_load(self.model_path, cfg.dtype) if partitioned else contextlib.nullcontext():
+            module = load_policy(self.model_path, cfg.dtype, cfg.gradient_checkpointing, cfg.attn_backend,
+                                 cfg.moe_backend, cfg.fp32_lm_head)
         if cfg.freeze_router:  # MoE routers stop training (no-op on a dense model)
             family_of(module).freeze_router(module)
         if cfg.lora is not None:  # only the adapters train; syncs and exports are merged
@@ -90,11 +96,6 @@ class PolicyWorker(LearnerWorker):
         return any(k.endswith("dropout") and isinstance(v, (int, float)) and v > 0 for k, v in values)
 
     # ------------------------------------------------------------------ forward passes
-    def _forward_logits(self, model, mb: PackedMicroBatch) -> torch.Tensor:
-        with replay_routing(model, mb.routed_experts):  # R3: the engine's experts, when the samples carry them
-            return model(input_ids=mb.input_ids.to(self.device), position_ids=mb.position_ids.to(self.device),
-                         use_cache=False).logits
-
     @torch.no_grad()
     def compute_logprobs(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
         """{"old_logprobs": [B, T]} (and "ref_logprobs" with a reference model), fp32, on CPU; rows
@@ -184,14 +185,13 @@ class PolicyWorker(LearnerWorker):
             out["actor/grad_norm_max"] = max(grad_norms)
         out["actor/lr"] = self.engine.get_lr()[0]
         out["time/actor_train_s"] = time.time() - start
+        out["mem/actor_peak_rss_gib_max"] = peak_rss_gib()  # the largest rank's
         return out
 
     def _micro_loss(self, mini: RolloutBatch, mb: PackedMicroBatch, num_tokens: float):
         sub = mini.select(mb.rows)
         length = sub.response_mask.shape[1]
-        ids = mb.input_ids.to(self.device)
-        logits = self._forward_logits(self.engine, mb)
-        logp_all, ent_all = token_logprobs_and_entropy(logits, ids, self.temperature)
+        logp_all, ent_all = forward_logprobs(self.engine, mb, self.device, self.temperature, with_entropy=True)
         logp = gather_response(logp_all, mb, length)
         ent = gather_response(ent_all, mb, length)
         if self.loss_config.entropy_coef == 0:
@@ -235,9 +235,7 @@ class PolicyWorker(LearnerWorker):
         total = 0.0
         for i, mb in enumerate(micro):
             sub = batch.select(mb.rows)
-            ids = mb.input_ids.to(self.device)
-            logp = gather_response(token_logprobs(self._forward_logits(self.engine, mb), ids), mb,
-                                   sub.response_mask.shape[1])
+            logp = gather_response(forward_logprobs(self.engine, mb, self.device)[0], mb, sub.response_mask.shape[1])
             loss = -(logp * sub.response_mask.to(self.device)).sum() / max(num_tokens, 1.0)
             self.backward(loss, mb, last=i == len(micro) - 1)
             total += 0.0 if mb.padding else loss.item()

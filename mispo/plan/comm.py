@@ -20,6 +20,11 @@ dispatches again).
 
 ZeRO-3 alone moves zero_bytes(P) with P = every learner parameter, experts included; EP + ZeRO moves
 zero_bytes(P - P_routed) + all_to_all_bytes + expert_sync_bytes.
+
+    forward_zero_bytes       stage 3:   M (N-1)/N P b                 a forward-only pass (pi_old, the
+                                                                      reference, the critic's values): one
+                                                                      all-gather per micro-batch, no gradients
+The step-time model (step_time.py) turns these bytes into seconds at the links' bandwidths.
 """
 
 from __future__ import annotations
@@ -61,3 +66,8 @@ def all_to_all_bytes(hidden: int, top_k: int, moe_layers: int, expert_parallel: 
 def expert_sync_bytes(routed: int, expert_parallel: int, t: StepTraffic) -> float:
     """The resident experts' gradient reduce-scatter and updated-shard all-gather over the expert-DP group."""
     return t.optimizer_steps * 2 * _ring(t.gpus // expert_parallel) * routed / expert_parallel * t.dtype_bytes
+
+
+def forward_zero_bytes(params: int, stage: int, t: StepTraffic) -> float:
+    """ZeRO-3's all-gather of every parameter once per micro-batch in a forward-only pass (0 below stage 3)."""
+    return t.micro_batches * _ring(t.gpus) * params * t.dtype_bytes if stage == 3 else 0.0

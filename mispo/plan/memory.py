@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 
+from mispo.algorithms.head_logprobs import head_chunk
 from mispo.algorithms.logits import LOGITS_CHUNK
 from mispo.plan.shape import LayerShape, ModelShape
 from mispo.plan.units import GiB
@@ -59,21 +60,33 @@ def model_state_bytes(params: int, largest_layer: int, gpus: int, zero_stage: in
 
 def expert_parallel_state_bytes(params: int, routed: int, largest_dense: int, gpus: int, expert_parallel: int,
                                 zero_stage: int, bf16: bool, offload: bool = False,
-                                gpus_per_node: int = 0) -> dict[str, float]:
+                                gpus_per_node: int = 0, expert_offload: bool = False) -> dict[str, float]:
     """Per-GPU model states with the routed experts resident (learner.expert_parallel = EP over N = gpus ranks):
         non-expert P_o = params - routed:  model_state_bytes(P_o, L_o, N, zero_stage, ...)   (DeepSpeed's ZeRO over
                                            all N; L_o = the largest non-expert module, gathered whole at stage 3)
-        experts P_e = routed / EP:         what `learner/expert_parallel.ShardedExperts` holds: every replica of
-                                           the expert-data-parallel group keeps whole states (stage-0 accounting:
-                                           bf16 weights 2 P_e, grads 2 P_e + fp32 4 P_e at the step, fp32 master
-                                           + moments 12 P_e; float32: 4, 4, 8), on the GPU (resources.
-                                           offload_optimizer moves DeepSpeed's states only). Sharding them over
-                                           the group (ZeRO-1: 12 P_e / D) is not built yet.
+        experts P_e = routed / EP:         what `learner/expert_parallel.ShardedExperts` holds, its optimizer
+                                           sharded over the expert-data-parallel group of D = N / EP replicas:
+                   bf16:    weights 2 P_e, grads 2 P_e (whole, accumulated) + 4 P_e / D (the fp32 part at the
+                            step), optimizer 12 P_e / D (fp32 master + moments of the rank's part)
+                   float32: weights 4 P_e, grads 4 P_e, optimizer 8 P_e / D (+ 4 P_e / D of master when D > 1)
+        expert_offload (learner.expert_optimizer_offload): the experts' optimizer and fp32 gradient part live in
+        host memory: 'host' += (16 P_e / D) x the GPUs of a node; resources.offload_optimizer (`offload`) moves
+        DeepSpeed's states only. The experts' total is 4 P_e + 16 P_e / D = 4 routed / EP + 16 routed / N (bf16):
+        its sharded part depends on N alone, the resident weights and gradients on EP.
     """
     ranks = max(gpus, 1)
     dense = model_state_bytes(params - routed, largest_dense, ranks, zero_stage, bf16, offload, gpus_per_node)
-    experts = model_state_bytes(routed // expert_parallel, 0, ranks // expert_parallel, 0, bf16)
-    return {k: dense[k] + (experts[k] if k != "host" else 0.0) for k in dense}
+    pe, d = routed / expert_parallel, max(ranks // expert_parallel, 1)
+    if bf16:
+        experts = {"weights": 2 * pe, "grads": 2 * pe + 4 * pe / d, "optimizer": 12 * pe / d}
+    else:
+        experts = {"weights": 4 * pe, "grads": 4 * pe, "optimizer": (8 + (4 if d > 1 else 0)) * pe / d}
+    host = dense["host"]
+    if expert_offload:
+        moved = experts["optimizer"] + (4 * pe / d if bf16 else 0.0)
+        experts["optimizer"], experts["grads"] = 0.0, experts["grads"] - (4 * pe / d if bf16 else 0.0)
+        host += moved * _nodes_split(ranks, gpus_per_node)[1]
+    return {k: dense[k] + experts[k] for k in ("weights", "grads", "optimizer")} | {"host": host}
 
 
 def _nodes_split(gpus: int, gpus_per_node: int) -> tuple[int, float]:
@@ -137,20 +150,32 @@ def logits_bytes(tokens: int, vocab: int, dtype_bytes: int, chunk: int = LOGITS_
     return 2 * tv_b + LOGITS_CHUNK_TRANSIENTS * min(chunk, tokens) * vocab * 4
 
 
+def head_logprob_bytes(tokens: int, vocab: int, chunk: int | None = None) -> float:
+    """Peak bytes of one micro-batch's log-probs + entropy and their backward on the fused head (what the
+    learner runs for a plain lm_head: `mispo.algorithms.head_logprobs`, `mispo.learner.logprob_head`): the
+    logits exist one chunk of c = min(head_chunk(V), T) positions at a time, in the forward and, recomputed,
+    in the backward, so no T x V term:
+        2.25 c V 4                       the chunk's fp32 transients (LOGITS_CHUNK_TRANSIENTS)
+    (the lm-head's and the hidden states' gradients are the model's own, as in any layer). A model that
+    transforms its logits (Gemma 2's soft-capping) keeps the logits path: `logits_bytes`."""
+    c = min(chunk or head_chunk(vocab), tokens)
+    return LOGITS_CHUNK_TRANSIENTS * c * vocab * 4
+
+
 def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, checkpointing: bool, logits: bool) -> float:
     """Peak activation bytes of one packed micro-batch of T tokens (b = dtype bytes, A_l = layer_activation_elems):
         without gradient checkpointing:  T b sum_l A_l
         with (one checkpoint per layer): T b (n_layers h + 2 max_l A_l)   (layer inputs kept; the layer being
                                          recomputed holds its activations and their gradients)
-        + the policy's logits:           logits_bytes(T, V, b): the logits, their gradient and O(chunk x V)
-                                         fp32 transients; the critic reads 1 position.
+        + the policy's log-prob head:    head_logprob_bytes(T, V): O(chunk x V) fp32 transients, never T x V
+                                         (the fused head); the critic reads 1 position.
     """
     per_layer = [layer_activation_elems(layer, shape.hidden) for layer in shape.layers]
     if checkpointing:
         body = tokens * dtype_bytes * (len(per_layer) * shape.hidden + 2 * max(per_layer))
     else:
         body = tokens * dtype_bytes * sum(per_layer)
-    return float(body + (logits_bytes(tokens, shape.vocab, dtype_bytes) if logits else 0))
+    return float(body + (head_logprob_bytes(tokens, shape.vocab) if logits else 0))
 
 
 # --------------------------------------------------------------------------- rollout memory

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from mispo.config import Recipe, RecipeError, load_recipe
-from mispo.plan.comm import StepTraffic, all_to_all_bytes, expert_sync_bytes, zero_bytes
+from mispo.plan.comm import StepTraffic, all_to_all_bytes, expert_sync_bytes, forward_zero_bytes, zero_bytes
 from mispo.plan.memory import (activation_bytes, expert_parallel_state_bytes, host_memory_bytes,
                                kv_bytes_per_sequence, kv_bytes_per_token, model_state_bytes, rollout_weight_bytes)
 from mispo.plan.shape import ModelShape, load_model_config, model_shape
+from mispo.plan.step_time import (DEFAULT_INPUTS, Engines, LearnerWork, StepTimeInputs, forward_flops,
+                                  generation_seconds, learner_seconds, link_bandwidth, step_summary, train_flops)
 from mispo.plan.units import GiB, fmt_count, fmt_gib, fmt_kib
 
 USABLE_FRACTION = 0.9  # of a GPU's memory, for the learners
@@ -46,6 +48,7 @@ class Plan:
     resources: dict[str, Any]
     roles: list[RolePlan]
     notes: list[str]
+    step_time: dict[str, Any] | None = None  # predicted seconds per step per layout (GPU runs; step_time.py)
 
     @property
     def fits(self) -> bool:
@@ -64,7 +67,7 @@ class Plan:
             d["total_gib"], d["budget_gib"] = round(r.total / GiB, 3), round(r.budget / GiB, 3)
             roles.append(d)
         return {"recipe": self.recipe, "fits": self.fits, "model": self.model, "resources": self.resources,
-                "roles": roles, "notes": self.notes}
+                "roles": roles, "notes": self.notes, "step_time": self.step_time}
 
 
 @dataclass
@@ -81,14 +84,16 @@ class _Ctx:
 
 
 def _learner_parts(ctx: _Ctx, params: int, gpus: int, zero_stage: int, offload: bool, checkpointing: bool,
-                   logits: bool, ep: int = 1) -> dict[str, float]:
-    """Model states (ZeRO over `gpus`; with ep > 1 the routed experts resident, num_experts / ep per GPU) and
-    the activations of one micro-batch."""
+                   logits: bool, ep: int = 1, expert_offload: bool | None = None) -> dict[str, float]:
+    """Model states (ZeRO over `gpus`; with ep > 1 the routed experts resident, num_experts / ep per GPU, their
+    optimizer sharded over the gpus / ep replicas and in host memory with `expert_offload`, None = the recipe's
+    learner.expert_optimizer_offload) and the activations of one micro-batch."""
     r, shape = ctx.recipe, ctx.shape
     bf16, gpn = r.model.dtype == "bfloat16", r.resources.gpus_per_node
     if ep > 1:
+        eo = r.learner.expert_optimizer_offload if expert_offload is None else expert_offload
         states = expert_parallel_state_bytes(params, shape.routed_params, shape.largest_dense_layer_params, gpus, ep,
-                                             zero_stage, bf16, offload, gpn)
+                                             zero_stage, bf16, offload, gpn, expert_offload=eo)
     else:
         states = model_state_bytes(params, shape.largest_layer_params, gpus, zero_stage, bf16=bf16, offload=offload,
                                    gpus_per_node=gpn)
@@ -103,21 +108,21 @@ def _reference_bytes(ctx: _Ctx, gpus: int, zero_stage: int) -> float:
 
 
 def _learner_total(ctx: _Ctx, role: str, gpus: int, zero_stage: int, offload: bool,
-                   checkpointing: bool, ep: int = 1) -> tuple[float, float]:
+                   checkpointing: bool, ep: int = 1, expert_offload: bool | None = None) -> tuple[float, float]:
     """(GPU bytes per GPU, host bytes per node) of a learner role under the given settings."""
     parts = _learner_parts(ctx, _role_params(ctx, role), gpus, zero_stage, offload, checkpointing, role == "actor",
-                           ep)
+                           ep, expert_offload)
     host = parts.pop("host")
     extra = _reference_bytes(ctx, gpus, zero_stage) if role == "actor" and ctx.recipe.learner.reference else 0.0
     return sum(parts.values()) + extra, host
 
 
 def _learner_fits(ctx: _Ctx, role: str, gpus: int, zero_stage: int, offload: bool, checkpointing: bool,
-                  ep: int = 1) -> bool:
-    """GPU total within the budget, and offloaded states within resources.cpu_memory_gb (when set)."""
-    gpu, host = _learner_total(ctx, role, gpus, zero_stage, offload, checkpointing, ep)
+                  ep: int = 1, expert_offload: bool | None = None, fraction: float = 1.0) -> bool:
+    """GPU total within `fraction` of the budget, and offloaded states within resources.cpu_memory_gb (when set)."""
+    gpu, host = _learner_total(ctx, role, gpus, zero_stage, offload, checkpointing, ep, expert_offload)
     cpu = ctx.recipe.resources.cpu_memory_gb
-    return gpu <= ctx.budget and not (cpu and host > cpu * GiB)
+    return gpu <= fraction * ctx.budget and not (cpu and host > cpu * GiB)
 
 
 def _role_params(ctx: _Ctx, role: str) -> int:
@@ -125,11 +130,12 @@ def _role_params(ctx: _Ctx, role: str) -> int:
     return ctx.shape.learner_params + (ctx.shape.hidden + 1 if role == "critic" else 0)
 
 
-def _min_gpus(ctx: _Ctx, role: str, zero_stage: int, offload: bool, checkpointing: bool, ep: int = 1) -> int | None:
+def _min_gpus(ctx: _Ctx, role: str, zero_stage: int, offload: bool, checkpointing: bool, ep: int = 1,
+              expert_offload: bool | None = None) -> int | None:
     """Fewest GPUs (a multiple of ep, up to MAX_GPUS_SEARCHED) with which the role fits; None when none does.
     The total only falls as GPUs are added, so a binary search (over multiples of ep) finds it."""
     def fits(k: int) -> bool:
-        return _learner_fits(ctx, role, k * ep, zero_stage, offload, checkpointing, ep)
+        return _learner_fits(ctx, role, k * ep, zero_stage, offload, checkpointing, ep, expert_offload)
 
     top = MAX_GPUS_SEARCHED // ep
     if not fits(top):
@@ -163,25 +169,30 @@ def learner_fixes(ctx: _Ctx, role: str, gpus: int) -> list[str]:
     r = ctx.recipe
     stage, ckpt, offload = r.learner.zero_stage, r.model.gradient_checkpointing, r.resources.offload_optimizer
     ep_now = r.learner.expert_parallel if role == "actor" else 1
+    eo_now = r.learner.expert_optimizer_offload
     key = f"resources.{role}_gpus"
     if ctx.cpu_run:
         options = [] if ckpt else ["model.gradient_checkpointing=true"]
         return options + ["lower learner.micro_batch_tokens", "a GPU cluster (resources.gpus_per_node, "
                           f"{key}); run `mispo plan` again to size it"]
     found = []
-    for s, c, o, e in itertools.product(sorted({stage, 3}), sorted({ckpt, True}), sorted({offload, True}),
-                                        _ep_options(ctx, role)):
-        n = _min_gpus(ctx, role, s, o, c, e)
+    for s, c, o, e, x in itertools.product(sorted({stage, 3}), sorted({ckpt, True}), sorted({offload, True}),
+                                           _ep_options(ctx, role), sorted({eo_now, True})):
+        if e == 1 and x != eo_now:  # the experts' offload exists with expert parallelism only
+            continue
+        x = x and e > 1
+        n = _min_gpus(ctx, role, s, o, c, e, x)
         if n is None:
             continue
         changes = ([f"learner.zero_stage={s}"] * (s != stage)
                    + ["model.gradient_checkpointing=true"] * (c != ckpt)
                    + ["resources.offload_optimizer=true"] * (o != offload)
-                   + [f"learner.expert_parallel={e}"] * (e != ep_now))
+                   + [f"learner.expert_parallel={e}"] * (e != ep_now)
+                   + [f"learner.expert_optimizer_offload={str(x).lower()}"] * (x != eo_now))
         need = max(_round_to_nodes(n, r.resources.gpus_per_node, e), math.ceil(gpus / e) * e)
         if need > gpus:
             changes.append(f"{key}={need}")
-        total = _learner_total(ctx, role, need, s, o, c, e)[0]
+        total = _learner_total(ctx, role, need, s, o, c, e, x)[0]
         found.append((need > gpus, need, len(changes), " + ".join(changes), total))
     found.sort()
     out = [f"{text}: {fmt_gib(total)} per GPU" for _, _, _, text, total in found[:3] if text]
@@ -202,27 +213,191 @@ def step_traffic(ctx: _Ctx, gpus: int) -> StepTraffic:
                        passes=3 if r.model.gradient_checkpointing else 2, dtype_bytes=ctx.dtype_bytes)
 
 
-def layout_comparison(ctx: _Ctx, gpus: int, ep: int) -> dict[str, Any]:
-    """The actor with the recipe's ZeRO alone (EP 1) and with the routed experts resident over `ep` ranks:
-    memory per GPU and communication per GPU per training step (mispo/plan/comm.py)."""
+EP_HEADROOM = 0.8  # an EP layout the planner proposes leaves 20% of the learner budget free: the all-to-all
+# buffers of uneven routing (a hot expert's rank receives more than its share of tokens) and allocator fragmentation
+
+
+def _ep_comm(ctx: _Ctx, t: StepTraffic, ep: int) -> dict[str, float]:
+    """Bytes one actor GPU sends per step (mispo/plan/comm.py): ZeRO alone (ep 1) or EP + ZeRO."""
+    shape, stage = ctx.shape, ctx.recipe.learner.zero_stage
+    if ep == 1:
+        return {"zero": zero_bytes(shape.learner_params, stage, t), "all_to_all": 0.0, "expert_sync": 0.0}
+    moe = shape.moe_layers
+    return {"zero": zero_bytes(shape.learner_params - shape.routed_params, stage, t),
+            "all_to_all": all_to_all_bytes(shape.hidden, moe[0].top_k, len(moe), ep, t),
+            "expert_sync": expert_sync_bytes(shape.routed_params, ep, t)}
+
+
+def choose_ep_layout(ctx: _Ctx, gpus: int) -> dict[str, Any] | None:
+    """The actor's expert-parallel layout the planner proposes (the recipe's ZeRO stage, checkpointing and
+    resources.offload_optimizer kept): the fewest GPUs, from the recipe's actor GPUs up in whole nodes, at which
+    an EP size that divides the expert count and the GPUs fits within EP_HEADROOM of the learner budget (and
+    its offloaded states within resources.cpu_memory_gb); at that count, keeping the recipe's
+    learner.expert_optimizer_offload first, then the least communication per GPU per step, then the smaller EP.
+    The experts' sharded optimizer costs 16 routed / N bytes per GPU whatever EP is (`memory.
+    expert_parallel_state_bytes`): more GPUs or the host offload shrink it, a larger EP shrinks the resident
+    weights and gradients (4 routed / EP). {gpus, expert_parallel, expert_data_parallel, expert_offload,
+    memory, comm}, or None when nothing up to MAX_GPUS_SEARCHED fits."""
     r, shape = ctx.recipe, ctx.shape
     stage, ckpt, offload = r.learner.zero_stage, r.model.gradient_checkpointing, r.resources.offload_optimizer
+    now = r.learner.expert_optimizer_offload
+    sizes = [e for e in range(2, shape.num_experts + 1) if shape.num_experts % e == 0]
+    gpn = max(r.resources.gpus_per_node, 1)
+    counts = [gpus] + list(range((gpus // gpn + 1) * gpn, MAX_GPUS_SEARCHED + 1, gpn))
+    for n in counts:
+        found = []
+        for x in (now, not now):
+            for e in sizes:
+                if n % e or not _learner_fits(ctx, "actor", n, stage, offload, ckpt, e, x, EP_HEADROOM):
+                    continue
+                comm = _ep_comm(ctx, step_traffic(ctx, n), e)
+                found.append((x != now, sum(comm.values()), e, x, comm))
+        if found:
+            _, _, e, x, comm = min(found, key=lambda f: f[:3])
+            memory = _learner_total(ctx, "actor", n, stage, offload, ckpt, e, x)[0]
+            return {"gpus": n, "expert_parallel": e, "expert_data_parallel": n // e, "expert_offload": x,
+                    "memory": memory, "comm": comm}
+    return None
+
+
+def _layout_name(stage: int, ep: int, dp: int, offload: bool, gpus: int, recipe_gpus: int) -> str:
+    if ep == 1:
+        return f"ZeRO-{stage}"
+    return (f"EP{ep} x EDP{dp} + ZeRO-{stage}" + (", expert optimizer on host" if offload else "")
+            + (f", {gpus} GPUs" if gpus != recipe_gpus else ""))
+
+
+def layout_comparison(ctx: _Ctx, gpus: int, ep: int) -> dict[str, Any]:
+    """The actor with the recipe's ZeRO alone (EP 1), with the routed experts resident over `ep` ranks (EDP =
+    expert data parallel, the gpus / ep replicas of each expert block sharing its optimizer states), and the
+    layout `choose_ep_layout` proposes when it differs ("proposed": its own GPU count, EP size and experts'
+    offload): memory per GPU and communication per GPU per training step (mispo/plan/comm.py)."""
+    r, shape = ctx.recipe, ctx.shape
+    stage, ckpt, offload = r.learner.zero_stage, r.model.gradient_checkpointing, r.resources.offload_optimizer
+    now = r.learner.expert_optimizer_offload
     t = step_traffic(ctx, gpus)
-    moe = shape.moe_layers
     rows = []
     for e in (1, ep):
-        total = _learner_total(ctx, "actor", gpus, stage, offload, ckpt, e)[0]
-        if e == 1:
-            comm = {"zero": zero_bytes(shape.learner_params, stage, t), "all_to_all": 0.0, "expert_sync": 0.0}
-        else:
-            comm = {"zero": zero_bytes(shape.learner_params - shape.routed_params, stage, t),
-                    "all_to_all": all_to_all_bytes(shape.hidden, moe[0].top_k, len(moe), e, t),
-                    "expert_sync": expert_sync_bytes(shape.routed_params, e, t)}
-        rows.append({"expert_parallel": e, "layout": f"ZeRO-{stage}" if e == 1 else f"EP{e} + ZeRO-{stage}",
+        x = now and e > 1
+        total = _learner_total(ctx, "actor", gpus, stage, offload, ckpt, e, x)[0]
+        comm = _ep_comm(ctx, t, e)
+        rows.append({"expert_parallel": e, "layout": _layout_name(stage, e, gpus // e, x, gpus, gpus),
                      "configured": e == r.learner.expert_parallel, "memory_per_gpu": total,
                      "fits": total <= ctx.budget, "comm_per_gpu_step": sum(comm.values()), "comm": comm,
-                     "experts_per_gpu": shape.num_experts // e if e > 1 else shape.num_experts})
-    return {"traffic": asdict(t), "layouts": rows}
+                     "experts_per_gpu": shape.num_experts // e if e > 1 else shape.num_experts,
+                     "gpus": gpus, "expert_data_parallel": gpus // e, "expert_offload": x, "proposed": False})
+    best = choose_ep_layout(ctx, gpus)
+    if best and (best["expert_parallel"], best["gpus"], best["expert_offload"]) != (ep, gpus, now):
+        e, n, x = best["expert_parallel"], best["gpus"], best["expert_offload"]
+        rows.append({"expert_parallel": e, "layout": _layout_name(stage, e, n // e, x, n, gpus) + " (proposed)",
+                     "configured": False, "memory_per_gpu": best["memory"], "fits": True,
+                     "comm_per_gpu_step": sum(best["comm"].values()), "comm": best["comm"],
+                     "experts_per_gpu": shape.num_experts // e, "gpus": n, "expert_data_parallel": n // e,
+                     "expert_offload": x, "proposed": True})
+    elif best:
+        rows[-1]["proposed"] = True
+    return {"traffic": asdict(t), "layouts": rows, "proposed": best}
+
+
+def step_time_plan(ctx: _Ctx, layouts: list[dict[str, Any]], critic: bool,
+                   inputs: StepTimeInputs = DEFAULT_INPUTS) -> dict[str, Any]:
+    """Predicted seconds per RL step of the recipe for each actor layout (layout_comparison's rows: name,
+    expert_parallel e (1 = the recipe's ZeRO alone, e > 1 = EP e + ZeRO), gpus, configured), from
+    mispo/plan/step_time.py at `inputs` (H100 SXM constants; the recipe's gpus_per_node and gpu_memory_gb).
+    Lengths: every sample = inputs.prompt_tokens + response_fraction x max_new_tokens (the recipe gives only
+    caps). Phases: generation on the rollout engines (on the actor's
+    GPUs with resources.colocate); the actor's forward-only passes (pi_old when actor_mini_batches > 1, the
+    reference with learner.reference); the actor's update; the critic (values forward + update; the trainer runs
+    it beside the actor's passes, so the learners take max(actor, critic) per phase); the refit (learner rank 0
+    gathers the weights under ZeRO-3 and broadcasts them: 1-2 x P b over the link). The optimizer step (CPU
+    Adam under resources.offload_optimizer) is not counted."""
+    from dataclasses import replace
+
+    r, res, shape = ctx.recipe, ctx.recipe.resources, ctx.shape
+    hw = replace(inputs.hardware, gpus_per_node=res.gpus_per_node, memory_bytes=res.gpu_memory_gb * GiB)
+    inputs = replace(inputs, hardware=hw)
+    gpn, b = res.gpus_per_node, ctx.dtype_bytes
+    prompt = min(inputs.prompt_tokens, max(ctx.seq_len - r.rollout.max_new_tokens, 1))
+    max_response = min(r.rollout.max_new_tokens, ctx.seq_len - prompt)
+    mean_response = inputs.response_fraction * max_response
+    seq = prompt + mean_response
+    sequences = r.rollout.prompts_per_step * r.rollout.n_samples
+    tokens = sequences * seq
+    stage, ckpt = r.learner.zero_stage, r.model.gradient_checkpointing
+
+    def traffic(gpus: int, optimizer_steps: int, passes: int) -> StepTraffic:
+        per_gpu = math.ceil(sequences / gpus)
+        per_micro = max(ctx.tokens // math.ceil(seq), 1)
+        return StepTraffic(gpus=gpus, micro_batches=math.ceil(per_gpu / per_micro), tokens=int(per_gpu * seq),
+                           optimizer_steps=optimizer_steps, passes=passes, dtype_bytes=b)
+
+    moe = shape.moe_layers
+    # pi_old (the trainer fuses it into the update only with one mini-batch, no reference, no band filters)
+    # and the reference: forward-only passes of the actor before its update
+    fused = (r.learner.actor_mini_batches == 1 and not r.learner.reference
+             and not r.algorithm.policy_loss.startswith("mispo"))
+    fwd_passes = int(not fused) + int(r.learner.reference)
+    rows = []
+    for layout in layouts:
+        e, n_a = layout["expert_parallel"], layout["gpus"]
+        t_up = traffic(n_a, r.learner.actor_mini_batches, 3 if ckpt else 2)
+        t_fwd = replace(t_up, passes=1)
+        dense = shape.learner_params - (shape.routed_params if e > 1 else 0)
+        a2a = all_to_all_bytes(shape.hidden, moe[0].top_k, len(moe), e, t_up) if e > 1 else 0.0
+        update = LearnerWork(gpus=n_a, flops=train_flops(shape, tokens, seq, ckpt),
+                                overlapped=[(zero_bytes(dense, stage, t_up), n_a)], all_to_all=[(a2a, e)],
+                                serial=[(expert_sync_bytes(shape.routed_params, e, t_up) if e > 1 else 0.0,
+                                         n_a // e)])
+        fwd = LearnerWork(gpus=n_a, flops=forward_flops(shape, tokens, seq),
+                             overlapped=[(forward_zero_bytes(dense, stage, t_fwd), n_a)],
+                             all_to_all=[(all_to_all_bytes(shape.hidden, moe[0].top_k, len(moe), e, t_fwd)
+                                          if e > 1 else 0.0, e)])
+        up = learner_seconds(update, inputs, gpn)
+        rows.append({"expert_parallel": e, "layout": layout["layout"], "configured": layout["configured"],
+                     "actor_gpus": n_a, "update": up["total"], "update_parts": up,
+                     "logprobs": fwd_passes * learner_seconds(fwd, inputs, gpn)["total"]})
+    critic_s = values_s = 0.0
+    if critic:
+        n_c = res.critic_gpus
+        t_c = traffic(n_c, r.learner.critic_mini_batches, 3 if ckpt else 2)
+        no_head = 2 * shape.vocab * shape.hidden * tokens  # the value head replaces the lm_head
+        params = _role_params(ctx, "critic")
+        values = LearnerWork(gpus=n_c, flops=forward_flops(shape, tokens, seq) - no_head,
+                                overlapped=[(forward_zero_bytes(params, stage, replace(t_c, passes=1)), n_c)])
+        train = LearnerWork(gpus=n_c,
+                               flops=train_flops(shape, tokens, seq, ckpt) - (4 if ckpt else 3) * no_head,
+                               overlapped=[(zero_bytes(params, stage, t_c), n_c)])
+        values_s = learner_seconds(values, inputs, gpn)["total"]
+        critic_s = values_s + learner_seconds(train, inputs, gpn)["total"]
+    tp, dp = res.rollout_tensor_parallel, res.rollout_data_parallel
+    gen = None
+    for row in rows:
+        n_a = row["actor_gpus"]
+        engine_gpus = n_a if res.colocate else res.rollout_gpus
+        engines = Engines(count=max(engine_gpus // (tp * dp), 1), tp=tp, dp=dp,
+                             expert_parallel=res.rollout_expert_parallel, sequences=sequences, prompt_tokens=prompt,
+                             mean_response=mean_response, max_response=max_response,
+                             memory_utilization=r.rollout.gpu_memory_utilization, dtype_bytes=b,
+                             kv_bytes=_kv_dtype_bytes(r, b))
+        gen = generation_seconds(shape, engines, inputs, gpn)
+        sync_group = n_a + (0 if res.colocate else res.rollout_gpus)
+        refit = (2 if stage == 3 else 1) * shape.total_params * b / link_bandwidth(sync_group, inputs, gpn)
+        gpus = n_a + (res.critic_gpus if critic else 0) + (0 if res.colocate else res.rollout_gpus)
+        overlap = r.trainer.mode == "async" and not res.colocate
+        phases = {"generation": gen["seconds"], "logprobs": row["logprobs"], "update": row["update"],
+                  "critic": critic_s, "refit": refit}
+        # the trainer runs the actor's and the critic's forward passes together, then their updates together
+        learner = max(row["logprobs"], values_s) + max(row["update"], critic_s - values_s)
+        row |= step_summary(phases, tokens, gpus, overlap, learner)
+    return {"inputs": {"hardware": hw.name, "peak_tflops": hw.peak_flops / 1e12, "train_mfu": inputs.train_mfu,
+                       "hbm_tb_s": hw.hbm_bandwidth / 1e12, "decode_hbm_efficiency": inputs.decode_hbm_efficiency,
+                       "nvlink_gb_s": hw.nvlink_bandwidth / 1e9, "ib_gb_s": hw.ib_bandwidth / 1e9,
+                       "link_efficiency": inputs.link_efficiency},
+            "sequences": sequences, "prompt_tokens": prompt, "mean_response": mean_response,
+            "max_response": max_response, "tokens": tokens, "async": r.trainer.mode == "async" and not res.colocate,
+            "can_overlap": not res.colocate,  # colocated engines share the learners' GPUs: no async overlap
+            "generation": {k: gen[k] for k in ("decode_steps", "batch", "concurrency", "step", "prefill")},
+            "layouts": rows}
 
 
 def _ep_candidate(ctx: _Ctx, gpus: int) -> int:
@@ -246,14 +421,15 @@ def plan_learner(ctx: _Ctx, role: str) -> RolePlan:
     if role == "actor" and r.learner.reference:
         parts["ref_weights"] = _reference_bytes(ctx, gpus, stage)
     where = "on CPU" if ctx.cpu_run else f"over {gpus} GPUs"
+    eo = ep > 1 and r.learner.expert_optimizer_offload
     experts = (f" + {ctx.shape.num_experts // ep} of {ctx.shape.num_experts} routed experts resident per GPU "
-               f"(EP{ep}; every one of the {gpus // ep} GPUs holding the same experts keeps their whole optimizer states)"
-               if ep > 1 else "")
+               f"(EP{ep}; the {gpus // ep} GPUs holding the same experts share their optimizer states, 1/{gpus // ep} "
+               f"each{', in host memory' if eo else ''})" if ep > 1 else "")
     detail = (f"ZeRO-{stage} {where}{experts}, {ctx.tokens} tokens per micro-batch, gradient checkpointing "
-              f"{'on' if ckpt else 'off'}" + (", optimizer offloaded" + (" (DeepSpeed's; the experts' stays on the GPU)" if ep > 1 else "")
+              f"{'on' if ckpt else 'off'}" + (", optimizer offloaded" + (f" (DeepSpeed's; the experts' {'too' if eo else 'stays on the GPU'})" if ep > 1 else "")
                                                if offload and stage >= 1 else "")
               + (", with the frozen reference" if "ref_weights" in parts else "")
-              + f"; activations = {fmt_gib(layers)} layers" + (f" + {fmt_gib(parts['activations'] - layers)} logits"
+              + f"; activations = {fmt_gib(layers)} layers" + (f" + {fmt_gib(parts['activations'] - layers)} log-prob head"
                                                           if role == "actor" else ""))
     plan = RolePlan(role, gpus, parts, ctx.budget, fits=False, detail=detail,
                     extra={"params": _role_params(ctx, role)})
@@ -269,7 +445,8 @@ def plan_learner(ctx: _Ctx, role: str) -> RolePlan:
     if host:
         plan.extra["host_gib_per_node"] = round(host / GiB, 1)
         cpu = r.resources.cpu_memory_gb
-        plan.detail += f"; host memory for offload ~{host / GiB:,.0f} GiB per node (DeepSpeed's estimate)"
+        plan.detail += (f"; host memory for offload ~{host / GiB:,.0f} GiB per node (DeepSpeed's estimate"
+                        + (" + the experts' sharded states, 16 bytes x routed / N per GPU)" if eo else ")"))
         if cpu and host > cpu * GiB:
             plan.fits = False
             plan.detail += f" > resources.cpu_memory_gb = {cpu:g}"
@@ -477,7 +654,14 @@ def plan_recipe(recipe: Recipe) -> Plan:
              "dtype": recipe.model.dtype}
     resources = res.model_dump() | {"cpu_run": cpu_run, "usable_fraction": USABLE_FRACTION,
                                     "micro_batch_tokens": ctx.tokens, "max_model_len": seq_len}
-    return Plan(recipe.source, model, resources, roles, _notes(ctx, critic))
+    step_time = None
+    if not cpu_run and res.actor_gpus:
+        comparison = actor.extra.get("expert_parallel")
+        layouts = comparison["layouts"] if comparison else [
+            {"expert_parallel": 1, "gpus": res.actor_gpus, "layout": f"ZeRO-{recipe.learner.zero_stage}",
+             "configured": True}]
+        step_time = step_time_plan(ctx, layouts, critic)
+    return Plan(recipe.source, model, resources, roles, _notes(ctx, critic), step_time)
 
 
 # The plan reads no data: data files named by a cluster recipe need not exist on the machine that plans it.

@@ -57,6 +57,45 @@ def _expert_parallel_table(plan: Plan, console) -> None:
                   f"EP moves tokens instead (mispo/plan/comm.py)[/dim]")
 
 
+def _step_time_table(plan: Plan, console) -> None:
+    """Predicted seconds per step per actor layout (mispo/plan/step_time.py), and the assumptions behind them."""
+    from rich.table import Table
+
+    st = plan.step_time
+    if not st:
+        return
+    i = st["inputs"]
+    mode = "async" if st["async"] else "sync"
+    table = Table(title=f"predicted step time ({i['hardware']} constants; the recipe runs {mode})",
+                  title_justify="left")
+    for col in ("layout", "GPUs", "generation", "log-probs", "policy update", "critic", "refit", "step (sync)",
+                "step (async)", "tokens/s/GPU (sync / async)"):
+        table.add_column(col, justify="left" if col == "layout" else "right")
+    for row in st["layouts"]:
+        name = row["layout"] + (" (recipe)" if row["configured"] else "")
+        phases = ("generation", "logprobs", "update", "critic", "refit", "step_sync")
+        overlap = st["can_overlap"]
+        table.add_row(name, str(row["gpus"]), *(f"{row[k]:,.0f} s" for k in phases),
+                      f"{row['step_async']:,.0f} s" if overlap else "- (colocated)",
+                      f"{row['tokens_per_s_per_gpu_sync']:,.1f} / "
+                      + (f"{row['tokens_per_s_per_gpu_async']:,.1f}" if overlap else "-"))
+    console.print(table)
+    recipe_row = next((row for row in st["layouts"] if row["configured"]), st["layouts"][0])
+    parts = {"generation": recipe_row["generation"], "the actor (log-probs + update)":
+             recipe_row["logprobs"] + recipe_row["update"], "the critic": recipe_row["critic"]}
+    slowest = max(parts, key=parts.get)
+    console.print(f"the recipe's layout spends longest in {slowest}: {parts[slowest]:,.0f} s a step")
+    g = st["generation"]
+    console.print(f"[dim]step time = a model (mispo/plan/step_time.py), not a measurement: {st['sequences']:,} samples "
+                  f"x ({st['prompt_tokens']:,} prompt + {st['mean_response']:,.0f} response tokens, assumed means) = "
+                  f"{st['tokens']:,.0f} tokens (GPUs: actor + critic + rollout); learners at {i['train_mfu']:.0%} of "
+                  f"{i['peak_tflops']:,.0f} TFLOP/s, decode at {i['decode_hbm_efficiency']:.0%} of "
+                  f"{i['hbm_tb_s']:g} TB/s HBM ({g['decode_steps']:,.0f} decode steps of {g['step'] * 1e3:,.1f} ms, "
+                  f"{g['batch']:,.0f} sequences live), links NVLink {i['nvlink_gb_s']:,.0f} / InfiniBand "
+                  f"{i['ib_gb_s']:,.0f} GB/s per GPU x {i['link_efficiency']:.0%}; sync = generation + learners + "
+                  f"refit (actor and critic side by side), async = max(generation, learners) + refit[/dim]")
+
+
 def print_plan(plan: Plan, console=None) -> None:
     """The plan as a rich table (one row per role), then each role's detail, fixes, and the notes."""
     from rich.console import Console
@@ -79,6 +118,7 @@ def print_plan(plan: Plan, console=None) -> None:
         table.add_row(*_row(r, res))
     console.print(table)
     _expert_parallel_table(plan, console)
+    _step_time_table(plan, console)
     for r in plan.roles:
         console.print(f"[bold]{r.role}[/bold]: {r.detail}")
         for fix in r.fixes:

@@ -14,7 +14,7 @@ import pytest
 from mispo.config import RecipeError, load_recipe
 from mispo.plan import (GiB, LayerShape, activation_bytes, kv_bytes_per_sequence, kv_bytes_per_token,
                         model_state_bytes, plan_recipe)
-from mispo.plan.memory import logits_bytes
+from mispo.plan.memory import head_logprob_bytes, logits_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 FLASH_JSON = ROOT / "mispo/models/step3p5/configs/step3p5_flash.json"
@@ -166,9 +166,12 @@ def test_activations_formula(flash_dir):
     shape = model_shape(load_recipe(None, flash_overrides(flash_dir)))
     T, V = 4096, 128896
     logits = activation_bytes(shape, T, 2, True, logits=True) - activation_bytes(shape, T, 2, True, logits=False)
-    # the logits and their gradient (bf16) + 2.25 fp32 [1024, V] chunks: no fp32 [T, V] copy
-    assert logits == logits_bytes(T, V, 2) == 2 * T * V * 2 + 2.25 * 1024 * V * 4
-    # and no second gradient at any length (the learner reads the logits as a view)
+    # the fused head: 2.25 fp32 [260, V] chunks (head_chunk at the release's vocabulary), nothing of size T x V
+    assert logits == head_logprob_bytes(T, V) == 2.25 * 260 * V * 4
+    assert head_logprob_bytes(16384, V) == logits and head_logprob_bytes(100, V) == 2.25 * 100 * V * 4
+    # the logits path (a model that transforms its logits): the logits and their gradient (bf16) + 2.25 fp32
+    # [1024, V] chunks, no fp32 [T, V] copy and no second gradient at any length
+    assert logits_bytes(T, V, 2) == 2 * T * V * 2 + 2.25 * 1024 * V * 4
     assert logits_bytes(16384, V, 2) == 2 * 16384 * V * 2 + 2.25 * 1024 * V * 4
     assert activation_bytes(shape, T, 2, True, False) < activation_bytes(shape, T, 2, False, False) / 5
 
@@ -183,11 +186,18 @@ def test_expert_parallel_formulas_on_a_toy_shape():
     zero3 = model_state_bytes(1000, 400, 4, 3, bf16=True)
     assert sum(v for k, v in zero3.items() if k != "host") == pytest.approx(4 * 400 + 18 * 1000 / 4, abs=1)  # 6100
     ep = expert_parallel_state_bytes(1000, 800, 50, 4, 2, 3, bf16=True)
-    # non-experts (200) under ZeRO-3: 4 x 50 + 18 x 200 / 4 = 1100; experts 400 per GPU, whole states on every
-    # replica (what ShardedExperts holds): 2 x 400 weights, 6 x 400 grads, 12 x 400 optimizer = 8000
+    # non-experts (200) under ZeRO-3: 4 x 50 + 18 x 200 / 4 = 1100; experts 400 per GPU (what ShardedExperts
+    # holds): 2 x 400 weights, 2 x 400 bf16 grads + the fp32 part 4 x 400 / 2, master + moments 12 x 400 / 2 = 4800
     assert ep["weights"] == pytest.approx(2 * 200 / 4 + 4 * 50 + 800)
-    assert ep["optimizer"] == pytest.approx(12 * 200 / 4 + 4800)
-    assert sum(v for k, v in ep.items() if k != "host") == pytest.approx(1100 + 8000, abs=1)
+    assert ep["optimizer"] == pytest.approx(12 * 200 / 4 + 2400)
+    assert sum(v for k, v in ep.items() if k != "host") == pytest.approx(1100 + 4800, abs=1)
+    # learner.expert_optimizer_offload: the experts' 16 x 400 / 2 bytes per GPU go to the host (x 4 GPUs a node)
+    off = expert_parallel_state_bytes(1000, 800, 50, 4, 2, 3, bf16=True, expert_offload=True)
+    assert sum(v for k, v in off.items() if k != "host") == pytest.approx(1100 + 1600, abs=1)
+    assert off["host"] == pytest.approx(16 * 400 / 2 * 4)
+    # D = 1 (N = EP = 2): whole states, 20 bytes per resident expert parameter, as before the sharding
+    one = expert_parallel_state_bytes(800, 800, 0, 2, 2, 3, bf16=True)
+    assert sum(v for k, v in one.items() if k != "host") == pytest.approx(20 * 400, abs=1)
     # M = 2 micro-batches, 100 tokens, S = 1 optimizer step, 2 passes, b = 2
     t = StepTraffic(gpus=4, micro_batches=2, tokens=100, optimizer_steps=1, passes=2, dtype_bytes=2)
     assert zero_bytes(1000, 3, t) == 2 * 3 * 0.75 * 1000 * 2 == 9000  # 2 gathers + 1 reduce-scatter per micro-batch
@@ -202,17 +212,24 @@ def test_plan_compares_zero3_with_expert_parallel(flash_dir):
     plain, ep8 = flash_plan(flash_dir), flash_plan(flash_dir, "learner.expert_parallel=8")
     for plan, configured in ((plain, 1), (ep8, 8)):
         rows = {r["expert_parallel"]: r for r in plan.role("actor").extra["expert_parallel"]["layouts"]}
-        assert set(rows) == {1, 8} and rows[configured]["configured"]
+        # the planner's proposal: EP32 x expert-DP2 on the recipe's 64 GPUs, the experts' optimizer on the host
+        assert set(rows) == {1, 8, 32} and rows[configured]["configured"] and rows[32]["proposed"]
+        assert rows[32]["gpus"] == 64 and rows[32]["expert_data_parallel"] == 2 and rows[32]["expert_offload"]
+        assert rows[32]["memory_per_gpu"] < 0.8 * plan.role("actor").budget and rows[32]["fits"]
         assert rows[configured]["memory_per_gpu"] == plan.role("actor").total
         assert rows[8]["experts_per_gpu"] == 288 // 8 and rows[1]["comm"]["all_to_all"] == 0
         # ZeRO-3 gathers all 199B parameters each pass of every micro-batch; EP moves tokens instead
         assert rows[8]["comm_per_gpu_step"] < rows[1]["comm_per_gpu_step"] / 3
         assert rows[8]["comm"]["zero"] < rows[1]["comm"]["zero"] / 20  # only the 9B non-expert parameters
     # resident experts: 190B / 8 = 24B per GPU, 4 bytes each (bf16 weights + grads) alone exceed 80 GB (and the
-    # experts' own optimizer keeps whole states on every replica: 16 more bytes each)
+    # experts' optimizer, sharded over the 8 replicas: 16 / 8 more bytes each)
     actor = ep8.role("actor")
     assert not actor.fits and actor.parts["weights"] > 2 * 190e9 / 8 and "EP8" in actor.detail
+    assert actor.parts["optimizer"] == pytest.approx(12 * 190.25e9 / 64, rel=0.02)  # + DeepSpeed's (offloaded)
     assert any(f.startswith("learner.expert_parallel=1:") for f in actor.fixes)
+    assert any(f.startswith("learner.expert_parallel=32 + learner.expert_optimizer_offload=true:") for f in actor.fixes)
+    ep32 = flash_plan(flash_dir, "learner.expert_parallel=32", "learner.expert_optimizer_offload=true").role("actor")
+    assert ep32.fits and ep32.total == rows[32]["memory_per_gpu"] and "in host memory" in ep32.detail
     assert plain.role("actor").parts == flash_plan(flash_dir, "learner.expert_parallel=1").role("actor").parts
 
 
@@ -306,8 +323,8 @@ def test_cli_prints_the_table(flash_dir):
                           f"model.path={flash_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 0, out.stderr
-    for text in ("196.96B", "actor", "critic", "rollout", "ZeRO-3 over 64 GPUs", "fits", "KV", "EP8 + ZeRO-3",
-                 "all-to-all"):
+    for text in ("196.96B", "actor", "critic", "rollout", "ZeRO-3 over 64 GPUs", "fits", "KV", "EP8 x EDP8 + ZeRO-3",
+                 "EP32 x EDP2 + ZeRO-3, expert optimizer on host (proposed)", "all-to-all"):
         assert text in out.stdout
 
 
