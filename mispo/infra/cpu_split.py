@@ -5,6 +5,10 @@ and the learners to the others (torch threads = their core count). 0 (the defaul
 sync shares every core with every role (generation and updates never run at the same time), async
 gives the rollouts half the cores, rounded up, so generating the next steps does not thrash the update
 running beside it. A machine with one core always shares it.
+
+The split is of the driver's machine, so it applies only where every role runs there: a GPU run, or a run
+that places roles on nodes (`resources.node_resources`), is not split (`run_split`): each process uses the
+cores of its own node (`pin_process(None)`). A process given cores its node does not have is an error.
 """
 
 from __future__ import annotations
@@ -24,6 +28,14 @@ class CoreSplit:
 def available_cores() -> list[int]:
     """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def run_split(resources, mode: str, workers: int) -> CoreSplit:
+    """The split of a run: none on a GPU run or when `resources.node_resources` places roles on nodes (each
+    process then uses its own node's cores), else `split_cores` over this machine's cores."""
+    if resources.gpus_per_node or resources.node_resources:
+        return CoreSplit(None, None)
+    return split_cores(resources.rollout_cores, mode, available_cores(), workers)
 
 
 def split_cores(rollout_cores: int, mode: str, cores: list[int], workers: int) -> CoreSplit:
@@ -58,6 +70,14 @@ def pin_process(cores: list[int] | None, sharers: int = 1) -> None:
     if not cores and torch.cuda.is_available():
         return
     if cores:
+        here = available_cores()
+        if not set(cores) <= set(here):
+            import socket
+
+            raise RuntimeError(f"this process on {socket.gethostname()} was given cores {_ranges(cores)} (the "
+                               f"driver's core split) but may run on {_ranges(here)}: the split is of the driver's "
+                               "machine and this process runs on another node; fix: resources.node_resources for a "
+                               "multi-node run (no split), or run every role on the driver's node")
         os.sched_setaffinity(0, cores)
     torch.set_num_threads(max(1, len(cores or available_cores()) // max(1, sharers)))
 

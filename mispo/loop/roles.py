@@ -57,7 +57,8 @@ def start_roles(recipe: Recipe, policy_path: str, cores, timeouts: CallTimeouts,
     r = recipe
     start_ray(r.trainer.ray_address)
     with_critic = r.learner.critic is not None and r.algorithm.advantage == "gae"
-    placement = place_roles(r.resources, with_critic, r.rollout.num_workers)  # None on a CPU run
+    # None on a CPU run (unless resources.node_resources places roles on nodes)
+    placement = place_roles(r.resources, with_critic, r.rollout.num_workers, learner_ranks=r.learner.ranks)
 
     def start_learners():
         common = dict(model=r.model.model_dump(), learner=r.learner.model_dump(),

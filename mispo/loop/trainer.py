@@ -36,9 +36,9 @@ from rich.console import Console
 from mispo.batch import RolloutBatch
 from mispo.infra.call_timeout import CallTimedOut, CallTimeouts
 from mispo.weights.checkpoint_store import CheckpointStore, final_save, periodic_save, write_failure
-from mispo.infra.cluster import start_ray
+from mispo.infra.cluster import check_shared_storage, start_ray
 from mispo.config import Recipe, dump_recipe
-from mispo.infra.cpu_split import CoreSplit, available_cores, split_cores
+from mispo.infra.cpu_split import run_split
 from mispo.loop.domains import draw_step, generate_step, load_domains, step_seed
 from mispo.loop.dynamic_sampling import fill_batch, no_variance_streak
 from mispo.families import family_of
@@ -103,8 +103,7 @@ class Trainer:
                               "rollout_tensor_parallel), with rollout_expert_parallel for MoE experts")
         self.domains = load_domains(r)  # before any model work: bad data or plugins fail fast
         self.samplers = {d.name: d.sampler() for d in self.domains}
-        cores = CoreSplit(None, None) if r.resources.gpus_per_node else \
-            split_cores(r.resources.rollout_cores, r.trainer.mode, available_cores(), r.rollout.num_workers)
+        cores = run_split(r.resources, r.trainer.mode, r.rollout.num_workers)  # none when roles span nodes
         self.policy_path = str(starting_policy(r, self._warmup))
         # before the learners and engines start: what they cannot run, the engine's context, the tokenizer
         r.rollout.max_model_len = check_policy(self.policy_path, r)
@@ -118,6 +117,9 @@ class Trainer:
         self.band = adaptive_band(r.algorithm)
         self.restarts = 0
         self.call_timeouts = CallTimeouts(r.trainer.call_timeout_s)  # learnt per kind of call, kept over restarts
+        if r.trainer.ray_address:  # an existing cluster, maybe multi-node: every role's node must see the run
+            start_ray(r.trainer.ray_address)
+            check_shared_storage(r.resources, self.output, [Path(self.policy_path)])
         self.roles = roles(r, self.policy_path, cores, self.call_timeouts, max(d.max_new_tokens for d in self.domains))
         self.policy, self.critic, self.engines = self.roles.policy, self.roles.critic, self.roles.engines
         self.teachers = self.roles.teachers  # {domain: teacher group}: on-policy distillation's advantage source

@@ -198,11 +198,12 @@ class RolloutGroup:
         if self._group is None or self._group["backend"] != backend:
             import ray
 
-            from mispo.weights.broadcast import Rendezvous
+            from mispo.weights.broadcast import Rendezvous, broadcast_members
 
             if self._rendezvous is None:
-                self._rendezvous = Rendezvous(ray.util.get_node_ip_address())
-            self._group = self._rendezvous.group(1 + len(self.workers) * self.tensor_parallel, backend)
+                self._rendezvous = Rendezvous(ray.util.get_node_ip_address())  # the driver's node IP: multi-node
+            self._group = self._rendezvous.group(1 + len(self.workers) * self.tensor_parallel, backend,
+                                                 broadcast_members(len(self.workers), self.tensor_parallel))
         return self._group
 
     def _stop_hung(self, i: int, method: str, seconds: float) -> None:
