@@ -169,9 +169,10 @@ class ShardedExperts:
     # ------------------------------------------------------------------ update
     def grad_norm_sq(self) -> float:
         """||g_experts||^2 of the reduced gradients (after `reduce_grads`), over all experts of the model."""
-        sq = torch.zeros((), dtype=torch.float64)
+        device = self.params[0].device if self.params else torch.device("cpu")  # NCCL reduces CUDA tensors only
+        sq = torch.zeros((), dtype=torch.float64, device=device)
         for g in self.grad_parts or ():
-            sq += g.detach().double().pow(2).sum().cpu()
+            sq += g.detach().double().pow(2).sum().to(device)
         # every part of every expert has one owner: the EP group's ranks hold distinct experts, the expert-DP
         # group's ranks distinct parts of them
         dist.all_reduce(sq, group=self.ep_group if self.dp_size == 1 else None)
