@@ -10,14 +10,18 @@ GRPO, one optimizer step per step on the whole batch) in a `python -m mispo trai
 `time/step_s` over the steps after the first. The limit, each part in a subprocess of its own after a warm-up:
 
     generation  vllm.LLM(**mispo's own engine kwargs, minus mispo's worker extension).generate of the same
-                rendered prompts, n = samples, temperature 1, max_tokens as the recipe, the same dtype:
-                the mean over --repeats batches (prompts drawn like the run's: consecutive rows)
+                prompt tokens (chat template as mispo renders it), n = samples, temperature 1, every answer
+                exactly the run's mean response length (ignore_eos: the same tokens as mispo generated), the
+                same dtype: the mean over --repeats batches (consecutive rows of the prompts)
     update      one forward + backward + AdamW step in plain torch over the run's mean tokens per step
                 (prompt and response lengths at the run's means, packed in the learner's micro-batches),
                 log-probs through the same fused head: the best of --repeats
 
     sync ratio  = mispo s/step / (generation + update)             goal <= 1.15
     async ratio = mispo s/step / max(generation, update)           goal <= 1.10
+
+Each part runs on the cores the run gives its role (`mispo.infra.cpu_split.split_cores`): every core in sync
+mode, half each in async mode on a CPU machine, so the async limit is what the two halves can do side by side.
 
 Everything else mispo does per step (reward, the pi_old pass when not fused, advantages and masks, weight sync,
 RPCs, metrics) is the overhead the ratio shows. On a shared machine the numbers move with the load (printed).
@@ -42,10 +46,16 @@ GOALS = {"sync": 1.15, "async": 1.10}
 
 
 # --------------------------------------------------------------------------- the limit's two parts (children)
-def raw_generation(model_dir: str, recipe: dict, prompts_file: str, repeats: int) -> dict:
-    """Seconds of one step's generation on a bare vLLM engine: mean of `repeats` batches after a warm-up one."""
+def raw_generation(model_dir: str, recipe: dict, prompts_file: str, repeats: int, cores: list[int] | None,
+                   response_len: int) -> dict:
+    """Seconds of one step's generation on a bare vLLM engine (pinned to `cores` as the run pins its engines):
+    mean of `repeats` batches after a warm-up one."""
+    from mispo.infra.cpu_split import pin_process
+
+    pin_process(cores)  # before the engine starts its threads, as mispo's rollout worker does
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
 
     from mispo.config import RolloutConfig
     from mispo.rollout.vllm_engine import engine_kwargs
@@ -56,9 +66,11 @@ def raw_generation(model_dir: str, recipe: dict, prompts_file: str, repeats: int
     llm = LLM(**kwargs)
     tok = AutoTokenizer.from_pretrained(model_dir)
     rows = [json.loads(line) for line in Path(prompts_file).read_text().splitlines()]
-    texts = [tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
-                                     tokenize=False) for row in rows]
-    params = SamplingParams(n=r["n_samples"], temperature=1.0, top_p=1.0, max_tokens=r["max_new_tokens"])
+    texts = [TokensPrompt(prompt_token_ids=ids) for ids in rendered_prompts(tok, rows)]  # the learner's tokens
+    # every answer exactly the run's mean length: the same number of tokens as mispo's measured steps generated
+    # (the policy learns to answer shorter as it trains; the untrained engine would not)
+    params = SamplingParams(n=r["n_samples"], temperature=1.0, top_p=1.0, min_tokens=response_len,
+                            max_tokens=response_len, ignore_eos=True)
     per = r["prompts_per_step"]
     times, tokens = [], []
     for i in range(repeats + 1):
@@ -72,10 +84,14 @@ def raw_generation(model_dir: str, recipe: dict, prompts_file: str, repeats: int
 
 
 def bare_update(model_dir: str, dtype: str, prompt_len: int, response_len: int, sequences: int,
-                micro_batch_tokens: int, repeats: int) -> dict:
+                micro_batch_tokens: int, repeats: int, cores: list[int] | None) -> dict:
     """Seconds of one forward + backward + AdamW step over `sequences` packed samples, plain torch (no DeepSpeed,
-    no Ray): the best of `repeats` after a warm-up step."""
+    no Ray; on `cores` as the run pins its learner): the best of `repeats` after a warm-up step."""
     import torch
+
+    from mispo.infra.cpu_split import pin_process
+
+    pin_process(cores)
 
     from mispo.batch import Sample
     from mispo.learner.models import load_policy
@@ -119,21 +135,26 @@ def child(kind: str, payload: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- one configuration
+def rendered_prompts(tok, rows: list[dict]) -> list[list[int]]:
+    """The prompts' token ids as mispo renders them (chat template, then no special tokens added)."""
+    texts = [tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
+                                     tokenize=False) for row in rows]
+    return [list(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
 def mean_prompt_tokens(model_dir: Path, prompts: Path) -> float:
     """Mean tokens of the task's prompts rendered with the chat template (what the engines and learner see)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    rows = [json.loads(line)["prompt"] for line in prompts.read_text().splitlines()]
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-             for p in rows]
-    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    lengths = [len(ids) for ids in rendered_prompts(tok, [json.loads(line) for line in prompts.read_text().splitlines()])]
     return sum(lengths) / len(lengths)
 
 
 def measure(config: str, dtype: str, modes: list[str], steps: int, repeats: int) -> list[dict]:
     from benchmarks.mispo_run import train
     from benchmarks.vs_trl import CONFIGS, mispo_recipe, write_model, write_prompts
+    from mispo.infra.cpu_split import available_cores, split_cores
 
     setup = CONFIGS[config]
     rows = []
@@ -149,11 +170,13 @@ def measure(config: str, dtype: str, modes: list[str], steps: int, repeats: int)
             response = sum(m["rollout/response_len"] for m in metrics) / len(metrics)
             prompt = mean_prompt_tokens(model_dir, prompts)
             sequences = setup.prompts * setup.samples
+            split = split_cores(0, mode, available_cores(), 1)  # the run's own split (async: half each)
             gen = child("generation", {"model_dir": str(model_dir), "recipe": recipe, "prompts_file": str(prompts),
-                                       "repeats": repeats})
+                                       "repeats": repeats, "cores": split.rollout[0] if split.rollout else None,
+                                       "response_len": max(1, round(response))})
             upd = child("update", {"model_dir": str(model_dir), "dtype": dtype, "prompt_len": max(1, round(prompt)),
                                    "response_len": max(1, round(response)), "sequences": sequences,
-                                   "micro_batch_tokens": 4096, "repeats": repeats})
+                                   "micro_batch_tokens": 4096, "repeats": repeats, "cores": split.learner})
             limit = gen["seconds"] + upd["seconds"] if mode == "sync" else max(gen["seconds"], upd["seconds"])
             parts = {k: sum(m.get(k, 0.0) for m in metrics) / len(metrics)
                      for k in ("time/generate_s", "time/reward_s", "time/forward_s", "time/train_s",
