@@ -50,20 +50,21 @@ def warmup_schedule(warmup_steps: int):
 
 
 @contextlib.contextmanager
-def partitioned_load(model_path: str, dtype: str):
+def partitioned_load(model_path: str, dtype: str, config: dict | None = None):
     """While open, transformers' from_pretrained builds the model inside DeepSpeed's zero.Init (a
-    `HfDeepSpeedConfig` for the load only, as `frozen_model` loads the reference): each rank holds 1/N of every
-    parameter as it loads, never the whole model; the fp32 buffers stay fp32. For a ZeRO-3 engine (every rank
-    must load: a collective)."""
+    `HfDeepSpeedConfig` for the load only; the actor and `frozen_model` load this way): each rank holds 1/N of
+    every parameter as it loads, never the whole model; the fp32 buffers stay fp32. For a ZeRO-3 engine (every
+    rank must load: a collective). `config`: the engine's DeepSpeed config (default: a ZeRO-3 one)."""
     import re
 
     from transformers.integrations import HfDeepSpeedConfig
 
     from mispo.learner.frozen_model import fp32_buffers
 
-    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
-              "bf16": {"enabled": dtype == "bfloat16"},
-              "data_types": {"keep_in_fp32_modules": [re.escape(n) for n in fp32_buffers(model_path, dtype)]}}
+    if config is None:
+        config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+                  "bf16": {"enabled": dtype == "bfloat16"},
+                  "data_types": {"keep_in_fp32_modules": [re.escape(n) for n in fp32_buffers(model_path, dtype)]}}
     loading = HfDeepSpeedConfig(config)
     try:
         yield

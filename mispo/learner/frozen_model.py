@@ -35,7 +35,8 @@ def frozen_model(model_path: str, dtype: str, zero_stage: int, device: torch.dev
         module = load_policy(model_path, dtype, attn_backend=attn_backend, moe_backend=moe_backend)
         return module.eval().requires_grad_(False).to(device)
     import deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
+
+    from mispo.learner.engine import partitioned_load
 
     config = {
         "train_micro_batch_size_per_gpu": 1,  # required by DeepSpeed's config check; no training happens
@@ -47,11 +48,8 @@ def frozen_model(model_path: str, dtype: str, zero_stage: int, device: torch.dev
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    loading = HfDeepSpeedConfig(config)  # while it lives, from_pretrained partitions as it loads
-    try:
+    with partitioned_load(model_path, dtype, config):
         module = load_policy(model_path, dtype, attn_backend=attn_backend, moe_backend=moe_backend)
-    finally:
-        del loading  # later loads in this process (the actor's) are plain again
     module.eval().requires_grad_(False)
     engine, _, _, _ = deepspeed.initialize(model=module, config=config)
     if engine.device != torch.device(device):

@@ -13,6 +13,7 @@ gives exactly the single-rank gradient.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from mispo.algorithms import PolicyLossInputs, compute_policy_loss
 from mispo.batch import RolloutBatch
 from mispo.families import family_of
-from mispo.learner.engine import average_over_ranks, full_parameters
+from mispo.learner.engine import average_over_ranks, full_parameters, partitioned_load
 from mispo.learner.frozen_model import frozen_model
 from mispo.learner.group import rank0_only
 from mispo.learner.metrics import combine_partials, mean_metrics, mini_batches, peak_rss_gib
@@ -70,9 +71,6 @@ class PolicyWorker(LearnerWorker):
     def _policy_module(self, partitioned: bool = False) -> torch.nn.Module:
         """The policy as the recipe wants it (dtype, backends, fp32 head, frozen router, LoRA adapters);
         `partitioned` (ZeRO-3 without LoRA; every rank): built partitioned, no rank holding the whole model."""
-        import contextlib
-
-        from mispo.learner.engine import partitioned_load
         cfg = self.model_cfg
         partitioned = partitioned and cfg.lora is None
         with partitioned_load(self.model_path, cfg.dtype) if partitioned else contextlib.nullcontext():

@@ -5,7 +5,8 @@ learner rank 0 to the engines through the driver's TCPStore). The run's driver i
 after step 1's checkpoint and resumed on the same cluster. Checks: the resumed run says "resumed from" and
 ends at step 2; the policy learners ran on node_a and the rollout engines on node_b (the GCS actor table: node
 ids differ); a resource no node holds is a clear error. The cluster is this module's own (its own temp dir and
-port) and is torn down by the pids of its processes."""
+port), started by this test (`ray start --block` as its children) and torn down by pid: those processes and
+their descendants."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,19 +38,39 @@ def ray_env() -> dict:
     return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
 
 
-def own_processes(temp_dir: str) -> list[psutil.Process]:
-    """The processes of the cluster whose temp dir is `temp_dir` (unique to this module: its raylets, GCS and
-    their workers) and their descendants; never this test's own process."""
-    found: dict[int, psutil.Process] = {}
-    for p in psutil.process_iter(["pid", "cmdline"]):
+def start_raylet(args: list[str], env: dict) -> subprocess.Popen:
+    """`ray start --block ARGS` as this test's child (its GCS, raylet and, later, workers are its descendants);
+    returns once it says the runtime started."""
+    proc = subprocess.Popen(["ray", "start", "--block", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen, deadline = [], time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if "Ray runtime started" in line:  # keep reading what it prints, so a full pipe never blocks it
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            return proc
+    stop_tree([proc])
+    raise AssertionError("ray start did not come up:\n" + "".join(seen[-40:]))
+
+
+def stop_tree(started: list[subprocess.Popen]) -> None:
+    """SIGKILL the processes this test started, by pid, and every descendant of theirs (GCS, raylet, workers)."""
+    procs = []
+    for popen in started:
         try:
-            if p.pid != os.getpid() and any(temp_dir in a for a in p.info["cmdline"] or []):
-                found[p.pid] = p
-                found.update({c.pid: c for c in p.children(recursive=True)})
+            root = psutil.Process(popen.pid)
+            procs += root.children(recursive=True) + [root]
         except psutil.Error:
             pass
-    found.pop(os.getpid(), None)
-    return list(found.values())
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -57,22 +79,15 @@ def cluster():
     temp_dir = tempfile.mkdtemp(prefix="mn", dir="/tmp")  # short: Ray's socket paths live under it
     port = random.randint(20000, 40000)
     env, common = ray_env(), ["--num-cpus=1", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+    started: list[subprocess.Popen] = []
     try:
         for args in (["--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false",
                       '--resources={"node_a": 1}'],
                      [f"--address=127.0.0.1:{port}", '--resources={"node_b": 1}']):
-            done = subprocess.run(["ray", "start", *args, *common], env=env, capture_output=True, text=True,
-                                  timeout=120)
-            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+            started.append(start_raylet([*args, *common], env))
         yield f"127.0.0.1:{port}"
     finally:
-        procs = own_processes(temp_dir)
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=30)
+        stop_tree(started)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

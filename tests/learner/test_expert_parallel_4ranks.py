@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_expert_parallel import _model  # tests/learner is on sys.path (no __init__.py)
 
 from mispo.learner.expert_parallel import Slice
 
@@ -33,21 +34,6 @@ def test_offload_needs_expert_parallel():
         Recipe(learner={"expert_optimizer_offload": True})
     cfg = Recipe(learner={"expert_parallel": 2, "ranks": 4, "expert_optimizer_offload": True}).learner
     assert cfg.expert_optimizer_offload
-
-
-def _model(seed: int):
-    from mispo.models.step3p5 import Step3p5ForCausalLM
-    from mispo.models.step3p5.tiny import tiny_config
-
-    torch.manual_seed(seed)
-    config = tiny_config(num_hidden_layers=3, hidden_size=32, num_nextn_predict_layers=0)
-    config.moe_backend = config.attn_backend = "torch"
-    model = Step3p5ForCausalLM(config)
-    with torch.no_grad():  # a non-zero router bias, so selection and weights differ
-        for m in model.modules():
-            if hasattr(m, "router_bias"):
-                m.router_bias.normal_(0, 0.1)
-    return model
 
 
 def _batch(step: int) -> torch.Tensor:
