@@ -6,8 +6,8 @@
 The learner side is the policy update's own code path on one process (no DeepSpeed, no Ray): a random
 ~25M-parameter Llama (the vs_trl "medium" shape) loaded by `learner.models.load_policy` (packed
 per-sequence attention), samples packed by `learner.packing.pack_samples` into micro-batches of
-`--micro-batch-tokens`, log-probs and entropy by `packing.token_logprobs_and_entropy`, a token-mean
-loss, backward. Sequences: a 40-token prompt and a 128-token response each (the medium workload).
+`--micro-batch-tokens`, log-probs and entropy by `packing.forward_logprobs` (the model's forward with
+the fused log-prob head, as the policy update calls it), a token-mean loss, backward. Sequences: a 40-token prompt and a 128-token response each (the medium workload).
 
 Model FLOPs per token (forward + backward = 3x forward):
     6 * (matmul parameters: every Linear's weight, the LM head included)
@@ -61,7 +61,7 @@ def learner_flops(model_dir: Path, dtype: str, micro_batch_tokens: int, sequence
 
     from mispo.batch import Sample
     from mispo.learner.models import load_policy
-    from mispo.learner.packing import gather_response, pack_samples, token_logprobs_and_entropy
+    from mispo.learner.packing import forward_logprobs, gather_response, pack_samples
 
     model = load_policy(str(model_dir), dtype).train()
     g = torch.Generator().manual_seed(0)
@@ -76,8 +76,7 @@ def learner_flops(model_dir: Path, dtype: str, micro_batch_tokens: int, sequence
     def one_pass() -> float:
         start = time.perf_counter()
         for mb in micro:
-            logits = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
-            logp, _ = token_logprobs_and_entropy(logits, mb.input_ids, 1.0)
+            logp, _ = forward_logprobs(model, mb, None, 1.0, with_entropy=True)
             loss = -gather_response(logp, mb, RESPONSE).sum() / (sequences * RESPONSE)
             loss.backward()
         model.zero_grad(set_to_none=True)

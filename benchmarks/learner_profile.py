@@ -11,8 +11,8 @@ Rows (each the best of `--steps` updates after one warm-up):
     actor 1 thr  the same with one torch thread: what every learner ran with before mispo set its threads
                  (Ray starts num_cpus=0 actors with OMP_NUM_THREADS=1)
     actor zero0  the actor with learner.zero_stage 0 (DeepSpeed without ZeRO's gradient partitioning)
-Phases inside the actor: packing, forward (the model), loss (log-probs, loss), backward, optimizer, other (the
-rest of `train`); rpc = the driver's wall time minus the actor's `train`. GFLOP/s counts forward + backward
+Phases inside the actor: packing, forward (the model with its fused log-prob head), loss (the loss from the
+log-probs), backward, optimizer, other (the rest of `train`); rpc = the driver's wall time minus the actor's `train`. GFLOP/s counts forward + backward
 (benchmarks/learner_flops.model_flops_per_token); ratio = that / the matmul's rate.
 """
 
@@ -45,9 +45,6 @@ def profiled_worker_class():
         def micro_batches(self, samples):
             return self._timed("packing", super().micro_batches, samples)
 
-        def _forward_logits(self, model, mb):
-            return self._timed("forward", super()._forward_logits, model, mb)
-
         def _micro_loss(self, mini, mb, num_tokens):
             return self._timed("_micro_loss", super()._micro_loss, mini, mb, num_tokens)
 
@@ -60,10 +57,17 @@ def profiled_worker_class():
         def profiled_train(self, batch):
             import torch
 
+            import mispo.learner.policy_worker as policy_worker
+
             self.phases = {}
-            start = time.perf_counter()
-            self.train(batch)
-            total = time.perf_counter() - start
+            forward = policy_worker.forward_logprobs  # the model's forward with its log-prob head
+            policy_worker.forward_logprobs = lambda *a, **k: self._timed("forward", forward, *a, **k)
+            try:
+                start = time.perf_counter()
+                self.train(batch)
+                total = time.perf_counter() - start
+            finally:
+                policy_worker.forward_logprobs = forward
             p = self.phases
             p["loss"] = p.pop("_micro_loss", 0.0) - p.get("forward", 0.0)
             p["other"] = total - sum(p.values())

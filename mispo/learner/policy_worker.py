@@ -22,7 +22,7 @@ import torch
 from mispo.algorithms import PolicyLossInputs, compute_policy_loss
 from mispo.batch import RolloutBatch
 from mispo.families import family_of
-from mispo.learner.engine import average_over_ranks, full_parameters, partitioned_load
+from mispo.learner.engine import average_over_ranks, full_parameters, optimizer_step, partitioned_load
 from mispo.learner.frozen_model import frozen_model
 from mispo.learner.group import rank0_only
 from mispo.learner.metrics import combine_partials, mean_metrics, mini_batches, peak_rss_gib
@@ -217,11 +217,10 @@ class PolicyWorker(LearnerWorker):
         the whole model's norm); returns the gradient norm (None when DeepSpeed reports none)."""
         if self.experts is not None:
             self.experts.reduce_grads()
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
+        norm = optimizer_step(self.engine)
         if self.experts is not None:
             return self.experts.step(float(norm or 0.0))
-        return None if norm is None else float(norm)
+        return norm
 
     def sft_step(self, samples: list) -> dict[str, float]:
         """One optimizer step of supervised fine-tuning: token-mean cross-entropy of the response

@@ -41,7 +41,8 @@ class LearnerWorker:
 
     def build(self, module: torch.nn.Module, optim: OptimConfig, generator_seed: int) -> None:
         """The DeepSpeed engine over `module` (AdamW with `optim`) and the mini-batch generator."""
-        self.engine = build_engine(module, optim, self.learner_cfg.zero_stage, self.model_cfg.dtype)
+        self.engine = build_engine(module, optim, self.learner_cfg.zero_stage, self.model_cfg.dtype,
+                                   self.world_size)
         self.generator = torch.Generator().manual_seed(generator_seed)
         self.device = self.engine.device
 

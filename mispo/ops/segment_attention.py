@@ -7,6 +7,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# PyTorch's CPU flash attention in bf16 / fp16 has a large cost per (sequence, head) block: measured on this
+# project's 2-core AMX machine (torch 2.13, forward + backward), blocks shorter than this many positions run
+# 1.2-6x faster in fp32 (e.g. 24 x 8 heads x 168 x 64: 42 vs 51 ms; 64 x 4 x 24 x 16: 1.3 vs 8.1 ms), longer
+# ones as fast or faster in bf16 (12 x 8 x 256 x 64: 36 vs 36 ms; 8 x 16 x 256 x 128: 88 vs 75 ms).
+CPU_FP32_ATTENTION_BELOW = 192
+
 
 def _bucket(n: int) -> int:
     """Padded length of a length-n sequence in `segment_attention`: n rounded up to a quarter of its
@@ -19,42 +25,48 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       window: int | None, scale: float, softcap: float | None = None,
                       sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Packed [1, T] attention computed per sequence: the sequences (bounds `cu_seqlens`) are grouped
-    by padded length P (`_bucket`), each group scattered into a [S_b, P] batch and attended with one
-    causal (+ window) [P, P] mask, and the outputs gathered back. Padding keys sit after every real
-    query of their row, so the causal mask hides them. `softcap` (Gemma 2): scores s = q.k * scale become
-    softcap * tanh(s / softcap) before the mask and softmax. `sinks` (gpt-oss, [heads]): one more logit per head
-    joins each softmax and takes its share of the mass, attending to nothing."""
-    cu = cu_seqlens.to(q.device, torch.long)
-    lens = cu[1:] - cu[:-1]
+    by padded length (`_bucket`), each group stacked into a [S_b, P] batch (P = its longest sequence,
+    zero-padded at the end) and attended with one causal (+ window) [P, P] mask, and the outputs
+    concatenated back in order. Padding keys sit after every real query of their row, so the causal
+    mask hides them. Splitting, padding and concatenating are one `torch.cat` each way (no scatter or
+    index_put), forward and backward. `softcap` (Gemma 2): scores s = q.k * scale become softcap * tanh(s / softcap)
+    before the mask and softmax. `sinks` (gpt-oss, [heads]): one more logit per head joins each softmax
+    and takes its share of the mass, attending to nothing. Tokens past cu_seqlens[-1] get zeros. On CPU,
+    bf16 / fp16 groups shorter than CPU_FP32_ATTENTION_BELOW attend in fp32 (faster there; output cast back)."""
+    bounds = cu_seqlens.tolist()
+    lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     groups: dict[int, list[int]] = {}
-    for s, n in enumerate(lens.tolist()):
+    for s, n in enumerate(lens):
         groups.setdefault(_bucket(n), []).append(s)
-    out = torch.zeros_like(q)
-    for padded, segs in groups.items():
-        segs = torch.tensor(segs, device=q.device)
-        seg_lens = lens[segs]
-        row = torch.repeat_interleave(torch.arange(segs.numel(), device=q.device), seg_lens)
-        first = torch.cumsum(seg_lens, 0) - seg_lens
-        offset = torch.arange(int(seg_lens.sum()), device=q.device) - torch.repeat_interleave(first, seg_lens)
-        token = torch.repeat_interleave(cu[:-1][segs], seg_lens) + offset
+    pieces = [t[0, bounds[0]:bounds[-1]].split(lens) for t in (q, k, v)]  # per sequence: [n, H, D] views
+    outs: list[torch.Tensor | None] = [None] * len(lens)
+    for segs in groups.values():
+        padded = max(lens[s] for s in segs)
 
-        def pad(x: torch.Tensor) -> torch.Tensor:
-            buf = x.new_zeros(segs.numel(), padded, *x.shape[2:])
-            buf[row, offset] = x[0, token]
-            return buf.transpose(1, 2)  # [S_b, H, P, D]
+        def pad(seqs: tuple[torch.Tensor, ...]) -> torch.Tensor:  # one cat of the sequences and zero tails
+            gap = seqs[0].new_zeros(padded, *seqs[0].shape[1:])
+            parts = [p for s in segs for p in (seqs[s], gap[:padded - lens[s]]) if len(p)]
+            return torch.cat(parts).view(len(segs), padded, *seqs[0].shape[1:]).transpose(1, 2)  # [S_b, H, P, D]
 
         if window is None or window >= padded:  # plain causal: SDPA's fused kernel, no mask tensor
             mask, causal = None, True
         else:
             i = torch.arange(padded, device=q.device)
             mask, causal = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window), False
+        qs, ks, vs = (pad(p) for p in pieces)
+        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and padded < CPU_FP32_ATTENTION_BELOW:
+            qs, ks, vs = qs.float(), ks.float(), vs.float()  # faster there (above); fp32 scores, same contract
         if softcap or sinks is not None:
-            o = _explicit_attention(pad(q), pad(k), pad(v), window, scale, softcap, sinks)
+            o = _explicit_attention(qs, ks, vs, window, scale, softcap, sinks)
         else:
-            o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, is_causal=causal,
-                                               scale=scale, enable_gqa=q.shape[2] != k.shape[2])
-        out[0, token] = o.transpose(1, 2)[row, offset]
-    return out
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal, scale=scale,
+                                               enable_gqa=q.shape[2] != k.shape[2])
+        rows = o.to(q.dtype).transpose(1, 2).unbind(0)  # S_b x [P, H, D]: slicing each row keeps backward per-row
+        for row, s in zip(rows, segs):
+            outs[s] = row[:lens[s]]
+    head = [q.new_zeros(bounds[0], *q.shape[2:])] if bounds[0] else []
+    tail = [q.new_zeros(q.shape[1] - bounds[-1], *q.shape[2:])] if q.shape[1] > bounds[-1] else []
+    return torch.cat(head + outs + tail)[None]
 
 
 def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float,

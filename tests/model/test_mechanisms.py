@@ -76,6 +76,38 @@ def test_segment_attention_matches_the_mask_and_its_gradients(window):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
+def test_segment_attention_runs_short_bf16_groups_in_fp32_on_cpu():
+    from mispo.ops.segment_attention import CPU_FP32_ATTENTION_BELOW
+
+    torch.manual_seed(0)
+    short, long = 9, CPU_FP32_ATTENTION_BELOW + 8
+    lens = [short, long, short - 2]
+    cu = torch.tensor([0, short, short + long, sum(lens)], dtype=torch.int32)
+    q, k, v = (torch.randn(1, sum(lens), 2, 8) for _ in range(3))
+    bf = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    got = segment_attention(*bf, cu, None, 0.5)
+    assert got.dtype == torch.bfloat16
+    upcast = segment_attention(*(t.float() for t in bf), cu, None, 0.5).bfloat16()
+    rows_short = torch.cat([torch.arange(short), torch.arange(short + long, sum(lens))])
+    assert torch.equal(got[0, rows_short], upcast[0, rows_short])  # the short groups: fp32 scores, cast back
+    torch.testing.assert_close(got.float(), naive_attention(q, k, v, None, 0.5, [sum(([i] * n for i, n in
+                               enumerate(lens)), [])]), atol=3e-2, rtol=3e-2)
+    got.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in bf)
+
+
+def test_segment_attention_leaves_tokens_outside_the_bounds_at_zero():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 12, 2, 4, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([2, 5, 9], dtype=torch.int32)  # tokens 0-1 and 9-11 belong to no sequence
+    got = segment_attention(q, k, v, cu, None, 0.5)
+    assert got.shape == q.shape and not got[0, :2].any() and not got[0, 9:].any()
+    inner = naive_attention(q[:, 2:9], k[:, 2:9], v[:, 2:9], None, 0.5, [[0] * 3 + [1] * 4])
+    torch.testing.assert_close(got[:, 2:9], inner, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    assert not q.grad[0, :2].any() and not q.grad[0, 9:].any() and q.grad[0, 2:9].any()
+
+
 def test_many_short_packed_sequences_take_the_segment_path(monkeypatch):
     import mispo.models.step3p5.reference_ops as reference_ops
 

@@ -310,12 +310,15 @@ def test_optimizer_settings_reach_the_engine(monkeypatch):
 
     monkeypatch.setattr(deepspeed, "initialize", initialize)
     optim = OptimConfig(lr=0.01, betas=(0.8, 0.9), weight_decay=0.05, grad_clip=0.5, warmup_steps=3)
-    assert build_engine(torch.nn.Linear(2, 2), optim, zero_stage=1, dtype="float32") == "engine"
+    assert build_engine(torch.nn.Linear(2, 2), optim, zero_stage=1, dtype="float32", world_size=2) == "engine"
     groups = seen["optimizer"].param_groups
     assert all(g["betas"] == (0.8, 0.9) for g in groups)
     assert {g["weight_decay"] for g in groups} == {0.05, 0.0}  # no decay on biases / norms
     assert seen["config"]["gradient_clipping"] == 0.5 and seen["config"]["zero_optimization"]["stage"] == 1
     assert groups[0]["lr"] == pytest.approx(0.01 / 4)  # warm-up step 0 of 3
+    for stage, ranks, runs in ((1, 1, 0), (2, 1, 0), (3, 1, 3), (0, 2, 0), (2, 4, 2)):
+        build_engine(torch.nn.Linear(2, 2), optim, zero_stage=stage, dtype="float32", world_size=ranks)
+        assert seen["config"]["zero_optimization"]["stage"] == runs  # ZeRO-1/2 on one rank partition nothing
 
 
 @pytest.mark.parametrize("cores, sharers", [(None, 1), (None, 2), ([0], 1), (None, 64)])
