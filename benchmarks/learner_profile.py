@@ -7,10 +7,10 @@ actor with DeepSpeed), phase by phase, against a matmul measured in the same run
 Rows (each the best of `--steps` updates after one warm-up):
     isolated     the update's code path on this process, no DeepSpeed, no Ray (benchmarks/learner_flops.py)
     actor        `PolicyWorker.train` in a Ray actor as the trainer starts it (num_cpus=0, learner defaults
-                 with actor_mini_batches 1 as in vs_trl: ZeRO-2, 4096-token micro-batches, pi_old fused)
+                 with actor_mini_batches 1 as in vs_trl: zero_stage 2, which one rank runs as stage 0
+                 (`learner.engine.deepspeed_stage`), 4096-token micro-batches, pi_old fused)
     actor 1 thr  the same with one torch thread: what every learner ran with before mispo set its threads
                  (Ray starts num_cpus=0 actors with OMP_NUM_THREADS=1)
-    actor zero0  the actor with learner.zero_stage 0 (DeepSpeed without ZeRO's gradient partitioning)
 Phases inside the actor: packing, forward (the model with its fused log-prob head), loss (the loss from the
 log-probs), backward, optimizer, other (the rest of `train`); rpc = the driver's wall time minus the actor's `train`. GFLOP/s counts forward + backward
 (benchmarks/learner_flops.model_flops_per_token); ratio = that / the matmul's rate.
@@ -107,9 +107,9 @@ def actor_rows(model_dir: Path, dtype: str, steps: int, sequences: int) -> list[
     model = ModelConfig(path=str(model_dir), dtype=dtype).model_dump()
     batch = make_batch(json.loads((model_dir / "config.json").read_text())["vocab_size"], sequences)
     rows = []
-    for label, learner_update, roles in (("actor", {}, 1), ("actor 1 thr", {}, 2), ("actor zero0", {"zero_stage": 0}, 1)):
+    for label, roles in (("actor", 1), ("actor 1 thr", 2)):
         learner = LearnerConfig(actor_mini_batches=1, critic=None,
-                                actor=OptimConfig(lr=1e-6, warmup_steps=0), **learner_update).model_dump()
+                                actor=OptimConfig(lr=1e-6, warmup_steps=0)).model_dump()
         group = LearnerGroup(worker_cls, None, str(model_dir), model=model, learner=learner, algorithm=algorithm,
                              max_new_tokens=128, concurrent_roles=roles)  # 2: half the cores, one thread here
         ref = group.share(batch)

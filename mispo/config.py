@@ -302,7 +302,9 @@ class OptimConfig(Section):
 
 
 class LearnerConfig(Section):
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage of the learners; stages 1 and 2 on "
+                                            "one data-parallel rank, where they partition nothing, run as stage 0 "
+                                            "(same update, fewer copies) unless resources.offload_optimizer")
     micro_batch_tokens: int = Field(4096, ge=1)
     actor_mini_batches: int = Field(4, ge=1)
     critic_mini_batches: int = Field(12, ge=1)
@@ -392,7 +394,9 @@ class ResourcesConfig(Section):
     colocate: bool = Field(False, description="the policy learner and the rollout engines share GPUs: learner rank i "
                            "and engine i on GPU i, half a Ray GPU each; rollout.gpu_memory_utilization is the engine's "
                            "share of that GPU's memory, the learner gets the rest (one GPU runs a whole RL job)")
-    offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer states (and fp32 grads) in host memory")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload (learner.zero_stage >= 1): the policy, critic "
+                                    "and SFT learners keep DeepSpeed's optimizer states and fp32 gradients in host "
+                                    "memory, stepped there by DeepSpeed's CPU Adam")
     rollout_cores: int = Field(0, ge=0, description="CPU run: cores pinned to the rollout engines, the learners get "
                                                     "the rest; 0 = by trainer.mode (sync shares all, async gives the "
                                                     "rollouts half)")
@@ -625,6 +629,10 @@ class Recipe(Section):
                              f"learner.zero_stage = {self.learner.zero_stage} / expert_parallel = "
                              f"{self.learner.expert_parallel} shard its weights; fix: zero_stage <= 2 and "
                              "expert_parallel 1 for the diagnostic run, or remove trainer.mismatch_attribution")
+        if self.resources.offload_optimizer and self.learner.zero_stage == 0:
+            raise ValueError("resources.offload_optimizer is ZeRO-Offload, which moves ZeRO's optimizer partitions to "
+                             "host memory; learner.zero_stage = 0 has none; fix: learner.zero_stage: 2 (or 1, 3), or "
+                             "resources.offload_optimizer: false")
         ep = self.learner.expert_parallel
         if self.learner.expert_optimizer_offload and ep == 1:
             raise ValueError("learner.expert_optimizer_offload offloads the optimizer states of the experts that "

@@ -101,7 +101,7 @@ def run_sft(model_path: str | Path, samples: list[Sample], cfg: WarmupConfig, re
     group = LearnerGroup(PolicyWorker, standalone_learner_options(), str(model_path), cpu_ranks=learner.ranks,
                          model=model.model_dump(), learner=learner.model_dump(),
                          algorithm=recipe.algorithm.model_dump(), max_new_tokens=recipe.rollout.max_new_tokens,
-                         seed=recipe.trainer.seed)
+                         seed=recipe.trainer.seed, offload_optimizer=recipe.resources.offload_optimizer)
     rng = random.Random(f"mispo.sft:{recipe.trainer.seed}")
     order: list[int] = []
     try:

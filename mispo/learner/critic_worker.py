@@ -26,9 +26,9 @@ class CriticWorker(LearnerWorker):
 
     def __init__(self, model_path: str, model: dict, learner: dict, algorithm: dict, rank: int = 0,
                  world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int = 29600, seed: int = 0,
-                 cpu_cores: list[int] | None = None, concurrent_roles: int = 1):
+                 cpu_cores: list[int] | None = None, concurrent_roles: int = 1, offload_optimizer: bool = False):
         super().__init__(model, learner, algorithm, rank, world_size, master_addr, master_port, seed, cpu_cores,
-                         concurrent_roles)
+                         concurrent_roles, offload_optimizer)
         module = ValueModel.load(model_path, self.model_cfg.dtype, self.model_cfg.gradient_checkpointing)
         self.build(module, self.learner_cfg.critic, generator_seed=seed + 1)
 

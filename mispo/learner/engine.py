@@ -72,28 +72,41 @@ def partitioned_load(model_path: str, dtype: str, config: dict | None = None):
         del loading  # later loads in this process are plain again
 
 
-def deepspeed_stage(zero_stage: int, world_size: int) -> int:
+def deepspeed_stage(zero_stage: int, world_size: int, offload_optimizer: bool = False) -> int:
     """The ZeRO stage the engine runs: `zero_stage`, except that stages 1 and 2 on one data-parallel rank, where
     they partition nothing, run as stage 0: the same AdamW update (fp32 masters in bf16 either way) without ZeRO's
-    flat parameter copies and gradient buckets (fp32 medium update in its actor: 0.92 of the isolated update's
-    speed against 0.82, benchmarks/learner_profile.py). Stage 3 is kept: its partitioned load and gathers are
-    how a model larger than one device's memory is loaded at all."""
-    return 0 if world_size == 1 and zero_stage in (1, 2) else zero_stage
+    flat parameter copies and gradient buckets (fp32 medium update in its actor: 0.98 of the isolated update's
+    speed against 0.82, benchmarks/learner_profile.py). Kept: stage 3 (its partitioned load and gathers are how a
+    model larger than one device's memory is loaded at all) and any stage with `offload_optimizer` (ZeRO-Offload
+    needs ZeRO)."""
+    return 0 if world_size == 1 and zero_stage in (1, 2) and not offload_optimizer else zero_stage
 
 
-def build_engine(model: nn.Module, optim: OptimConfig, zero_stage: int, dtype: str, world_size: int = 1):
+def build_engine(model: nn.Module, optim: OptimConfig, zero_stage: int, dtype: str, world_size: int = 1,
+                 offload_optimizer: bool = False):
     """A DeepSpeed engine with AdamW and linear warm-up to a constant learning rate, ZeRO stage
-    `deepspeed_stage(zero_stage, world_size)`."""
+    `deepspeed_stage(zero_stage, world_size, offload_optimizer)`. `offload_optimizer` (resources.offload_optimizer,
+    ZeRO-Offload, stage >= 1): the fp32 master weights, gradients and Adam moments live in host memory and
+    DeepSpeed's CPU Adam (AdamW mode) steps them there."""
     import deepspeed
 
-    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
-                                  fused=torch.cuda.is_available())
+    if offload_optimizer and zero_stage == 0:
+        raise ValueError("resources.offload_optimizer (ZeRO-Offload) needs learner.zero_stage >= 1")
+    groups = param_groups(model, optim.weight_decay)
+    if offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=optim.lr, betas=tuple(optim.betas), adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), fused=torch.cuda.is_available())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(optim.warmup_steps))
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": optim.grad_clip,
-        "zero_optimization": {"stage": deepspeed_stage(zero_stage, world_size)},
+        "zero_optimization": {"stage": deepspeed_stage(zero_stage, world_size, offload_optimizer),
+                              **({"offload_optimizer": {"device": "cpu", "pin_memory": torch.cuda.is_available()}}
+                                 if offload_optimizer else {})},
         "bf16": {"enabled": dtype == "bfloat16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

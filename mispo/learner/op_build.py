@@ -1,4 +1,4 @@
-"""DeepSpeed's compiled ops (the CPU shared-memory collective): where they build, and a stale-lock check.
+"""DeepSpeed's compiled ops (the CPU shared-memory collective, CPU Adam): where they build, and a stale-lock check.
 
 torch builds an extension under TORCH_EXTENSIONS_DIR holding a `lock` file while it compiles; a build
 killed half-way (Ctrl-C, SIGKILL, OOM) leaves the lock behind and every later build waits on it forever,
@@ -51,12 +51,14 @@ def prepare_extension_builds() -> Path:
 
 
 def build_cpu_ops() -> None:
-    """Compile DeepSpeed's CPU shared-memory collective op now (otherwise the first learner does)."""
+    """Compile DeepSpeed's CPU ops now (otherwise the first learner that needs one does): the shared-memory
+    collective (every CPU learner) and CPU Adam (resources.offload_optimizer)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     prepare_extension_builds()
-    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder
 
     ShareMemCommBuilder().load(verbose=False)
+    CPUAdamBuilder().load(verbose=False)
 
 
 if __name__ == "__main__":

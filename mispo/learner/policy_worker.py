@@ -39,12 +39,12 @@ class PolicyWorker(LearnerWorker):
     def __init__(self, model_path: str, model: dict, learner: dict, algorithm: dict, max_new_tokens: int,
                  rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int = 29500,
                  seed: int = 0, cpu_cores: list[int] | None = None, temperature: float = 1.0,
-                 concurrent_roles: int = 1):
+                 concurrent_roles: int = 1, offload_optimizer: bool = False):
         """`temperature`: the rollouts' sampling temperature; every log-prob is of softmax(logits / T), the
-        distribution the engine sampled from (its log-probs are processed ones). `cpu_cores`, `concurrent_roles`:
-        LearnerWorker's."""
+        distribution the engine sampled from (its log-probs are processed ones). `cpu_cores`, `concurrent_roles`,
+        `offload_optimizer`: LearnerWorker's."""
         super().__init__(model, learner, algorithm, rank, world_size, master_addr, master_port, seed, cpu_cores,
-                         concurrent_roles)
+                         concurrent_roles, offload_optimizer)
         self.model_path = model_path
         self._checkpoint_shapes = None  # {name: shape} of model_path's tensors, read at the first sync
         self.versions = self.spare = None  # mismatch attribution: kept weights, the model that scores with them

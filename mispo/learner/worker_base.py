@@ -28,21 +28,22 @@ class LearnerWorker:
 
     def __init__(self, model: dict, learner: dict, algorithm: dict, rank: int, world_size: int,
                  master_addr: str, master_port: int, seed: int, cpu_cores: list[int] | None = None,
-                 concurrent_roles: int = 1):
+                 concurrent_roles: int = 1, offload_optimizer: bool = False):
         """`cpu_cores`: the cores of a CPU run's learners (None: every core the process may use); they are shared
         by this role's `world_size` ranks and, with `concurrent_roles` 2, by the other learner role's ranks that
-        compute at the same time (policy and critic), so torch threads = cores / (world_size x concurrent_roles)."""
+        compute at the same time (policy and critic), so torch threads = cores / (world_size x concurrent_roles).
+        `offload_optimizer`: resources.offload_optimizer (ZeRO-Offload, `engine.build_engine`)."""
         self.model_cfg, self.learner_cfg = ModelConfig(**model), LearnerConfig(**learner)
         self.algo = AlgorithmConfig(**algorithm)
         pin_process(cpu_cores, sharers=world_size * concurrent_roles)
         init_distributed(rank, world_size, master_addr, master_port)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.offload_optimizer = rank, world_size, offload_optimizer
         torch.manual_seed(seed)
 
     def build(self, module: torch.nn.Module, optim: OptimConfig, generator_seed: int) -> None:
         """The DeepSpeed engine over `module` (AdamW with `optim`) and the mini-batch generator."""
         self.engine = build_engine(module, optim, self.learner_cfg.zero_stage, self.model_cfg.dtype,
-                                   self.world_size)
+                                   self.world_size, self.offload_optimizer)
         self.generator = torch.Generator().manual_seed(generator_seed)
         self.device = self.engine.device
 

@@ -63,7 +63,8 @@ def start_roles(recipe: Recipe, policy_path: str, cores, timeouts: CallTimeouts,
     def start_learners():
         common = dict(model=r.model.model_dump(), learner=r.learner.model_dump(),
                       algorithm=r.algorithm.model_dump(), seed=r.trainer.seed, cpu_cores=cores.learner,
-                      concurrent_roles=2 if with_critic else 1)  # policy and critic compute at the same time
+                      concurrent_roles=2 if with_critic else 1,  # policy and critic compute at the same time
+                      offload_optimizer=r.resources.offload_optimizer)
         actor_opts, critic_opts = learner_options(placement, with_critic)
         ranks = r.learner.ranks  # CPU runs; a GPU run has one rank per placed GPU
         policy = LearnerGroup(PolicyWorker, actor_opts, policy_path, cpu_ranks=ranks,

@@ -566,8 +566,6 @@ def _notes(ctx: _Ctx, critic: bool) -> list[str]:
                      "one process and ignores the expert split")
     if r.algorithm.kl_coef > 0 and not r.learner.reference:
         notes.append("algorithm.kl_coef > 0 needs learner.reference: true")
-    if r.resources.offload_optimizer and r.learner.zero_stage == 0:
-        notes.append("resources.offload_optimizer needs learner.zero_stage >= 1; ignored")
     if r.rollout.max_new_tokens > ctx.seq_len:
         notes.append(f"rollout.max_new_tokens = {r.rollout.max_new_tokens} exceeds the engine's max_model_len = "
                      f"{ctx.seq_len}; set rollout.max_model_len")

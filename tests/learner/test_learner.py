@@ -133,3 +133,34 @@ def test_weight_buckets_cover_state_dict(workers):
     assert len(buckets) > 1
     assert set(names) == set(policy.engine.module.state_dict())
     assert any(n.endswith("moe.router_bias") for n in names)
+
+
+@pytest.mark.slow  # starts DeepSpeed engines (and builds DeepSpeed's CPU Adam op once per machine)
+def test_offload_optimizer_runs_zero_offload_and_takes_the_same_step(workers, tiny_checkpoint):
+    """resources.offload_optimizer reaches DeepSpeed: ZeRO-Offload (stage 2 kept on one rank, where it would otherwise
+    run as stage 0) with DeepSpeed's CPU Adam, and the update equals the plain AdamW one."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from mispo.learner.policy_worker import PolicyWorker
+
+    policy, _ = workers  # the process group is up (the module's workers)
+    learner = LearnerConfig(zero_stage=2, micro_batch_tokens=40, actor_mini_batches=1, critic=None,
+                            actor=OptimConfig(lr=1e-3, warmup_steps=0))
+    model, algo = ModelConfig(), AlgorithmConfig(policy_loss="grpo", advantage="grpo")
+    batch = RolloutBatch.from_samples(make_samples())
+    batch.advantages = torch.where(batch.rewards[:, None] > 0, 1.0, -1.0) * batch.response_mask
+    deltas = []
+    for offload in (False, True):
+        worker = PolicyWorker(str(tiny_checkpoint), model.model_dump(), learner.model_dump(), algo.model_dump(),
+                              max_new_tokens=8, master_port=29731, offload_optimizer=offload)
+        assert worker.engine.zero_optimization_stage() == (2 if offload else 0)
+        assert (worker.engine.zero_offload_optimizer() is not None) == offload
+        assert isinstance(worker.engine.basic_optimizer, DeepSpeedCPUAdam) == offload
+        before = {k: v.clone() for k, v in worker.engine.module.state_dict().items()}
+        metrics = worker.train(batch)
+        assert metrics["actor/grad_norm"] > 0
+        after = worker.engine.module.state_dict()
+        deltas.append(torch.cat([(after[k].float() - before[k].float()).flatten() for k in sorted(before)]))
+    plain, offloaded = deltas
+    assert plain.norm() > 0
+    torch.testing.assert_close(offloaded, plain, atol=1e-6, rtol=1e-4)

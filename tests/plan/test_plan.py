@@ -332,11 +332,14 @@ def test_cli_json_and_errors(flash_dir, capsys):
     from mispo.cli import main
 
     assert main(["plan", "recipes/step3p5_flash/math_expert.yaml", *flash_overrides(flash_dir),
-                 "learner.zero_stage=0", "--json"]) == 0
+                 "learner.zero_stage=0", "resources.offload_optimizer=false", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["fits"] is False and data["model"]["total_params"] == 196_956_118_272
     actor = next(r for r in data["roles"] if r["role"] == "actor")
     assert actor["fits"] is False and actor["fixes"] and actor["total_gib"] > actor["budget_gib"]
+    assert main(["plan", "recipes/step3p5_flash/math_expert.yaml", *flash_overrides(flash_dir),
+                 "learner.zero_stage=0"]) == 2  # the recipe offloads: ZeRO-Offload needs a ZeRO stage
+    assert "resources.offload_optimizer" in capsys.readouterr().err
     assert main(["plan", "recipes/step3p5_flash/math_expert.yaml"]) == 2  # model.path does not exist here
     assert "model.path" in capsys.readouterr().err
     # the plan reads no data: the recipe's data paths need not exist, only the checkpoint's config.json

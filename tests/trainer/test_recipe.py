@@ -96,6 +96,12 @@ def test_grpo_loss_with_gae_advantages_is_refused():
     assert load_recipe(None, ["algorithm.policy_loss=grpo", "algorithm.advantage=grpo"]).algorithm.policy_loss == "grpo"
 
 
+def test_optimizer_offload_without_zero_is_refused():
+    with pytest.raises(RecipeError, match="resources.offload_optimizer .* learner.zero_stage = 0"):
+        load_recipe(None, ["resources.offload_optimizer=true", "learner.zero_stage=0"])
+    assert load_recipe(None, ["resources.offload_optimizer=true", "learner.zero_stage=1"]).resources.offload_optimizer
+
+
 def test_max_model_len_has_one_owner():
     assert load_recipe(None, ["rollout.max_model_len=4096"]).rollout.max_model_len == 4096
     for key, owner in [("max_model_len", "rollout.max_model_len"), ("seed", "trainer.seed")]:
