@@ -126,13 +126,14 @@ def optimizer_step(engine) -> float | None:
     clipping asks for it). DeepSpeed reports that norm itself except in fp32 without ZeRO, where it clips and
     drops it: there the norm of the optimizer's parameters' `.grad` (already averaged over the ranks at the
     boundary) is taken before the step."""
-    own = engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
-    params = [p for group in engine.basic_optimizer.param_groups for p in group["params"]] if own else []
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads) if grads and engine.gradient_clipping() > 0 else None
+    if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+    grads = [p.grad for group in engine.basic_optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = float(torch.nn.utils.get_total_norm(grads)) if grads and engine.gradient_clipping() > 0 else None
     engine.step()
-    reported = engine.get_global_grad_norm() if not own else norm
-    return None if reported is None else float(reported)
+    return norm
 
 
 def full_parameters(module: nn.Module, zero_stage: int):
